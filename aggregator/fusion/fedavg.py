@@ -1,0 +1,40 @@
+"""FedAvg and the weight normalization every fusion rule shares."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+
+def normalize_weights(weights: Sequence[float] | torch.Tensor, k: int) -> list[float]:
+    r"""Normalize non-negative fusion weights to :math:`\lambda_k = w_k / \sum_j w_j`.
+
+    Raises ``ValueError`` when the count differs from ``k``, a weight is negative or not
+    finite, or all weights are zero (a zero total is an error, not a division by zero).
+    """
+    values = [float(w) for w in (weights.tolist() if isinstance(weights, torch.Tensor) else weights)]
+    if len(values) != k:
+        raise ValueError(f"got {len(values)} weights for {k} models")
+    bad = [w for w in values if not math.isfinite(w) or w < 0]
+    if bad:
+        raise ValueError(f"fusion weights must be finite and non-negative, got {bad[0]!r}")
+    total = math.fsum(values)
+    if total <= 0:
+        raise ValueError("fusion weights sum to zero: nothing to fuse")
+    return [w / total for w in values]
+
+
+def fedavg_tensor(tensors: Sequence[torch.Tensor], lam: Sequence[float]) -> torch.Tensor:
+    r"""Weighted mean :math:`W = \sum_k \lambda_k W_k` (``lam`` already normalized).
+
+    Accumulates in the inputs' dtype for float32/float64 (what a plain weighted sum costs)
+    and in float32 for half-precision inputs; returns the inputs' dtype.
+    """
+    dtype = tensors[0].dtype
+    acc_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+    acc = tensors[0].to(acc_dtype) * lam[0]
+    for t, w in zip(tensors[1:], lam[1:], strict=True):
+        acc.add_(t.to(acc_dtype), alpha=w)
+    return acc.to(dtype)

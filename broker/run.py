@@ -1,0 +1,139 @@
+"""Start and stop an MQTT broker process: mosquitto with the project's config, or amqtt."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+MOSQUITTO_PATHS = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto", "/opt/homebrew/sbin/mosquitto")
+
+
+def find_mosquitto() -> str | None:
+    """Path of the mosquitto binary, or None."""
+    found = shutil.which("mosquitto")
+    if found:
+        return found
+    return next((p for p in MOSQUITTO_PATHS if os.access(p, os.X_OK)), None)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(host: str, port: int, timeout: float = 15.0,
+                  proc: subprocess.Popen | None = None) -> None:
+    """Block until ``host:port`` accepts TCP connections; raise on timeout or process exit."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"broker exited with code {proc.returncode} before listening")
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing listens on {host}:{port} after {timeout:.0f}s") from None
+            time.sleep(0.05)
+
+
+def render_config(port: int, data_dir: Path, bind: str = "127.0.0.1",
+                  template: str | None = None) -> str:
+    """The project's mosquitto.conf with port, bind address and data dir filled in."""
+    text = template or resources.files("broker").joinpath("mosquitto.conf").read_text()
+    return (text.replace("@PORT@", str(port)).replace("@BIND@", bind)
+            .replace("@DATA_DIR@", str(data_dir)))
+
+
+@dataclass
+class BrokerProcess:
+    """A running broker; ``stop()`` (or the context manager) ends it."""
+
+    kind: str
+    host: str
+    port: int
+    proc: subprocess.Popen
+    data_dir: Path
+    _tmp: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def restart(self, timeout: float = 15.0) -> None:
+        """Stop and start again on the same port with the same data (persistence)."""
+        self.stop()
+        fresh = start_broker(self.port, kind=self.kind, host=self.host, data_dir=self.data_dir)
+        self.proc = fresh.proc
+
+    def close(self) -> None:
+        self.stop()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+    def __enter__(self) -> BrokerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def start_broker(port: int | None = None, *, kind: str = "auto", host: str = "127.0.0.1",
+                 data_dir: Path | None = None, quiet: bool = True,
+                 timeout: float = 15.0) -> BrokerProcess:
+    """Start mosquitto (``kind='mosquitto'``), amqtt (``'embedded'``) or whichever exists."""
+    port = port or free_port(host)
+    mosquitto = find_mosquitto()
+    if kind == "auto":
+        kind = "mosquitto" if mosquitto else "embedded"
+    tmp = None
+    if data_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="fedwb-broker-")
+        data_dir = Path(tmp.name)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    out = subprocess.DEVNULL if quiet else None
+    if kind == "mosquitto":
+        if mosquitto is None:
+            raise FileNotFoundError("mosquitto is not installed (apt-get install mosquitto)")
+        conf = data_dir / "mosquitto.conf"
+        conf.write_text(render_config(port, data_dir, bind=host))
+        cmd = [mosquitto, "-c", str(conf)]
+    elif kind == "embedded":
+        cmd = [sys.executable, "-m", "broker.embedded", "--host", host, "--port", str(port)]
+    else:
+        raise ValueError(f"unknown broker kind {kind!r}: use auto, mosquitto or embedded")
+    proc = subprocess.Popen(cmd, stdout=out, stderr=out, start_new_session=True)
+    try:
+        wait_for_port(host, port, timeout, proc)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        if tmp is not None:
+            tmp.cleanup()
+        raise
+    return BrokerProcess(kind, host, port, proc, data_dir, tmp)

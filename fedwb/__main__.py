@@ -1,0 +1,3 @@
+from fedwb.cli import main
+
+main()

@@ -1,0 +1,90 @@
+"""The ``fedwb`` command line: one entry point, one subcommand per service or tool."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from typing import Annotated
+
+import typer
+
+from fedwb import __version__
+
+app = typer.Typer(
+    name="fedwb",
+    help="Asynchronous edge federation over MQTT with FedAvg and Wasserstein-barycenter fusion.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"fedwb {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """fedwb: edge agents publish weights over MQTT; the aggregator fuses and publishes."""
+
+
+@app.command()
+def broker(
+    port: Annotated[int, typer.Option(help="TCP port to listen on.")] = 1883,
+    host: Annotated[str, typer.Option(help="Address to bind (loopback by default).")] = "127.0.0.1",
+    embedded: Annotated[bool, typer.Option(help="Use the embedded amqtt broker even if "
+                                                 "mosquitto is installed.")] = False,
+    data_dir: Annotated[str | None, typer.Option(help="Persistence directory (mosquitto).")] = None,
+) -> None:
+    """Start an MQTT broker: mosquitto with broker/mosquitto.conf, else the embedded one."""
+    from pathlib import Path
+
+    from broker import start_broker
+
+    kind = "embedded" if embedded else "auto"
+    stop = {"sig": None}
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stop["sig"] = signum
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    b = start_broker(port, kind=kind, host=host, quiet=True,
+                     data_dir=Path(data_dir) if data_dir else None)
+    typer.echo(f"fedwb broker ({b.kind}) listening on {b.url}  (Ctrl-C to stop)")
+    sys.stdout.flush()
+    try:
+        while stop["sig"] is None and b.proc.poll() is None:
+            try:
+                b.proc.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                pass
+    finally:
+        code = b.proc.poll()
+        b.close()
+    if stop["sig"] is None and code not in (0, None):
+        typer.echo(f"broker exited with code {code}", err=True)
+        raise typer.Exit(1)
+    typer.echo("broker stopped")
+
+
+def _register_subcommands() -> None:
+    """Subcommands living in their own packages (imported lazily by their modules)."""
+    from fedwb import commands
+
+    commands.register(app)
+
+
+def main() -> None:
+    _register_subcommands()
+    app()
+
+
+if __name__ == "__main__":
+    main()

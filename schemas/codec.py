@@ -1,0 +1,164 @@
+"""The msgpack wire codec.
+
+A payload is a msgpack map: the model's fields, plus ``kind`` (the class name).
+A field named ``weights`` is a map ``name -> {dtype, shape, data}`` where ``data`` is
+the tensor's raw little-endian bytes. No pickle anywhere.
+
+``unpack`` raises ``WireError`` -- and nothing else -- for any malformed input.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+import msgpack
+import numpy as np
+import torch
+from pydantic import BaseModel, ValidationError
+
+from schemas.messages import SCHEMA_VERSION
+
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024
+
+DTYPES: dict[str, torch.dtype] = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+_NAMES = {v: k for k, v in DTYPES.items()}
+
+M = TypeVar("M", bound=BaseModel)
+
+if sys.byteorder != "little":  # pragma: no cover - every supported host is little-endian
+    raise ImportError("fedwb's wire codec needs a little-endian host")
+
+
+class WireError(ValueError):
+    """A payload that cannot be decoded into the expected message, with the reason."""
+
+
+def _as_tensor(value: Any, name: str) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, np.ndarray):
+        arr = value
+        if arr.dtype.byteorder == ">":
+            arr = arr.astype(arr.dtype.newbyteorder("="))
+        return torch.from_numpy(np.ascontiguousarray(arr))
+    raise TypeError(f"weights[{name!r}] must be a torch.Tensor or numpy.ndarray, "
+                    f"not {type(value).__name__}")
+
+
+def encode_tensor(t: torch.Tensor, name: str = "?") -> dict[str, Any]:
+    """``{dtype, shape, data}`` of one tensor (moved to CPU, made contiguous)."""
+    t = _as_tensor(t, name)
+    if t.dtype not in _NAMES:
+        raise TypeError(f"weights[{name!r}] has unsupported dtype {t.dtype}")
+    flat = t.to("cpu").contiguous().reshape(-1)
+    data = flat.view(torch.uint8).numpy() if flat.numel() else np.empty(0, np.uint8)
+    return {"dtype": _NAMES[t.dtype], "shape": list(t.shape), "data": memoryview(data)}
+
+
+def decode_tensor(obj: Any, name: str = "?") -> torch.Tensor:
+    """Inverse of ``encode_tensor``; raises ``WireError`` on anything malformed."""
+    if not isinstance(obj, Mapping) or set(obj) != {"dtype", "shape", "data"}:
+        raise WireError(f"weights[{name!r}] must be a map with keys dtype, shape, data")
+    dtype_name, shape, data = obj["dtype"], obj["shape"], obj["data"]
+    if dtype_name not in DTYPES:
+        raise WireError(f"weights[{name!r}] has unsupported dtype {dtype_name!r}")
+    if not isinstance(shape, list | tuple) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise WireError(f"weights[{name!r}] has an invalid shape {shape!r}")
+    if not isinstance(data, bytes | bytearray):
+        raise WireError(f"weights[{name!r}] data must be bytes")
+    dtype = DTYPES[dtype_name]
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    numel = math.prod(shape)
+    if numel * itemsize != len(data):
+        raise WireError(
+            f"weights[{name!r}]: shape {list(shape)} of {dtype_name} needs "
+            f"{numel * itemsize} bytes, got {len(data)}"
+        )
+    if numel == 0:
+        return torch.empty(shape, dtype=dtype)
+    t = torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise WireError(f"weights[{name!r}] contains NaN or Inf")
+    return t
+
+
+def pack(msg: BaseModel) -> bytes:
+    """Serialize a message model to msgpack bytes (tensors as raw bytes)."""
+    fields = {k: getattr(msg, k) for k in type(msg).model_fields}
+    body: dict[str, Any] = {}
+    for key, value in fields.items():
+        if key == "weights":
+            body[key] = {str(n): encode_tensor(t, str(n)) for n, t in value.items()}
+        elif isinstance(value, BaseModel):
+            body[key] = value.model_dump(mode="json")
+        else:
+            body[key] = _plain(value)
+    body["kind"] = type(msg).__name__
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def unpack(data: bytes | bytearray | memoryview, cls: type[M], *,
+           max_bytes: int = DEFAULT_MAX_BYTES) -> M:
+    """Decode ``data`` into an instance of ``cls``; every failure is a ``WireError``."""
+    try:
+        return _unpack(data, cls, max_bytes)
+    except WireError:
+        raise
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "payload"
+        raise WireError(f"invalid {cls.__name__}: {where}: {first.get('msg')}") from None
+    except Exception as exc:  # noqa: BLE001 - the codec's contract: only WireError escapes
+        raise WireError(f"malformed {cls.__name__} payload: {type(exc).__name__}: {exc}") from None
+
+
+def _unpack(data: Any, cls: type[M], max_bytes: int) -> M:
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise WireError(f"payload must be bytes, not {type(data).__name__}")
+    if len(data) > max_bytes:
+        raise WireError(f"payload of {len(data)} bytes exceeds the limit of {max_bytes}")
+    try:
+        body = msgpack.unpackb(bytes(data), raw=False, strict_map_key=True)
+    except Exception as exc:  # noqa: BLE001
+        raise WireError(f"not a msgpack document: {type(exc).__name__}: {exc}") from None
+    if not isinstance(body, dict):
+        raise WireError(f"payload must be a msgpack map, not {type(body).__name__}")
+    version = body.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise WireError(f"unknown schema version {version!r} (this build speaks "
+                        f"{SCHEMA_VERSION})")
+    kind = body.pop("kind", None)
+    if kind != cls.__name__:
+        raise WireError(f"expected a {cls.__name__}, got kind {kind!r}")
+    if "weights" in cls.model_fields:
+        weights = body.get("weights")
+        if not isinstance(weights, dict):
+            raise WireError("weights must be a map of name -> tensor")
+        body["weights"] = {str(n): decode_tensor(t, str(n)) for n, t in weights.items()}
+    return cls.model_validate(body)

@@ -1,0 +1,52 @@
+"""How to reach the broker: parsed from ``mqtt://[user:pass@]host:port`` or ``mqtts://``."""
+
+from __future__ import annotations
+
+from urllib.parse import unquote, urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class BrokerAddress(BaseModel):
+    """Broker address and credentials shared by the aggregator, agents and tools."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=1883, ge=1, le=65535)
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    @classmethod
+    def parse(cls, url: str, **overrides: object) -> BrokerAddress:
+        """Parse ``mqtt://host:port`` (``mqtts://`` turns TLS on); overrides win."""
+        if "://" not in url:
+            url = "mqtt://" + url
+        parts = urlsplit(url)
+        if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+            raise ValueError(f"unsupported broker URL scheme {parts.scheme!r} in {url!r}: "
+                             "use mqtt://HOST:PORT or mqtts://HOST:PORT")
+        if not parts.hostname:
+            raise ValueError(f"broker URL {url!r} has no host")
+        tls = parts.scheme in ("mqtts", "ssl")
+        try:
+            port = parts.port or (8883 if tls else 1883)
+        except ValueError as exc:
+            raise ValueError(f"broker URL {url!r} has an invalid port") from exc
+        fields: dict[str, object] = {
+            "host": parts.hostname, "port": port, "tls": tls,
+            "username": unquote(parts.username) if parts.username else None,
+            "password": unquote(parts.password) if parts.password else None,
+        }
+        fields.update({k: v for k, v in overrides.items() if v is not None})
+        if fields.get("tls_ca") or fields.get("tls_cert"):
+            fields["tls"] = True
+        return cls(**fields)
+
+    @property
+    def url(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"

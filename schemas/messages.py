@@ -1,0 +1,152 @@
+"""Pydantic v2 models of every message that travels over MQTT.
+
+Each model carries ``schema_version``; the codec (``schemas.codec``) rejects any
+other version. Weights are ``dict[str, torch.Tensor]`` and travel as dtype + shape +
+raw little-endian bytes, never pickle.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+SCHEMA_VERSION = 1
+
+PolicyName = Literal["fedavg", "fedwb", "fedwb-sinkhorn", "hybrid"]
+FedWBMethod = Literal["fedwb", "fedwb-sinkhorn"]
+
+
+def _now() -> float:
+    return time.time()
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, frozen=False)
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+
+
+class PolicySpec(BaseModel):
+    """A fusion policy as a small serializable value.
+
+    ``hybrid`` fuses with ``wb_method`` for the first ``switch_after`` fusions, then
+    with FedAvg; with ``dispersion_below`` set it switches earlier, at the first
+    fusion whose buffered models' dispersion (see ``aggregator.fusion.dispersion``)
+    is below that threshold. ``reg``, ``stop_threshold`` and ``max_iter`` are the
+    entropic barycenter's options (POT's ``reg``, ``stopThr``, ``numItermax``);
+    ``biases`` says whether 1-D tensors go through FedWB or FedAvg.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: PolicyName = "fedavg"
+    switch_after: int | None = Field(default=None, ge=0)
+    dispersion_below: float | None = Field(default=None, gt=0)
+    wb_method: FedWBMethod = "fedwb-sinkhorn"
+    reg: float = Field(default=0.1, gt=0)
+    stop_threshold: float = Field(default=1e-4, gt=0)
+    max_iter: int = Field(default=1000, ge=1)
+    biases: Literal["fedwb", "fedavg"] = "fedwb"
+
+    @model_validator(mode="after")
+    def _hybrid_needs_a_switch(self) -> PolicySpec:
+        if self.name == "hybrid" and self.switch_after is None and self.dispersion_below is None:
+            raise ValueError("hybrid policy needs switch_after and/or dispersion_below")
+        return self
+
+    def describe(self) -> str:
+        """Short human-readable form, e.g. ``hybrid(fedwb-sinkhorn x2 -> fedavg)``."""
+        if self.name == "hybrid":
+            parts = [f"{self.wb_method} x{self.switch_after}"]
+            if self.dispersion_below is not None:
+                parts.append(f"or dispersion<{self.dispersion_below:g}")
+            return f"hybrid({' '.join(parts)} -> fedavg)"
+        if self.name == "fedwb-sinkhorn":
+            return f"fedwb-sinkhorn(reg={self.reg:g})"
+        return self.name
+
+
+class ModelUpdate(_Message):
+    """An agent's locally trained weights, published on ``fedwb/J/update/{agent_id}``."""
+
+    job: str = Field(min_length=1)
+    agent_id: str = Field(min_length=1)
+    base_version: int = Field(ge=0)
+    num_samples: int = Field(gt=0)
+    weights: dict[str, Any]
+    metrics: dict[str, float] = Field(default_factory=dict)
+    sent_at: float = Field(default_factory=_now)
+    update_id: str = Field(default_factory=_new_id, min_length=1)
+
+
+class GlobalModel(_Message):
+    """The fused model, published retained on ``fedwb/J/global``."""
+
+    job: str = Field(min_length=1)
+    version: int = Field(ge=0)
+    policy: str
+    weights: dict[str, Any]
+    contributors: list[str] = Field(default_factory=list)
+    created_at: float = Field(default_factory=_now)
+    info: dict[str, Any] = Field(default_factory=dict)
+
+
+class PolicyCommand(_Message):
+    """An operator's request to change the policy, retained on ``fedwb/J/control``."""
+
+    job: str = Field(min_length=1)
+    policy: PolicySpec
+    command_id: str = Field(default_factory=_new_id, min_length=1)
+    issued_at: float = Field(default_factory=_now)
+    issued_by: str = "operator"
+
+
+class CommandAck(BaseModel):
+    """How the aggregator answered the last ``PolicyCommand``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    command_id: str
+    accepted: bool
+    reason: str = ""
+    applied_at_version: int | None = None
+
+
+class AggregatorStatus(_Message):
+    """Retained on ``fedwb/J/status/aggregator`` after each fusion and periodically."""
+
+    job: str
+    state: Literal["starting", "running", "fusing", "stopped", "offline"] = "running"
+    version: int = 0
+    policy: PolicySpec = Field(default_factory=PolicySpec)
+    pending_policy: PolicySpec | None = None
+    last_choice: str | None = None
+    last_choice_reason: str | None = None
+    buffer_fill: int = 0
+    quorum: int = 1
+    accepted: int = 0
+    rejected: dict[str, int] = Field(default_factory=dict)
+    stale: int = 0
+    duplicate: int = 0
+    replaced: int = 0
+    last_fusion_seconds: float | None = None
+    last_quorum_wait_seconds: float | None = None
+    last_command: CommandAck | None = None
+    updated_at: float = Field(default_factory=_now)
+
+
+class AgentStatus(_Message):
+    """Retained on ``fedwb/J/status/agent/{agent_id}``; the last will says offline."""
+
+    job: str
+    agent_id: str
+    state: Literal["online", "offline", "training"] = "online"
+    version_seen: int | None = None
+    updated_at: float = Field(default_factory=_now)

@@ -1,0 +1,60 @@
+"""Each broker kind carries a packed ModelUpdate bit-exactly; the CLI starts one."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+
+import aiomqtt
+import torch
+
+import schemas
+from broker import BrokerProcess, free_port, wait_for_port
+from schemas import ModelUpdate, Topics
+
+
+async def test_update_round_trip_through_broker(any_broker: BrokerProcess, job: str) -> None:
+    topics = Topics(job)
+    weights = {"w": torch.randn(1000, 1000), "b": torch.randn(1000).half(), "n": torch.tensor(7)}
+    payload = schemas.pack(ModelUpdate(job=job, agent_id="a1", base_version=3, num_samples=5,
+                                       weights=weights))
+    async with asyncio.timeout(30):
+        async with aiomqtt.Client(any_broker.host, any_broker.port, identifier=f"sub-{job}") as sub, \
+                aiomqtt.Client(any_broker.host, any_broker.port, identifier=f"pub-{job}") as pub:
+            await sub.subscribe(topics.updates, qos=1)
+            await pub.publish(topics.update("a1"), payload, qos=1)
+            async for message in sub.messages:
+                assert topics.agent_of(str(message.topic)) == "a1"
+                got = schemas.unpack(message.payload, ModelUpdate)
+                break
+    assert got.base_version == 3
+    for name, t in weights.items():
+        assert got.weights[name].dtype == t.dtype
+        assert torch.equal(got.weights[name], t)
+
+
+def test_cli_broker_accepts_connections_and_stops_on_sigint() -> None:
+    port = free_port()
+    fedwb = os.path.join(os.path.dirname(sys.executable), "fedwb")
+    proc = subprocess.Popen([fedwb, "broker", "--port", str(port)], stdout=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        wait_for_port("127.0.0.1", port, timeout=20, proc=proc)
+
+        async def ping() -> None:
+            async with asyncio.timeout(10):
+                async with aiomqtt.Client("127.0.0.1", port) as c:
+                    await c.publish("fedwb/ping", b"x", qos=1)
+
+        asyncio.run(ping())
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=20)
+        assert f"mqtt://127.0.0.1:{port}" in out
+        assert proc.returncode == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
