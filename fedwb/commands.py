@@ -6,6 +6,9 @@ import typer
 
 
 def register(app: typer.Typer) -> None:
+    from aggregator.cli import aggregator, policy_app
     from fedwb.demo import demo
 
+    app.command(name="aggregator")(aggregator)
+    app.add_typer(policy_app, name="policy")
     app.command(name="demo")(demo)

@@ -50,3 +50,18 @@ class BrokerAddress(BaseModel):
     @property
     def url(self) -> str:
         return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+    def client_kwargs(self) -> dict[str, object]:
+        """Keyword arguments for ``aiomqtt.Client`` (credentials and TLS)."""
+        kwargs: dict[str, object] = {"hostname": self.host, "port": self.port}
+        if self.username is not None:
+            kwargs["username"] = self.username
+            kwargs["password"] = self.password
+        if self.tls:
+            import ssl
+
+            ctx = ssl.create_default_context(cafile=self.tls_ca)
+            if self.tls_cert:
+                ctx.load_cert_chain(self.tls_cert, self.tls_key)
+            kwargs["tls_context"] = ctx
+        return kwargs

@@ -83,7 +83,7 @@ class ModelUpdate(_Message):
     weights: dict[str, Any]
     metrics: dict[str, float] = Field(default_factory=dict)
     sent_at: float = Field(default_factory=_now)
-    update_id: str = Field(default_factory=_new_id, min_length=1)
+    update_id: str = Field(default_factory=_new_id, pattern=r"^[A-Za-z0-9_.-]{1,128}$")
 
 
 class GlobalModel(_Message):
@@ -91,7 +91,8 @@ class GlobalModel(_Message):
 
     job: str = Field(min_length=1)
     version: int = Field(ge=0)
-    policy: str
+    policy: str  # the rule family this version was fused with: "fedavg" or "fedwb" ("init" for v0)
+    method: str = ""  # the exact method: fedavg | fedwb | fedwb-sinkhorn
     weights: dict[str, Any]
     contributors: list[str] = Field(default_factory=list)
     created_at: float = Field(default_factory=_now)

@@ -1,0 +1,95 @@
+"""Durable state: the global model (safetensors), the state (JSON), the inbox of accepted updates.
+
+Every write is atomic (temporary file, fsync, rename). Layout of ``state_dir``::
+
+    model-<version>.safetensors   the global model of that version (the latest two are kept)
+    state.json                    version, policy, counters, history, ids of fused updates
+    inbox/<update_id>.msgpack     accepted updates not yet fused (the raw wire payload)
+
+An update is acknowledged to the broker only once it is in the inbox, so a ``kill -9``
+at any moment loses nothing: either the broker redelivers it, or the inbox has it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+STATE = "state.json"
+INBOX = "inbox"
+_SAFE_ID = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class Checkpoint:
+    """Reads and writes the aggregator's durable state in ``state_dir``."""
+
+    def __init__(self, state_dir: str | Path) -> None:
+        self.dir = Path(state_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / INBOX).mkdir(exist_ok=True)
+
+    def model_path(self, version: int) -> Path:
+        return self.dir / f"model-{version}.safetensors"
+
+    def save(self, version: int, weights: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+        """Write the model, then the state that points to it (the state is the commit)."""
+        path = self.model_path(version)
+        tmp = path.with_suffix(".tmp")
+        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _atomic_write(self.dir / STATE, json.dumps({**state, "version": version,
+                                                    "model": path.name}, indent=1).encode())
+        for old in self.dir.glob("model-*.safetensors"):
+            try:
+                if int(old.stem.split("-", 1)[1]) < version - 1:
+                    old.unlink()
+            except (ValueError, OSError):
+                continue
+
+    def load(self) -> tuple[int, dict[str, torch.Tensor], dict[str, Any]] | None:
+        """``(version, weights, state)`` of the last commit, or None for a fresh directory."""
+        path = self.dir / STATE
+        if not path.exists():
+            return None
+        state = json.loads(path.read_text())
+        weights = load_file(str(self.dir / state["model"]))
+        return int(state["version"]), weights, state
+
+    def inbox_put(self, update_id: str, payload: bytes) -> None:
+        if not _SAFE_ID.match(update_id):
+            raise ValueError(f"unsafe update id {update_id!r}")
+        _atomic_write(self.dir / INBOX / f"{update_id}.msgpack", payload)
+
+    def inbox_drop(self, update_ids: list[str]) -> None:
+        for uid in update_ids:
+            if _SAFE_ID.match(uid):
+                (self.dir / INBOX / f"{uid}.msgpack").unlink(missing_ok=True)
+
+    def inbox(self) -> list[tuple[str, bytes]]:
+        """The accepted, unfused updates (id, payload), oldest first."""
+        files = sorted((self.dir / INBOX).glob("*.msgpack"), key=lambda p: p.stat().st_mtime)
+        return [(p.stem, p.read_bytes()) for p in files]

@@ -1,0 +1,185 @@
+"""``fedwb aggregator`` and ``fedwb policy set|show``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from schemas import PolicySpec
+
+policy_app = typer.Typer(help="Show or change the fusion policy of a running job.", no_args_is_help=True)
+
+Broker = Annotated[str, typer.Option("--broker", help="Broker URL, mqtt://HOST:PORT or mqtts://HOST:PORT.")]
+Job = Annotated[str, typer.Option("--job", help="Job name (topic fedwb/JOB/...).")]
+User = Annotated[str | None, typer.Option("--username", envvar="FEDWB_USERNAME", help="Broker username.")]
+Password = Annotated[str | None, typer.Option("--password", envvar="FEDWB_PASSWORD", help="Broker password.")]
+TlsCa = Annotated[str | None, typer.Option("--tls-ca", envvar="FEDWB_TLS_CA", help="CA certificate (turns TLS on).")]
+TlsCert = Annotated[str | None, typer.Option("--tls-cert", envvar="FEDWB_TLS_CERT", help="Client certificate.")]
+TlsKey = Annotated[str | None, typer.Option("--tls-key", envvar="FEDWB_TLS_KEY", help="Client key.")]
+
+
+def parse_task_options(items: list[str] | None) -> dict[str, Any]:
+    """``["shapes=1000x1000", "noise=0.01"]`` -> ``{"shapes": "1000x1000", "noise": 0.01}``."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"task option {item!r} is not KEY=VALUE")
+        try:
+            out[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.replace("-", "_")] = value
+    return out
+
+
+def policy_spec(name: str, switch_after: int | None, dispersion_below: float | None,
+                wb_method: str | None, reg: float | None, biases: str | None = None) -> PolicySpec:
+    fields: dict[str, Any] = {"name": name, "switch_after": switch_after, "dispersion_below": dispersion_below,
+                              "wb_method": wb_method, "reg": reg, "biases": biases}
+    from pydantic import ValidationError
+
+    try:
+        return PolicySpec(**{k: v for k, v in fields.items() if v is not None})
+    except ValidationError as exc:
+        for err in exc.errors():
+            where = ".".join(map(str, err["loc"])) or "policy"
+            typer.echo(f"error: invalid policy: {where}: {err['msg']}", err=True)
+        raise typer.Exit(2) from None
+
+
+def aggregator(
+    broker: Annotated[str | None, typer.Option(help="Broker URL [default: mqtt://127.0.0.1:1883].")] = None,
+    job: Annotated[str | None, typer.Option(help="Job name [default: default].")] = None,
+    task: Annotated[str | None, typer.Option(help="Task that builds version 0: mnist, cartpole, noop.")] = None,
+    task_option: Annotated[list[str] | None, typer.Option(help="Task option KEY=VALUE (repeatable).")] = None,
+    init: Annotated[str | None, typer.Option(help="Version 0 from a .safetensors file instead.")] = None,
+    quorum: Annotated[int | None, typer.Option(help="Fuse when this many updates are buffered.")] = None,
+    min_updates: Annotated[int | None, typer.Option(help="Fewest updates fused at the deadline.")] = None,
+    deadline: Annotated[float | None, typer.Option(help="Round deadline in seconds.")] = None,
+    max_staleness: Annotated[int | None, typer.Option(help="Drop updates staler than this.")] = None,
+    staleness_alpha: Annotated[float | None, typer.Option(help="Weight n_k (1+tau)^-alpha.")] = None,
+    policy: Annotated[str | None, typer.Option(help="fedavg | fedwb | fedwb-sinkhorn | hybrid")] = None,
+    switch_after: Annotated[int | None, typer.Option(help="hybrid: FedWB fusions before FedAvg.")] = None,
+    dispersion_below: Annotated[float | None, typer.Option(help="hybrid: switch early below this.")] = None,
+    wb_method: Annotated[str | None, typer.Option(help="hybrid's FedWB phase: fedwb-sinkhorn | fedwb.")] = None,
+    reg: Annotated[float | None, typer.Option(help="Entropic regularization (cost (i-j)^2).")] = None,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda")] = None,
+    state_dir: Annotated[str | None, typer.Option(help="Checkpoint directory (resume from it).")] = None,
+    max_rounds: Annotated[int | None, typer.Option(help="Stop after this global version.")] = None,
+    metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus metrics on this port.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of version 0.")] = None,
+    config: Annotated[Path | None, typer.Option(help="JSON or TOML file with these settings.")] = None,
+    username: User = None, password: Password = None, tls_ca: TlsCa = None, tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
+) -> None:
+    """Run the aggregator: buffer updates, fuse at quorum or deadline, publish global models.
+
+    Settings come from these options, else the --config file, else FEDWB_AGG_* variables.
+    """
+    from pydantic import ValidationError
+
+    from aggregator.service import run_service
+    from aggregator.settings import AggregatorSettings
+
+    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    base: dict[str, Any] = {}
+    if config is not None:
+        text = config.read_text()
+        base = tomllib.loads(text) if config.suffix == ".toml" else json.loads(text)
+    given = {
+        "broker": broker, "job": job, "task": task, "init": init, "quorum": quorum,
+        "min_updates": min_updates, "deadline": deadline, "max_staleness": max_staleness,
+        "staleness_alpha": staleness_alpha, "device": device, "state_dir": state_dir,
+        "max_rounds": max_rounds, "metrics_port": metrics_port, "seed": seed, "username": username,
+        "password": password, "tls_ca": tls_ca, "tls_cert": tls_cert, "tls_key": tls_key,
+    }
+    base.update({k: v for k, v in given.items() if v is not None})
+    if task_option:
+        base["task_options"] = parse_task_options(task_option)
+    if init is not None and task is None:
+        base["task"] = None
+    elif "task" not in base and "init" not in base:
+        base["task"] = "mnist"
+    if policy is not None or any(v is not None for v in (switch_after, dispersion_below, wb_method, reg)):
+        base["policy"] = policy_spec(policy or "fedavg", switch_after, dispersion_below, wb_method, reg)
+    if "min_updates" not in base and "quorum" in base:
+        base["min_updates"] = 1
+    try:
+        settings = AggregatorSettings(**base)
+    except ValidationError as exc:
+        for err in exc.errors():
+            typer.echo(f"error: {'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg']}", err=True)
+        raise typer.Exit(2) from None
+    raise typer.Exit(run_service(settings))
+
+
+@policy_app.command("set")
+def policy_set(
+    name: Annotated[str, typer.Argument(help="fedavg | fedwb | fedwb-sinkhorn | hybrid")],
+    broker: Broker = "mqtt://127.0.0.1:1883",
+    job: Job = "default",
+    switch_after: Annotated[int | None, typer.Option(help="hybrid: FedWB fusions before FedAvg.")] = None,
+    dispersion_below: Annotated[float | None, typer.Option(help="hybrid: switch early below this.")] = None,
+    wb_method: Annotated[str | None, typer.Option(help="hybrid's FedWB phase.")] = None,
+    reg: Annotated[float | None, typer.Option(help="Entropic regularization.")] = None,
+    wait: Annotated[float, typer.Option(help="Seconds to wait for the aggregator's acknowledgment.")] = 15.0,
+    username: User = None, password: Password = None, tls_ca: TlsCa = None, tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+) -> None:
+    """Publish a PolicyCommand (retained) and wait for the aggregator to acknowledge it.
+
+    Exit code 0: accepted; 1: rejected; 2: no acknowledgment within --wait seconds.
+    """
+    from aggregator.control import send_policy
+
+    spec = policy_spec(name, switch_after, dispersion_below, wb_method, reg)
+    ack = asyncio.run(send_policy(broker, job, spec, wait, username=username, password=password,
+                                  tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key))
+    if ack is None:
+        typer.echo(f"published {spec.describe()} for job {job}; no acknowledgment within {wait:g}s "
+                   "(is the aggregator running?)")
+        raise typer.Exit(2)
+    if not ack.accepted:
+        typer.echo(f"rejected: {ack.reason}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"accepted: {ack.reason or spec.describe()}")
+
+
+@policy_app.command("show")
+def policy_show(
+    broker: Broker = "mqtt://127.0.0.1:1883",
+    job: Job = "default",
+    wait: Annotated[float, typer.Option(help="Seconds to wait for the retained status.")] = 5.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the whole status as JSON.")] = False,
+    username: User = None, password: Password = None, tls_ca: TlsCa = None, tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+) -> None:
+    """Print the aggregator's current policy and status."""
+    from aggregator.control import read_status
+
+    st = asyncio.run(read_status(broker, job, wait, username=username, password=password,
+                                 tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key))
+    if st is None:
+        typer.echo(f"no aggregator status for job {job} within {wait:g}s", err=True)
+        raise typer.Exit(2)
+    if as_json:
+        typer.echo(st.model_dump_json(indent=1))
+        return
+    typer.echo(f"job {st.job}: {st.state}, version {st.version}")
+    typer.echo(f"policy: {st.policy.describe()}" + (f" (pending: {st.pending_policy.describe()})"
+                                                     if st.pending_policy else ""))
+    typer.echo(f"last choice: {st.last_choice} ({st.last_choice_reason})")
+    typer.echo(f"buffer: {st.buffer_fill}/{st.quorum}; accepted {st.accepted}, stale {st.stale}, "
+               f"duplicate {st.duplicate}, rejected {st.rejected}")
+    if st.last_command:
+        typer.echo(f"last command: {st.last_command.command_id} accepted={st.last_command.accepted} "
+                   f"{st.last_command.reason}")

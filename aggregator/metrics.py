@@ -1,0 +1,45 @@
+"""Optional Prometheus endpoint (``--metrics-port``) with the status counters."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class Metrics:
+    """Counters of updates by outcome/reason, a version gauge and a fusion-seconds histogram."""
+
+    def __init__(self, port: int | None) -> None:
+        self.port = port
+        self._server: Any = None
+        self._updates = self._fusion = self._version = None
+        if port is None:
+            return
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        self._updates = Counter("fedwb_updates_total", "Updates by outcome or rejection reason",
+                                ["outcome"], registry=self.registry)
+        self._fusion = Histogram("fedwb_fusion_seconds", "Seconds per fusion", registry=self.registry,
+                                 buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300))
+        self._version = Gauge("fedwb_global_version", "Current global model version",
+                              registry=self.registry)
+
+    def start(self) -> None:
+        if self.port is not None and self._server is None:
+            from prometheus_client import start_http_server
+
+            self._server, _thread = start_http_server(self.port, registry=self.registry)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    def update(self, outcome: str) -> None:
+        if self._updates is not None:
+            self._updates.labels(outcome=outcome).inc()
+
+    def fused(self, version: int, seconds: float) -> None:
+        if self._fusion is not None:
+            self._fusion.observe(seconds)
+            self._version.set(version)

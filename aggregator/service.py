@@ -1,0 +1,471 @@
+"""The aggregator service: subscribe, admit, buffer, fuse off the loop, publish, persist.
+
+One MQTT session (clean_session off, a stable client id) so the broker queues updates
+while the service is down. Updates are acknowledged only after they are in the durable
+inbox (``aggregator.checkpoint``). Fusion runs in a worker thread on the chosen device;
+the event loop keeps admitting updates and publishing status meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiomqtt
+import torch
+
+import schemas
+from aggregator.buffer import Admission, Outcome, Round, UpdateBuffer
+from aggregator.checkpoint import Checkpoint
+from aggregator.fusion import PolicyState, decide, dispersion, fuse_with_report, needs_dispersion
+from aggregator.metrics import Metrics
+from aggregator.settings import AggregatorSettings
+from schemas import (
+    AggregatorStatus,
+    BrokerAddress,
+    CommandAck,
+    GlobalModel,
+    ModelUpdate,
+    PolicyCommand,
+    PolicySpec,
+    Topics,
+    WireError,
+)
+
+log = logging.getLogger("fedwb.aggregator")
+HISTORY_LIMIT = 10_000
+
+
+def wire_reason(exc: WireError) -> str:
+    """A counter key for a codec error."""
+    text = str(exc)
+    for key, reason in (("NaN", "non_finite"), ("exceeds the limit", "oversize"),
+                        ("schema version", "schema_version"), ("needs", "shape_bytes"),
+                        ("msgpack", "not_msgpack"), ("dtype", "dtype")):
+        if key in text:
+            return reason
+    return "malformed"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but no CUDA device is available")
+    return torch.device(name)
+
+
+@dataclass
+class Counters:
+    accepted: int = 0
+    replaced: int = 0
+    duplicate: int = 0
+    stale: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+
+    def count(self, adm: Admission) -> None:
+        if adm.outcome == Outcome.ACCEPTED:
+            self.accepted += 1
+        elif adm.outcome == Outcome.REPLACED:
+            self.accepted += 1
+            self.replaced += 1
+        elif adm.outcome == Outcome.DUPLICATE:
+            self.duplicate += 1
+        elif adm.outcome == Outcome.STALE:
+            self.stale += 1
+        else:
+            self.reject(adm.reason)
+
+    def reject(self, reason: str) -> None:
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
+
+class Aggregator:
+    """The service. ``await Aggregator(settings).run()`` until ``stop()`` or ``max_rounds``."""
+
+    def __init__(self, settings: AggregatorSettings, *, logger: logging.Logger | None = None) -> None:
+        self.s = settings
+        self.log = logger or log
+        self.topics = Topics(settings.job, settings.prefix)
+        self.address = BrokerAddress.parse(settings.broker, username=settings.username,
+                                           password=settings.password, tls_ca=settings.tls_ca,
+                                           tls_cert=settings.tls_cert, tls_key=settings.tls_key)
+        self.device = resolve_device(settings.device)
+        self.checkpoint = Checkpoint(settings.state_dir) if settings.state_dir else None
+        self.buffer = UpdateBuffer(settings.job, settings.max_staleness, settings.staleness_alpha)
+        self.counters = Counters()
+        self.metrics = Metrics(settings.metrics_port)
+        self.version = 0
+        self.weights: dict[str, torch.Tensor] = {}
+        self.policy: PolicySpec = settings.policy
+        self.policy_state = PolicyState()
+        self.pending: PolicyCommand | None = None
+        self.last_command: CommandAck | None = None
+        self.applied_command: str | None = None
+        self.last_choice: tuple[str, str] | None = None
+        self.last_fusion_seconds: float | None = None
+        self.last_quorum_wait: float | None = None
+        self.history: list[dict[str, Any]] = []
+        self.round_started = time.monotonic()
+        self.published_version = -1
+        self.done = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._fusing: asyncio.Task | None = None
+        self._client: aiomqtt.Client | None = None
+        self._warned: set[tuple[str, str]] = set()
+
+    # ------------------------------------------------------------------ state
+    def _state(self) -> dict[str, Any]:
+        return {
+            "job": self.s.job, "policy": self.policy.model_dump(),
+            "policy_state": {"fusions": self.policy_state.fusions, "switched": self.policy_state.switched},
+            "applied_command": self.applied_command,
+            "counters": {"accepted": self.counters.accepted, "replaced": self.counters.replaced,
+                         "duplicate": self.counters.duplicate, "stale": self.counters.stale,
+                         "rejected": self.counters.rejected},
+            "history": self.history[-HISTORY_LIMIT:],
+            "seen_ids": self.buffer.seen_ids()[-20_000:],
+        }
+
+    def _restore(self) -> None:
+        loaded = self.checkpoint.load() if self.checkpoint else None
+        if loaded is None:
+            self.weights = self._initial_weights()
+            self.version = 0
+            if self.checkpoint:
+                self.checkpoint.save(0, self.weights, self._state())
+            self.log.info("job %s: initialized version 0 (%d tensors, %d parameters)", self.s.job,
+                          len(self.weights), sum(t.numel() for t in self.weights.values()))
+            return
+        self.version, self.weights, st = loaded
+        if st.get("job") not in (None, self.s.job):
+            raise ValueError(f"state dir belongs to job {st.get('job')!r}, not {self.s.job!r}")
+        self.policy = PolicySpec.model_validate(st.get("policy", {}))
+        ps = st.get("policy_state", {})
+        self.policy_state = PolicyState(ps.get("fusions", 0), ps.get("switched", False))
+        self.applied_command = st.get("applied_command")
+        c = st.get("counters", {})
+        self.counters = Counters(c.get("accepted", 0), c.get("replaced", 0), c.get("duplicate", 0),
+                                 c.get("stale", 0), dict(c.get("rejected", {})))
+        self.history = list(st.get("history", []))
+        for uid in st.get("seen_ids", []):
+            self.buffer.mark_seen(uid)
+        fused = {uid for h in self.history[-50:] for uid in h.get("update_ids", [])}
+        restored = 0
+        for uid, payload in self.checkpoint.inbox():
+            if uid in fused:
+                self.checkpoint.inbox_drop([uid])
+                continue
+            try:
+                upd = schemas.unpack(payload, ModelUpdate, max_bytes=self.s.max_payload_bytes)
+            except WireError:
+                self.checkpoint.inbox_drop([uid])
+                continue
+            self.buffer._seen.pop(upd.update_id, None)  # buffered, not fused: admit again
+            adm = self.buffer.admit(upd, upd.agent_id, self.version, self.weights, time.monotonic())
+            restored += adm.kept
+        self.log.info("job %s: resumed at version %d (policy %s), %d buffered updates restored",
+                      self.s.job, self.version, self.policy.describe(), restored)
+
+    def _initial_weights(self) -> dict[str, torch.Tensor]:
+        if self.s.init:
+            from safetensors.torch import load_file
+
+            return load_file(self.s.init)
+        from edge_agent.tasks import get_task
+
+        task = get_task(self.s.task, seed=self.s.seed, **self.s.task_options)
+        return task.initial_weights()
+
+    # ------------------------------------------------------------------ status
+    def status(self, state: str = "running") -> AggregatorStatus:
+        return AggregatorStatus(
+            job=self.s.job, state="fusing" if self._fusing and state == "running" else state,
+            version=self.version, policy=self.policy,
+            pending_policy=self.pending.policy if self.pending else None,
+            last_choice=self.last_choice[0] if self.last_choice else None,
+            last_choice_reason=self.last_choice[1] if self.last_choice else None,
+            buffer_fill=len(self.buffer), quorum=self.s.quorum, accepted=self.counters.accepted,
+            rejected=dict(self.counters.rejected), stale=self.counters.stale,
+            duplicate=self.counters.duplicate, replaced=self.counters.replaced,
+            last_fusion_seconds=self.last_fusion_seconds,
+            last_quorum_wait_seconds=self.last_quorum_wait, last_command=self.last_command)
+
+    async def _publish_status(self, state: str = "running") -> None:
+        if self._client is None:
+            return
+        with contextlib.suppress(aiomqtt.MqttError):
+            await self._client.publish(self.topics.aggregator_status, schemas.pack(self.status(state)),
+                                       qos=1, retain=True)
+
+    async def _publish_global(self) -> None:
+        if self._client is None or self.published_version >= self.version:
+            return
+        last = self.history[-1] if self.history and self.history[-1]["version"] == self.version else {}
+        msg = GlobalModel(job=self.s.job, version=self.version, policy=last.get("policy", "init"),
+                          method=last.get("method", "init"), weights=self.weights,
+                          contributors=last.get("contributors", []),
+                          info={k: v for k, v in last.items() if k not in ("update_ids",)})
+        payload = await asyncio.to_thread(schemas.pack, msg)
+        await self._client.publish(self.topics.global_model, payload, qos=1, retain=True)
+        self.published_version = self.version
+
+    # ------------------------------------------------------------------ messages
+    async def _on_message(self, message: aiomqtt.Message) -> None:
+        topic = str(message.topic)
+        payload = message.payload if isinstance(message.payload, bytes | bytearray) else b""
+        try:
+            if topic == self.topics.control:
+                await self._on_control(bytes(payload))
+            else:
+                await self._on_update(topic, bytes(payload))
+        finally:
+            self._ack(message)
+        self._maybe_fuse()
+
+    def _ack(self, message: aiomqtt.Message) -> None:
+        if message.qos > 0 and self._client is not None:
+            self._client._client.ack(message.mid, message.qos)
+
+    def _warn_once(self, agent: str, reason: str, detail: str) -> None:
+        if (agent, reason) not in self._warned:
+            self._warned.add((agent, reason))
+            self.log.warning("rejected update from %s: %s (%s)", agent, reason, detail)
+
+    async def _on_update(self, topic: str, payload: bytes) -> None:
+        agent = self.topics.agent_of(topic) or "?"
+        try:
+            update = schemas.unpack(payload, ModelUpdate, max_bytes=self.s.max_payload_bytes)
+        except WireError as exc:
+            reason = wire_reason(exc)
+            self.counters.reject(reason)
+            self.metrics.update(reason)
+            self._warn_once(agent, reason, str(exc))
+            return
+        adm = self.buffer.check(update, agent, self.version, self.weights)
+        if adm is None and self.checkpoint is not None:
+            await asyncio.to_thread(self.checkpoint.inbox_put, update.update_id, payload)
+        if adm is None:
+            adm = self.buffer.admit(update, agent, self.version, self.weights, time.monotonic())
+            if adm.replaced_id and self.checkpoint is not None:
+                self.checkpoint.inbox_drop([adm.replaced_id])
+        self.counters.count(adm)
+        self.metrics.update(adm.reason or adm.outcome.value)
+        if adm.outcome == Outcome.REJECTED:
+            self._warn_once(agent, adm.reason, adm.detail)
+        elif adm.outcome == Outcome.STALE:
+            self.log.info("dropped stale update from %s: %s", agent, adm.detail)
+
+    async def _on_control(self, payload: bytes) -> None:
+        if not payload:
+            return  # a cleared retained command
+        try:
+            cmd = schemas.unpack(payload, PolicyCommand)
+        except WireError as exc:
+            self.counters.reject("bad_command")
+            self.last_command = CommandAck(command_id="?", accepted=False, reason=str(exc))
+            self.log.warning("rejected policy command: %s", exc)
+            await self._publish_status()
+            return
+        if cmd.command_id == self.applied_command:
+            return  # the retained command we already applied (seen again after a restart)
+        if cmd.job != self.s.job:
+            self.last_command = CommandAck(command_id=cmd.command_id, accepted=False,
+                                           reason=f"command for job {cmd.job!r}, this is {self.s.job!r}")
+        else:
+            self.pending = cmd
+            self.last_command = CommandAck(command_id=cmd.command_id, accepted=True,
+                                           reason=f"{cmd.policy.describe()} applies at the next fusion")
+            self.log.info("policy command %s accepted: %s at the next fusion", cmd.command_id,
+                          cmd.policy.describe())
+        await self._publish_status()
+
+    # ------------------------------------------------------------------ fusion
+    def _ready(self) -> bool:
+        n = len(self.buffer)
+        if n == 0 or self._fusing is not None or self._stopping.is_set():
+            return False
+        if n >= self.s.quorum:
+            return True
+        waited = time.monotonic() - self.round_started
+        return self.s.deadline is not None and waited >= self.s.deadline and n >= self.s.min_updates
+
+    def _maybe_fuse(self) -> None:
+        if self._ready():
+            self._fusing = asyncio.create_task(self._fuse())
+
+    async def _fuse(self) -> None:
+        try:
+            await self._fuse_round()
+        except Exception:  # noqa: BLE001 - a failed fusion must not kill the service
+            self.log.exception("fusion failed; the round's updates are kept for the next try")
+        finally:
+            self._fusing = None
+        await self._publish_status()
+        if self.s.max_rounds is not None and self.version >= self.s.max_rounds:
+            self.done.set()
+            self.stop()
+            return
+        self._maybe_fuse()
+
+    async def _fuse_round(self) -> None:
+        started = time.monotonic()
+        quorum_wait = started - self.round_started
+        if self.pending is not None:
+            self.policy, self.policy_state = self.pending.policy, PolicyState()
+            self.applied_command = self.pending.command_id
+            self.last_command = self.last_command.model_copy(update={"applied_at_version": self.version + 1}) \
+                if self.last_command and self.last_command.command_id == self.pending.command_id \
+                else CommandAck(command_id=self.pending.command_id, accepted=True,
+                                applied_at_version=self.version + 1)
+            self.pending = None
+        rnd = self.buffer.take(self.version)
+        models = [u.weights for u in rnd.updates]
+        disp = None
+        if needs_dispersion(self.policy, self.policy_state):
+            disp = await asyncio.to_thread(dispersion, models, rnd.weights)
+        choice = decide(self.policy, self.policy_state, disp)
+        try:
+            fused, report = await asyncio.to_thread(
+                fuse_with_report, models, rnd.weights, choice.method, device=self.device,
+                warn=False, **choice.options)
+        except Exception:
+            self._requeue(rnd)
+            raise
+        self.policy_state = self.policy_state.after_fusion(choice, self.policy)
+        fusion_seconds = time.monotonic() - started
+        record = {
+            "version": self.version + 1, "policy": choice.family, "method": choice.method,
+            "reason": choice.reason, "contributors": [u.agent_id for u in rnd.updates],
+            "base_versions": [u.base_version for u in rnd.updates], "staleness": rnd.staleness,
+            "weights": [round(w, 6) for w in rnd.weights], "quorum_wait_seconds": round(quorum_wait, 4),
+            "fusion_seconds": round(fusion_seconds, 4), "dispersion": disp, "report": report.as_dict(),
+            "created_at": time.time(), "update_ids": [u.update_id for u in rnd.updates],
+            "agent_metrics": {u.agent_id: u.metrics for u in rnd.updates},
+        }
+        self.weights = fused
+        self.version += 1
+        self.history.append(record)
+        self.last_choice = (choice.method, choice.reason)
+        self.last_fusion_seconds = fusion_seconds
+        self.last_quorum_wait = quorum_wait
+        if self.checkpoint is not None:
+            await asyncio.to_thread(self.checkpoint.save, self.version, self.weights, self._state())
+        self.round_started = time.monotonic()
+        self.metrics.fused(self.version, fusion_seconds)
+        extra = ""
+        if report.method == "fedwb-sinkhorn":
+            extra = f" sinkhorn {report.sinkhorn_iterations} it, err {report.sinkhorn_error:.2g}"
+        self.log.info("v%d %s (%s) from %d updates [%s] staleness %s, quorum wait %.2fs, fused in %.3fs%s",
+                      self.version, choice.method, choice.reason, len(rnd.updates),
+                      ",".join(record["contributors"]), rnd.staleness, quorum_wait, fusion_seconds, extra)
+        with contextlib.suppress(aiomqtt.MqttError):
+            await self._publish_global()
+        if self.checkpoint is not None:
+            self.checkpoint.inbox_drop(record["update_ids"])
+
+    def _requeue(self, rnd: Round) -> None:
+        for u in rnd.updates:
+            self.buffer._seen.pop(u.update_id, None)
+            if u.agent_id not in self.buffer.items:
+                self.buffer.admit(u, u.agent_id, self.version, self.weights, time.monotonic())
+
+    # ------------------------------------------------------------------ loop
+    def stop(self) -> None:
+        """Idempotent shutdown request."""
+        self._stopping.set()
+
+    async def _ticker(self) -> None:
+        last_status = 0.0
+        while not self._stopping.is_set():
+            self._maybe_fuse()
+            now = time.monotonic()
+            if now - last_status >= self.s.status_interval:
+                last_status = now
+                await self._publish_status()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), 0.2)
+
+    async def _session(self) -> None:
+        will = aiomqtt.Will(self.topics.aggregator_status,
+                            schemas.pack(AggregatorStatus(job=self.s.job, state="offline")), qos=1, retain=True)
+        client = aiomqtt.Client(**self.address.client_kwargs(), identifier=self.s.identifier,
+                                clean_session=False, will=will, keepalive=30,
+                                max_queued_outgoing_messages=None)
+        client._client.manual_ack_set(True)
+        async with client:
+            self._client = client
+            try:
+                await client.subscribe([(self.topics.updates, 1), (self.topics.control, 1)])
+                await self._publish_global()
+                await self._publish_status()
+                self.log.info("connected to %s as %s; job %s at version %d, policy %s, quorum %d",
+                              self.address.url, self.s.identifier, self.s.job, self.version,
+                              self.policy.describe(), self.s.quorum)
+                ticker = asyncio.create_task(self._ticker())
+                messages = asyncio.create_task(self._consume(client))
+                stopper = asyncio.create_task(self._stopping.wait())
+                done, _ = await asyncio.wait({ticker, messages, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                for t in (ticker, messages, stopper):
+                    t.cancel()
+                for t in done:
+                    if t is not stopper and t.exception() is not None:
+                        raise t.exception()
+                if self._fusing is not None:
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await asyncio.wait_for(asyncio.shield(self._fusing), 600)
+                await self._publish_status("stopped")
+            finally:
+                self._client = None
+
+    async def _consume(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            await self._on_message(message)
+
+    async def run(self) -> None:
+        """Connect (reconnecting with backoff), serve until stopped, then disconnect cleanly."""
+        await asyncio.to_thread(self._restore)
+        self.metrics.start()
+        backoff = 0.5
+        while not self._stopping.is_set():
+            try:
+                await self._session()
+                backoff = 0.5
+            except aiomqtt.MqttError as exc:
+                if self._stopping.is_set():
+                    break
+                delay = backoff * (1 + random.random())
+                self.log.warning("MQTT connection lost (%s); reconnecting in %.1fs", exc, delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), delay)
+                backoff = min(backoff * 2, 30.0)
+        self.metrics.stop()
+        self.log.info("aggregator stopped at version %d", self.version)
+
+
+def run_service(settings: AggregatorSettings) -> int:
+    """Run until SIGINT/SIGTERM or ``max_rounds``; returns the exit code."""
+
+    async def main() -> None:
+        agg = Aggregator(settings)
+        loop = asyncio.get_running_loop()
+
+        def on_signal(sig: signal.Signals) -> None:
+            log.info("received %s, shutting down", sig.name)
+            agg.stop()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal, sig)
+        await agg.run()
+
+    asyncio.run(main())
+    return 0
+
+
+__all__ = ["Aggregator", "run_service", "wire_reason"]

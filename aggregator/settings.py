@@ -1,0 +1,55 @@
+"""Aggregator settings: CLI options, ``FEDWB_AGG_*`` environment variables, or a JSON/TOML file."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from schemas import PolicySpec
+
+
+class AggregatorSettings(BaseSettings):
+    """Everything the aggregator service needs; tests build it directly."""
+
+    model_config = SettingsConfigDict(env_prefix="FEDWB_AGG_", extra="forbid")
+
+    broker: str = "mqtt://127.0.0.1:1883"
+    username: str | None = None
+    password: str | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    job: str = "default"
+    prefix: str = "fedwb"
+    task: str | None = "mnist"
+    task_options: dict = Field(default_factory=dict)
+    init: str | None = None  # a .safetensors file for version 0 (instead of the task's model)
+    quorum: int = Field(default=3, ge=1)
+    min_updates: int = Field(default=1, ge=1)
+    deadline: float | None = Field(default=None, gt=0)
+    max_staleness: int = Field(default=10, ge=0)
+    staleness_alpha: float = Field(default=0.5, ge=0)
+    policy: PolicySpec = Field(default_factory=PolicySpec)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    state_dir: str | None = None
+    max_rounds: int | None = Field(default=None, ge=1)
+    max_payload_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
+    status_interval: float = Field(default=2.0, gt=0)
+    client_id: str | None = None  # default fedwb-aggregator-<job>: stable, for the persistent session
+    session_expiry: int = Field(default=7 * 24 * 3600, ge=0)
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> AggregatorSettings:
+        if self.min_updates > self.quorum:
+            raise ValueError(f"min_updates ({self.min_updates}) cannot exceed quorum ({self.quorum})")
+        if self.task is None and self.init is None:
+            raise ValueError("give --task or --init to build version 0")
+        return self
+
+    @property
+    def identifier(self) -> str:
+        return self.client_id or f"fedwb-aggregator-{self.job}"

@@ -1,0 +1,52 @@
+"""Helpers shared by the benchmarks: timing medians and machine description."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+
+def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
+    """Median wall seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    import torch
+
+    info: dict[str, Any] = {
+        "python": sys.version.split()[0], "platform": platform.platform(),
+        "cpu_count": os.cpu_count(), "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None)
+    except OSError:
+        pass
+    return info
+
+
+def emit(result: dict[str, Any], as_json: bool) -> None:
+    """Print the result as JSON, or as indented JSON for humans."""
+    print(json.dumps(result, indent=None if as_json else 2, default=str))
+
+
+def progress(msg: str) -> None:
+    """Progress on stderr so stdout stays pure JSON."""
+    print(msg, file=sys.stderr, flush=True)

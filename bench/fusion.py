@@ -1,0 +1,178 @@
+"""Fusion benchmark: speed of fedavg / fedwb / fedwb-sinkhorn, POT's dense way, fidelity.
+
+    python -m bench.fusion --json [--quick] [--device cpu|cuda] [--threads 2]
+
+Prints one JSON document: medians in seconds, ratios to FedAvg measured in the same
+process, POT's ``ot.bregman.barycenter`` on the dense n x n cost with its peak memory,
+and a fidelity table (relative distance of each method's result to FedAvg and to the
+common model, for clients spread around a common model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import tracemalloc
+import warnings
+
+import numpy as np
+import torch
+
+from aggregator.fusion import fuse_with_report
+from bench.common import emit, machine, median_seconds, progress
+
+SINKHORN_MAX_KN = 2_000_000  # above this the entropic runs take minutes: reported as skipped
+
+
+def _models(k: int, n: int, spread: float, device: str, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, generator=g)
+    return [{"w": (base + spread * torch.randn(n, generator=g)).to(device)} for _ in range(k)]
+
+
+def weighted_sum_baseline(models: list[dict[str, torch.Tensor]], lam: list[float]) -> torch.Tensor:
+    """A plain float32 weighted sum, what FedAvg costs: sum_k lam_k W_k, one new tensor."""
+    acc = models[0]["w"] * lam[0]
+    for m, w in zip(models[1:], lam[1:], strict=True):
+        acc.add_(m["w"], alpha=w)
+    return acc
+
+
+def speed(ks: list[int], ns: list[int], regs: list[float], repeats: int, device: str) -> list[dict]:
+    rows = []
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for k in ks:
+        for n in ns:
+            models = _models(k, n, 0.2, device)
+            lam = [1.0 / k] * k
+
+            def run(method: str, models=models, **opts) -> None:
+                fuse_with_report(models, [1.0] * len(models), method, warn=False, **opts)
+                sync()
+
+            row: dict = {"K": k, "n": n}
+            row["weighted_sum_s"] = median_seconds(lambda models=models, lam=lam: (
+                weighted_sum_baseline(models, lam), sync()), max(repeats, 5))
+            row["fedavg_s"] = median_seconds(lambda: run("fedavg"), max(repeats, 5))
+            row["fedwb_s"] = median_seconds(lambda: run("fedwb"), repeats)
+            for reg in regs:
+                key = f"fedwb_sinkhorn_reg{reg:g}"
+                if k * n > SINKHORN_MAX_KN:
+                    row[key + "_s"] = None
+                    continue
+                t0 = time.perf_counter()
+                _, rep = fuse_with_report(models, [1.0] * k, "fedwb-sinkhorn", reg=reg, warn=False)
+                sync()
+                row[key + "_s"] = time.perf_counter() - t0
+                row[key + "_iterations"] = rep.sinkhorn_iterations
+                row[key + "_error"] = rep.sinkhorn_error
+            for key in [c for c in row if c.endswith("_s") and c not in ("fedavg_s",)]:
+                if row[key] is not None:
+                    row[key.removesuffix("_s") + "_over_fedavg"] = row[key] / row["fedavg_s"]
+            if row["fedwb_s"] is not None:
+                row["fedwb_over_weighted_sum"] = row["fedwb_s"] / row["weighted_sum_s"]
+            progress(f"  K={k} n={n}: fedavg {row['fedavg_s'] * 1e3:.1f} ms, "
+                     f"fedwb {row['fedwb_s'] * 1e3:.1f} ms")
+            rows.append(row)
+    return rows
+
+
+def pot_dense(ns: list[int], k: int, reg: float) -> list[dict]:
+    """The paper's way: POT's Sinkhorn barycenter on the dense n x n cost matrix."""
+    import ot
+
+    out = []
+    for n in ns:
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal(n) + 0.2 * rng.standard_normal((k, n))
+        h = x - x.min(axis=1, keepdims=True)
+        h /= h.sum(axis=1, keepdims=True)
+        grid = np.arange(n, dtype=np.float64)
+        tracemalloc.start()
+        t0 = time.perf_counter()
+        cost = (grid[:, None] - grid[None, :]) ** 2
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ot.bregman.barycenter(h.T, cost, reg, np.full(k, 1.0 / k))  # POT default: "sinkhorn"
+        seconds = time.perf_counter() - t0
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        t1 = time.perf_counter()
+        _, rep = fuse_with_report([{"w": torch.from_numpy(r)} for r in x], [1.0] * k,
+                                  "fedwb-sinkhorn", reg=reg, warn=False)
+        ours = time.perf_counter() - t1
+        out.append({"n": n, "K": k, "reg": reg, "pot_seconds": seconds,
+                    "pot_peak_mib": peak / 2**20, "ours_seconds": ours,
+                    "ours_iterations": rep.sinkhorn_iterations})
+        progress(f"  POT dense n={n}: {seconds:.2f} s, peak {peak / 2**20:.0f} MiB; ours {ours:.2f} s")
+    return out
+
+
+def fidelity(spreads: list[float], n: int = 400, k: int = 5) -> list[dict]:
+    """Relative distance of each method's fused model to FedAvg and to the common model."""
+    out = []
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(n, generator=g, dtype=torch.float64)
+    for spread in spreads:
+        models = [{"w": base + spread * base.abs().mean() * torch.randn(n, generator=g,
+                                                                        dtype=torch.float64)}
+                  for _ in range(k)]
+        avg = fuse_with_report(models, [1.0] * k, "fedavg")[0]["w"]
+        row: dict = {"spread": spread, "n": n, "K": k,
+                     "client_to_common": float(np.mean([float((m["w"] - base).norm() / base.norm())
+                                                        for m in models]))}
+        variants = [("fedavg", {}), ("fedwb", {})] + [
+            (f"fedwb-sinkhorn reg={r:g}", {"reg": r}) for r in (0.1, 1.0, 10.0)]
+        for name, opts in variants:
+            method = name.split()[0]
+            w = fuse_with_report(models, [1.0] * k, method, warn=False, **opts)[0]["w"]
+            row[name] = {"to_fedavg": float((w - avg).norm() / avg.norm()),
+                         "to_common": float((w - base).norm() / base.norm())}
+        out.append(row)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", action="store_true", help="one-line JSON on stdout")
+    p.add_argument("--quick", action="store_true", help="a ~30 s subset")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=2, help="torch and numba CPU threads")
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    try:
+        import numba
+
+        numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
+    except ImportError:
+        pass
+    if args.quick:
+        ks, ns, regs, pot_ns, spreads, repeats = [10], [10**4, 10**6], [1.0], [256, 1024], [0.19], 3
+    else:
+        ks, ns, regs, pot_ns = [2, 10, 50], [10**4, 10**5, 10**6], [1.0, 10.0], [256, 1024, 2048, 4096]
+        spreads, repeats = [0.05, 0.19, 0.5], args.repeats
+    t0 = time.perf_counter()
+    progress("warming up (numba compile/cache load)")
+    fuse_with_report(_models(2, 100, 0.1, "cpu"), [1, 1], "fedwb")
+    progress("speed")
+    result = {"benchmark": "fusion", "machine": machine(), "device": args.device,
+              "speed": speed(ks, ns, regs, repeats, args.device)}
+    # The acceptance case: K = 10 models of one 1000x1000 float32 tensor.
+    models = [{"w": torch.randn(1000, 1000).to(args.device)} for _ in range(10)]
+    lam = [0.1] * 10
+    ws = median_seconds(lambda: weighted_sum_baseline(models, lam), 9)
+    naive = median_seconds(lambda: sum(w * m["w"] for w, m in zip(lam, models, strict=True)), 9)
+    fw = median_seconds(lambda: fuse_with_report(models, [1.0] * 10, "fedwb"), repeats)
+    result["fedwb_1000x1000_K10"] = {"weighted_sum_inplace_s": ws, "weighted_sum_naive_s": naive,
+                                     "fedwb_s": fw, "ratio_inplace": fw / ws, "ratio_naive": fw / naive}
+    progress("POT dense")
+    result["pot_dense"] = pot_dense(pot_ns, 5, 1.0)
+    progress("fidelity")
+    result["fidelity"] = fidelity(spreads)
+    result["total_seconds"] = time.perf_counter() - t0
+    emit(result, args.json)
+
+
+if __name__ == "__main__":
+    main()

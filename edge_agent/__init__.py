@@ -1,0 +1,1 @@
+"""The edge agent runtime and its tasks."""

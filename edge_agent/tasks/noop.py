@@ -1,0 +1,61 @@
+"""``noop``: a configurable set of tensors and no training, for load tests and benchmarks.
+
+"Training" returns the received weights plus tiny Gaussian noise (std ``noise``);
+evaluation reports the mean absolute weight. Default: one 1000x1000 float32 tensor.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from edge_agent.tasks.base import StateDict, Task, TrainResult
+
+
+def parse_shapes(spec: str | list[list[int]] | None) -> list[list[int]]:
+    """``"1000x1000,10"`` -> ``[[1000, 1000], [10]]``."""
+    if spec is None:
+        return [[1000, 1000]]
+    if isinstance(spec, list):
+        return spec
+    shapes = []
+    for part in spec.split(","):
+        try:
+            dims = [int(d) for d in part.strip().lower().split("x")]
+        except ValueError:
+            raise ValueError(f"bad noop shape {part!r}: use e.g. 1000x1000,10") from None
+        if not dims or any(d <= 0 for d in dims):
+            raise ValueError(f"bad noop shape {part!r}: dimensions must be positive")
+        shapes.append(dims)
+    return shapes
+
+
+class _Params(torch.nn.Module):
+    def __init__(self, shapes: list[list[int]]) -> None:
+        super().__init__()
+        for i, shape in enumerate(shapes):
+            self.register_parameter(f"t{i}", torch.nn.Parameter(torch.randn(*shape) * 0.1))
+
+
+class NoopTask(Task):
+    name = "noop"
+
+    def __init__(self, seed: int = 0, device: str = "cpu", shapes: Any = None,
+                 noise: float = 1e-3, **options: Any) -> None:
+        super().__init__(seed, device, **options)
+        self.shapes = parse_shapes(shapes)
+        self.noise = noise
+        self._gen = torch.Generator().manual_seed(seed)
+
+    def build_model(self) -> torch.nn.Module:
+        return _Params(self.shapes)
+
+    def train(self, weights: StateDict, budget: int) -> TrainResult:
+        out = {k: v + self.noise * torch.randn(v.shape, generator=self._gen, dtype=v.dtype)
+               if v.is_floating_point() else v.clone() for k, v in weights.items()}
+        return TrainResult(out, num_samples=max(1, budget), metrics={"loss": 0.0})
+
+    def evaluate(self, weights: StateDict) -> dict[str, float]:
+        vals = [v.float().abs().mean().item() for v in weights.values() if v.is_floating_point()]
+        return {"mean_abs_weight": sum(vals) / max(1, len(vals))}
