@@ -52,8 +52,10 @@ def render_config(port: int, data_dir: Path, bind: str = "127.0.0.1",
                   template: str | None = None) -> str:
     """The project's mosquitto.conf with port, bind address and data dir filled in."""
     text = template or resources.files("broker").joinpath("mosquitto.conf").read_text()
+    import getpass
+
     return (text.replace("@PORT@", str(port)).replace("@BIND@", bind)
-            .replace("@DATA_DIR@", str(data_dir)))
+            .replace("@DATA_DIR@", str(data_dir)).replace("@USER@", getpass.getuser()))
 
 
 @dataclass

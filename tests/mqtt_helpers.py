@@ -51,6 +51,13 @@ class Watcher:
                 await self._task
 
     async def _run(self) -> None:
+        while True:  # survive broker restarts
+            try:
+                await self._session()
+            except aiomqtt.MqttError:
+                await asyncio.sleep(0.2)
+
+    async def _session(self) -> None:
         async with client(self.b, "watch") as c:
             await c.subscribe([(self.topics.global_model, 1), (self.topics.aggregator_status, 1)])
             self._ready.set()

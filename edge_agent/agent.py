@@ -1,0 +1,258 @@
+"""The edge agent: wait for the global model, train locally, publish the update, repeat.
+
+Choice on a global model that arrives mid-training: training is not interrupted; the
+update is published with the base version it started from (the aggregator weighs its
+staleness), and the next local round starts from the newest global model. The "local
+boundary" is therefore the end of one local budget (epochs or steps).
+
+Straggler simulation knobs (used by ``fedwb sim``, harmless on real devices):
+``slowdown`` (training takes that many times as long), ``delay`` (a sampler of seconds
+before each publish), ``drop`` (probability to skip publishing a round), ``crash``
+(probability per round to drop the connection and rejoin after ``rejoin_after`` s).
+
+Training and the connection are two tasks: a broker outage never loses a round; the
+finished update waits in a one-slot outbox and is published after the reconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiomqtt
+import torch
+
+import schemas
+from schemas import AgentStatus, BrokerAddress, GlobalModel, ModelUpdate, Topics, WireError
+
+log = logging.getLogger("fedwb.agent")
+
+
+@dataclass
+class AgentSettings:
+    broker: str = "mqtt://127.0.0.1:1883"
+    job: str = "default"
+    agent_id: str = "agent-0"
+    task: str = "mnist"
+    task_options: dict[str, Any] = field(default_factory=dict)
+    budget: int = 1  # local epochs (mnist) or environment steps (cartpole)
+    max_rounds: int | None = None
+    seed: int = 0
+    device: str = "cpu"
+    prefix: str = "fedwb"
+    username: str | None = None
+    password: str | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    max_payload_bytes: int = 256 * 1024 * 1024
+    slowdown: float = 1.0
+    delay: Callable[[random.Random], float] | None = None
+    drop: float = 0.0
+    crash: float = 0.0
+    rejoin_after: float = 2.0
+
+
+class _Crash(Exception):
+    """Simulated crash: leave without a clean disconnect."""
+
+
+class Agent:
+    """One edge device's runtime. ``await Agent(settings).run()``."""
+
+    def __init__(self, settings: AgentSettings, task: Any = None) -> None:
+        self.s = settings
+        self.topics = Topics(settings.job, settings.prefix)
+        self.address = BrokerAddress.parse(settings.broker, username=settings.username,
+                                           password=settings.password, tls_ca=settings.tls_ca,
+                                           tls_cert=settings.tls_cert, tls_key=settings.tls_key)
+        if task is None:
+            from edge_agent.tasks import get_task
+
+            task = get_task(settings.task, seed=settings.seed, device=settings.device, **settings.task_options)
+        self.task = task
+        self.rng = random.Random(settings.seed)
+        self.latest: GlobalModel | None = None
+        self._new_global = asyncio.Event()
+        self.trained_from = -1
+        self.rounds = 0
+        self.pending: bytes | None = None  # an update not yet published (kept across reconnects)
+        self._stopping = asyncio.Event()
+        self._wake = asyncio.Event()  # the session has something to do
+        self._sent = asyncio.Event()
+        self._sent.set()
+        self._crash = asyncio.Event()
+        self._trainer_running = True
+        self.state = "online"
+        self.reconnects = 0
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._new_global.set()
+        self._wake.set()
+
+    def _status(self, state: str) -> bytes:
+        return schemas.pack(AgentStatus(job=self.s.job, agent_id=self.s.agent_id, state=state,
+                                        version_seen=self.latest.version if self.latest else None))
+
+    async def _consume(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            try:
+                g = schemas.unpack(bytes(message.payload), GlobalModel, max_bytes=self.s.max_payload_bytes)
+            except WireError as exc:
+                log.warning("%s: ignored a malformed global model: %s", self.s.agent_id, exc)
+                continue
+            if g.job == self.s.job and (self.latest is None or g.version > self.latest.version):
+                self.latest = g  # only the newest is kept: bounded memory
+                self._new_global.set()
+
+    async def _next_global(self) -> GlobalModel | None:
+        while not self._stopping.is_set():
+            if self.latest is not None and self.latest.version > self.trained_from:
+                return self.latest
+            self._new_global.clear()
+            await self._new_global.wait()
+        return None
+
+    async def _train_round(self) -> None:
+        g = await self._next_global()
+        if g is None:
+            return
+        self.trained_from = g.version
+        self.state = "training"
+        self._wake.set()
+        t0 = time.monotonic()
+        weights = {k: v.clone() for k, v in g.weights.items()}
+        result = await asyncio.to_thread(self.task.train, weights, self.s.budget)
+        spent = time.monotonic() - t0
+        if self.s.slowdown > 1.0:
+            await self._pause(spent * (self.s.slowdown - 1.0))
+        self.rounds += 1
+        self.state = "online"
+        if self.s.crash and self.rng.random() < self.s.crash:
+            self._crash.set()
+            self._wake.set()
+            log.warning("%s: simulated crash after round %d", self.s.agent_id, self.rounds)
+            return
+        if self.s.drop and self.rng.random() < self.s.drop:
+            log.info("%s: dropped round from v%d (simulated)", self.s.agent_id, g.version)
+            return
+        update = ModelUpdate(job=self.s.job, agent_id=self.s.agent_id, base_version=g.version,
+                             num_samples=result.num_samples, weights=result.weights,
+                             metrics={**result.metrics, "train_seconds": spent})
+        payload = await asyncio.to_thread(schemas.pack, update)
+        if self.s.delay is not None:
+            await self._pause(self.s.delay(self.rng))
+        self.pending = payload  # the outbox holds one update: a newer one replaces an unsent older one
+        self._sent.clear()
+        self._wake.set()
+        log.info("%s: round %d from v%d ready (%d samples, %.2fs) %s", self.s.agent_id, self.rounds,
+                 g.version, result.num_samples, spent, {k: round(v, 4) for k, v in result.metrics.items()})
+
+    async def _pause(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), max(0.0, seconds))
+
+    def _done(self) -> bool:
+        return self._stopping.is_set() or (self.s.max_rounds is not None and self.rounds >= self.s.max_rounds)
+
+    async def _trainer(self) -> None:
+        """Train round after round, independent of the connection; hand updates to the outbox."""
+        while not self._done():
+            await self._train_round()
+        await self._sent.wait()  # the last update is out before we leave
+        self.stop()
+
+    async def _session(self) -> None:
+        """One connection: consume global models, publish the outbox and status."""
+        will = aiomqtt.Will(self.topics.agent_status(self.s.agent_id), self._status("offline"), qos=1, retain=True)
+        async with aiomqtt.Client(**self.address.client_kwargs(), identifier=f"fedwb-agent-{self.s.job}-"
+                                  f"{self.s.agent_id}", will=will, keepalive=30) as client:
+            await client.subscribe(self.topics.global_model, qos=1)
+            consumer = asyncio.create_task(self._consume(client))
+            published_state = None
+            try:
+                while not (self._stopping.is_set() and self.pending is None):
+                    if self._crash.is_set():
+                        raise _Crash()
+                    if published_state != self.state:
+                        await client.publish(self.topics.agent_status(self.s.agent_id), self._status(self.state),
+                                             qos=1, retain=True)
+                        published_state = self.state
+                    if self.pending is not None:
+                        payload = self.pending
+                        await client.publish(self.topics.update(self.s.agent_id), payload, qos=1)
+                        if self.pending is payload:
+                            self.pending = None
+                            self._sent.set()
+                        continue
+                    self._wake.clear()
+                    waker = asyncio.create_task(self._wake.wait())
+                    done, _ = await asyncio.wait({waker, consumer}, return_when=asyncio.FIRST_COMPLETED)
+                    waker.cancel()
+                    if consumer in done:
+                        consumer.result()  # raises the MqttError that ended the session
+                await client.publish(self.topics.agent_status(self.s.agent_id), self._status("offline"), qos=1,
+                                     retain=True)
+            finally:
+                consumer.cancel()
+
+    async def _connection(self) -> None:
+        """Keep a session up until stopped; reconnect with exponential backoff and jitter."""
+        backoff = 0.5
+        while not (self._stopping.is_set() and self.pending is None):
+            try:
+                await self._session()
+                backoff = 0.5
+            except _Crash:
+                self.reconnects += 1
+                await asyncio.sleep(self.s.rejoin_after)  # simulated downtime, not synchronization
+                self._crash.clear()
+            except aiomqtt.MqttError as exc:
+                self.reconnects += 1
+                delay = backoff * (0.5 + self.rng.random())
+                log.warning("%s: connection lost (%s); reconnecting in %.1fs", self.s.agent_id, exc, delay)
+                await asyncio.sleep(delay)
+                backoff = min(backoff * 2, 30.0)
+                if self._stopping.is_set() and not self._trainer_running:
+                    self.pending = None  # stopping for good: give up on an unsent update
+                    self._sent.set()
+
+    async def run(self) -> int:
+        """Serve until stopped or ``max_rounds`` (the last update published)."""
+        trainer = asyncio.create_task(self._trainer())
+        connection = asyncio.create_task(self._connection())
+        stopper = asyncio.create_task(self._stopping.wait())
+        await asyncio.wait({trainer, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        self._trainer_running = False
+        if not trainer.done():
+            trainer.cancel()  # SIGTERM: a training thread finishes in the background
+        self._wake.set()
+        try:
+            await asyncio.wait_for(connection, 30)
+        except TimeoutError:
+            connection.cancel()
+        stopper.cancel()
+        if trainer.done() and not trainer.cancelled() and trainer.exception() is not None:
+            raise trainer.exception()
+        return 0
+
+
+def run_agent(settings: AgentSettings) -> int:
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+    async def main() -> int:
+        agent = Agent(settings)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, agent.stop)
+        return await agent.run()
+
+    return asyncio.run(main())

