@@ -51,3 +51,9 @@ def any_broker(request: pytest.FixtureRequest) -> Iterator[BrokerProcess]:
 def job() -> str:
     """A job name of its own for each test, so topics never collide."""
     return "t" + uuid.uuid4().hex[:10]
+
+
+@pytest.fixture
+def mosquitto_bin() -> None:
+    """Require the mosquitto binary (fail under CI=true, skip elsewhere)."""
+    require_mosquitto()

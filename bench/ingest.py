@@ -1,0 +1,170 @@
+"""Ingest benchmark: how fast the aggregator admits updates, against a plain subscriber.
+
+    python -m bench.ingest --json [--publishers 4] [--messages 400] [--params 100000]
+
+Phase 1: P publisher processes send ``messages`` packed 100k-parameter updates as fast as
+they can through mosquitto on loopback to a plain aiomqtt subscriber (receive only).
+Phase 2: the same stream to the real aggregator (decode, validate, buffer; durable inbox
+on and off), which never reaches quorum; its accepted count comes from its status.
+Phase 3: latency from the quorum-completing update's publish to the global model's
+arrival at a subscriber, for a 1M-parameter model, fedavg and fedwb (median, p95).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing as mp
+import statistics
+import tempfile
+import time
+import uuid
+
+import aiomqtt
+import torch
+
+import schemas
+from aggregator.service import Aggregator
+from aggregator.settings import AggregatorSettings
+from bench.common import emit, machine, progress
+from broker import start_broker
+from schemas import GlobalModel, ModelUpdate, PolicySpec, Topics
+
+
+def _publisher(host: str, port: int, job: str, idx: int, count: int, params: int, base: int) -> None:
+    async def go() -> None:
+        w = {"t0": torch.randn(params)}
+        payloads = [schemas.pack(ModelUpdate(job=job, agent_id=f"p{idx}-{i % 50}", base_version=base,
+                                             num_samples=1, weights=w)) for i in range(min(count, 50))]
+        async with aiomqtt.Client(host, port, identifier=f"bench-pub-{idx}-{uuid.uuid4().hex[:6]}",
+                                  max_inflight_messages=100) as c:
+            for i in range(count):
+                topic = Topics(job).update(f"p{idx}-{i % 50}")
+                payload = payloads[i % len(payloads)] if i < len(payloads) else schemas.pack(ModelUpdate(
+                    job=job, agent_id=f"p{idx}-{i % 50}", base_version=base, num_samples=1, weights=w))
+                await c.publish(topic, payload, qos=1)
+
+    asyncio.run(go())
+
+
+def _start_publishers(host, port, job, publishers, messages, params) -> list[mp.Process]:
+    per = messages // publishers
+    procs = [mp.Process(target=_publisher, args=(host, port, job, i, per, params, 0)) for i in range(publishers)]
+    for p in procs:
+        p.start()
+    return procs
+
+
+async def plain_rate(host: str, port: int, publishers: int, messages: int, params: int) -> float:
+    job = "bench-plain"
+    total = (messages // publishers) * publishers
+    async with aiomqtt.Client(host, port, identifier="bench-plain-sub") as c:
+        await c.subscribe(Topics(job).updates, qos=1)
+        procs = _start_publishers(host, port, job, publishers, messages, params)
+        got, first = 0, None
+        async for _ in c.messages:
+            got += 1
+            first = first or time.perf_counter()
+            if got == total:
+                break
+        rate = (total - 1) / (time.perf_counter() - first)
+    for p in procs:
+        p.join()
+    return rate
+
+
+async def aggregator_rate(url: str, host: str, port: int, publishers: int, messages: int, params: int,
+                          durable: bool) -> float:
+    job = f"bench-agg-{uuid.uuid4().hex[:6]}"
+    total = (messages // publishers) * publishers
+    state = tempfile.mkdtemp() if durable else None
+    s = AggregatorSettings(broker=url, job=job, task="noop", task_options={"shapes": [[params]]},
+                           quorum=100_000, status_interval=0.2, state_dir=state, device="cpu")
+    agg = Aggregator(s)
+    task = asyncio.create_task(agg.run())
+    while agg._client is None:
+        await asyncio.sleep(0.05)
+    # the publishers need the model shape the aggregator built: one tensor "t0" of `params`
+    procs = _start_publishers(host, port, job, publishers, messages, params)
+    first = None
+    while agg.counters.accepted + sum(agg.counters.rejected.values()) < total:
+        if agg.counters.accepted and first is None:
+            first = time.perf_counter()
+        await asyncio.sleep(0.005)
+    rate = (agg.counters.accepted - 1) / (time.perf_counter() - first)
+    if agg.counters.rejected:
+        progress(f"  rejected: {agg.counters.rejected}")
+    agg.stop()
+    await task
+    for p in procs:
+        p.join()
+    return rate
+
+
+async def latency(url: str, host: str, port: int, method: str, rounds: int, params: int) -> dict:
+    job = f"bench-lat-{method}-{uuid.uuid4().hex[:6]}"
+    s = AggregatorSettings(broker=url, job=job, task="noop", task_options={"shapes": [[1000, params // 1000]]},
+                           quorum=3, status_interval=5, device="cpu", policy=PolicySpec(name=method))
+    agg = Aggregator(s)
+    task = asyncio.create_task(agg.run())
+    topics = Topics(job)
+    lat = []
+    async with aiomqtt.Client(host, port, identifier=f"lat-sub-{job}") as sub, \
+            aiomqtt.Client(host, port, identifier=f"lat-pub-{job}") as pub:
+        await sub.subscribe(topics.global_model, qos=1)
+        msgs = sub.messages
+        g = schemas.unpack(bytes((await anext(msgs)).payload), GlobalModel)
+        for _ in range(rounds):
+            payloads = [schemas.pack(ModelUpdate(job=job, agent_id=f"a{i}", base_version=g.version, num_samples=1,
+                                                 weights={k: v + 0.01 * i for k, v in g.weights.items()}))
+                        for i in range(3)]
+            for p in payloads[:2]:
+                await pub.publish(topics.update("a" + str(payloads.index(p))), p, qos=1)
+            t0 = time.perf_counter()
+            await pub.publish(topics.update("a2"), payloads[2], qos=1)
+            while True:
+                g = schemas.unpack(bytes((await anext(msgs)).payload), GlobalModel)
+                if g.version > agg.version - 1 and g.contributors:
+                    break
+            lat.append(time.perf_counter() - t0)
+    agg.stop()
+    await task
+    lat.sort()
+    return {"method": method, "params": params, "rounds": rounds, "median_s": statistics.median(lat),
+            "p95_s": lat[min(len(lat) - 1, int(0.95 * len(lat)))]}
+
+
+async def run(args: argparse.Namespace) -> dict:
+    with start_broker(kind="mosquitto") as b:
+        progress("phase 1: plain subscriber")
+        plain = await plain_rate(b.host, b.port, args.publishers, args.messages, args.params)
+        progress(f"  {plain:.0f} msg/s")
+        progress("phase 2: aggregator (no state dir, then durable inbox)")
+        agg_mem = await aggregator_rate(b.url, b.host, b.port, args.publishers, args.messages, args.params, False)
+        progress(f"  {agg_mem:.0f} updates/s")
+        agg_disk = await aggregator_rate(b.url, b.host, b.port, args.publishers, args.messages, args.params, True)
+        progress(f"  {agg_disk:.0f} updates/s (durable)")
+        progress("phase 3: latency")
+        lat = [await latency(b.url, b.host, b.port, m, args.latency_rounds, 1_000_000) for m in ("fedavg", "fedwb")]
+    return {"benchmark": "ingest", "machine": machine(), "publishers": args.publishers,
+            "messages": args.messages, "params": args.params,
+            "payload_bytes": len(schemas.pack(ModelUpdate(job="j", agent_id="a", base_version=0, num_samples=1,
+                                                          weights={"t0": torch.zeros(args.params)}))),
+            "plain_subscriber_msgs_per_s": plain, "aggregator_updates_per_s": agg_mem,
+            "aggregator_durable_updates_per_s": agg_disk, "ratio": agg_mem / plain,
+            "ratio_durable": agg_disk / plain, "latency": lat}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--publishers", type=int, default=4)
+    p.add_argument("--messages", type=int, default=400)
+    p.add_argument("--params", type=int, default=100_000)
+    p.add_argument("--latency-rounds", type=int, default=10)
+    args = p.parse_args(argv)
+    emit(asyncio.run(run(args)), args.json)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Local simulation: broker, aggregator and N agents as real processes over real MQTT."""

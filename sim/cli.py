@@ -1,0 +1,133 @@
+"""``fedwb sim``, ``fedwb sim compare`` and ``fedwb evaluate``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Annotated
+
+import typer
+
+sim_app = typer.Typer(help="Simulate a fleet locally: broker, aggregator and N agents as real processes.",
+                      invoke_without_command=True)
+
+_OPTS: dict = {}
+
+
+def _floats(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    if ":" in text:  # a range START:STOP:COUNT
+        import numpy as np
+
+        a, b, n = text.split(":")
+        return [round(float(x), 4) for x in np.linspace(float(a), float(b), int(n))]
+    return [float(x) for x in text.split(",") if x]
+
+
+@sim_app.callback()
+def sim(
+    ctx: typer.Context,
+    task: Annotated[str, typer.Option(help="mnist | cartpole | noop")] = "mnist",
+    agents: Annotated[int, typer.Option(help="Number of agents.")] = 5,
+    rounds: Annotated[int, typer.Option(help="Global versions to produce.")] = 10,
+    policy: Annotated[str, typer.Option(help="fedavg | fedwb | fedwb-sinkhorn | hybrid")] = "fedavg",
+    switch_after: Annotated[int | None, typer.Option(help="hybrid: FedWB fusions before FedAvg.")] = None,
+    reg: Annotated[float | None, typer.Option(help="Entropic regularization.")] = None,
+    quorum: Annotated[int | None, typer.Option(help="Quorum (default: all agents).")] = None,
+    deadline: Annotated[float | None, typer.Option(help="Round deadline in seconds.")] = None,
+    stragglers: Annotated[str | None, typer.Option(help="e.g. slow=0.3x4,delay=lognormal:-1.5:0.5,"
+                                                        "drop=0.1,crash=0.05")] = None,
+    broker: Annotated[str, typer.Option(help="auto | embedded | mosquitto | mqtt://HOST:PORT")] = "auto",
+    job: Annotated[str | None, typer.Option(help="Job name (default: generated).")] = None,
+    out: Annotated[str, typer.Option(help="Output directory.")] = "runs/sim",
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    quick: Annotated[bool, typer.Option(help="Small budgets, for CI and demos.")] = False,
+    partition: Annotated[str, typer.Option(help="mnist: iid | dirichlet:ALPHA")] = "iid",
+    pole_lengths: Annotated[str | None, typer.Option(help="cartpole: a,b,c or START:STOP:COUNT.")] = None,
+    held_out: Annotated[str | None, typer.Option(help="cartpole: held-out pole lengths a,b.")] = None,
+    local_epochs: Annotated[int | None, typer.Option(help="mnist: local epochs per round.")] = None,
+    local_steps: Annotated[int | None, typer.Option(help="cartpole: env steps per round.")] = None,
+    model: Annotated[str, typer.Option(help="mnist: mlp | cnn")] = "mlp",
+    timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 1800.0,
+) -> None:
+    """Run one simulation (or, with `compare`, several); writes summary.json, rounds.jsonl, plots."""
+    from sim.runner import SimConfig, run_sim
+
+    kwargs = dict(task=task, agents=agents, rounds=rounds, policy=policy, switch_after=switch_after, reg=reg,
+                  quorum=quorum, deadline=deadline, stragglers=stragglers, broker=broker, job=job, out=out,
+                  seed=seed, quick=quick, partition=partition, local_epochs=local_epochs,
+                  local_steps=local_steps, model=model, timeout=timeout)
+    if pole_lengths:
+        kwargs["pole_lengths"] = _floats(pole_lengths)
+    if held_out:
+        kwargs["held_out_lengths"] = _floats(held_out)
+    try:
+        cfg = SimConfig(**kwargs)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    _OPTS["cfg"] = cfg
+    if ctx.invoked_subcommand is not None:
+        return
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    try:
+        summary = run_sim(cfg)
+    except KeyboardInterrupt:
+        typer.echo("interrupted; every process was stopped", err=True)
+        raise typer.Exit(130) from None
+    except (RuntimeError, TimeoutError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    final = summary["totals"]["final"]
+    typer.echo(f"done: {len(summary['rounds'])} rounds in {summary['totals']['wall_seconds']:.0f}s; final "
+               f"{json.dumps(final)}; results in {cfg.out}")
+
+
+@sim_app.command("compare")
+def compare(
+    policies: Annotated[str, typer.Option(help="Comma-separated policies.")] = "fedavg,fedwb,fedwb-sinkhorn,hybrid",
+    seeds: Annotated[int, typer.Option(help="Seeds per policy.")] = 3,
+    target: Annotated[float | None, typer.Option(help="Target metric (default 0.9 mnist, 475 cartpole).")] = None,
+) -> None:
+    """Run every policy with every seed; one comparison figure and a rounds/seconds-to-target table."""
+    from sim.compare import format_table, run_compare
+
+    cfg = _OPTS["cfg"]
+    result = run_compare(cfg, [p.strip() for p in policies.split(",") if p.strip()], seeds, target)
+    typer.echo(format_table(result))
+    typer.echo(f"figure: {result['figure']}")
+
+
+def evaluate(
+    broker: Annotated[str, typer.Option(help="Broker URL.")] = "mqtt://127.0.0.1:1883",
+    job: Annotated[str, typer.Option(help="Job name.")] = "default",
+    task: Annotated[str, typer.Option(help="mnist | cartpole | noop")] = "mnist",
+    task_option: Annotated[list[str] | None, typer.Option(help="Task option KEY=VALUE.")] = None,
+    out: Annotated[str | None, typer.Option(help="Append records to this JSONL file.")] = None,
+) -> None:
+    """Evaluate every global version of a job as it is published (beside the aggregator)."""
+    import asyncio
+    import signal
+
+    from aggregator.cli import parse_task_options
+    from sim.evaluator import Evaluator
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+
+    def record(rec: dict) -> None:
+        line = json.dumps(rec)
+        typer.echo(line)
+        if out:
+            with open(out, "a") as f:
+                f.write(line + "\n")
+
+    async def main() -> None:
+        ev = Evaluator(broker, job, task, parse_task_options(task_option), record)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, ev.stop)
+        await ev.run()
+
+    asyncio.run(main())

@@ -1,0 +1,273 @@
+"""``fedwb sim``: a broker, the real aggregator and N real agents as subprocesses.
+
+Processes (not an executor): every agent is ``fedwb agent`` and the aggregator is
+``fedwb aggregator``, exactly as deployed; the simulator adds the broker (unless one is
+given), straggler knobs per agent, an in-process evaluator of each global version, a
+live display, and results. Every process it started is stopped on exit, on error and
+on Ctrl-C (SIGTERM, then SIGKILL after a grace period).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+
+from edge_agent.stragglers import parse_stragglers
+from schemas import BrokerAddress, Topics
+from sim.evaluator import Evaluator, headline
+from sim.plots import plot_run
+
+
+@dataclass
+class SimConfig:
+    task: str = "mnist"
+    agents: int = 5
+    rounds: int = 10
+    policy: str = "fedavg"
+    switch_after: int | None = None
+    reg: float | None = None
+    quorum: int | None = None
+    deadline: float | None = None
+    max_staleness: int = 10
+    stragglers: str | None = None
+    broker: str = "auto"  # auto | embedded | mosquitto | mqtt://HOST:PORT
+    job: str | None = None
+    out: str = "runs/sim"
+    seed: int = 0
+    quick: bool = False
+    partition: str = "iid"
+    pole_lengths: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0, 1.5])
+    held_out_lengths: list[float] = field(default_factory=lambda: [0.4, 1.25])
+    local_epochs: int | None = None
+    local_steps: int | None = None
+    model: str = "mlp"
+    device: str = "cpu"
+    timeout: float = 1800.0
+    live: bool = True
+
+    def __post_init__(self) -> None:
+        if self.agents < 1 or self.rounds < 1:
+            raise ValueError("--agents and --rounds must be >= 1")
+        if self.quorum is not None and not 1 <= self.quorum <= self.agents:
+            raise ValueError(f"--quorum must be between 1 and --agents ({self.agents})")
+        if self.task not in ("mnist", "cartpole", "noop"):
+            raise ValueError(f"unknown task {self.task!r}: use mnist, cartpole or noop")
+        parse_stragglers(self.stragglers)
+
+    @property
+    def job_name(self) -> str:
+        return self.job or f"sim-{self.task}-{self.policy}-s{self.seed}-{os.getpid()}"
+
+
+def pole_lengths_for(cfg: SimConfig) -> list[float]:
+    """Agent i's pole half-length: the list cycled."""
+    return [cfg.pole_lengths[i % len(cfg.pole_lengths)] for i in range(cfg.agents)]
+
+
+def _agent_cmd(cfg: SimConfig, broker: str, job: str, i: int) -> list[str]:
+    fedwb = os.path.join(os.path.dirname(sys.executable), "fedwb")
+    cmd = [fedwb, "agent", "--broker", broker, "--job", job, "--agent-id", f"agent-{i}", "--task", cfg.task,
+           "--seed", str(cfg.seed * 1000 + i), "--device", cfg.device, "--log-level", "WARNING"]
+    if cfg.task == "mnist":
+        cmd += ["--shard", f"{i}/{cfg.agents}", "--partition", cfg.partition, "--model", cfg.model,
+                "--local-epochs", str(cfg.local_epochs or 1)]
+    elif cfg.task == "cartpole":
+        steps = cfg.local_steps or (500 if cfg.quick else 2000)
+        cmd += ["--pole-length", str(pole_lengths_for(cfg)[i]), "--local-steps", str(steps)]
+    else:
+        cmd += ["--task-option", "shapes=[[100, 100]]"]
+    knobs = parse_stragglers(cfg.stragglers).agent_knobs(i, cfg.agents)
+    if knobs["slowdown"] != 1.0:
+        cmd += ["--slowdown", str(knobs["slowdown"])]
+    if knobs["delay"]:
+        cmd += ["--delay", str(knobs["delay"])]
+    if knobs["drop"]:
+        cmd += ["--drop", str(knobs["drop"])]
+    if knobs["crash"]:
+        cmd += ["--crash", str(knobs["crash"])]
+    return cmd
+
+
+def _aggregator_cmd(cfg: SimConfig, broker: str, job: str, state_dir: str) -> list[str]:
+    fedwb = os.path.join(os.path.dirname(sys.executable), "fedwb")
+    quorum = cfg.quorum or cfg.agents
+    cmd = [fedwb, "aggregator", "--broker", broker, "--job", job, "--task", cfg.task, "--quorum", str(quorum),
+           "--min-updates", "1", "--policy", cfg.policy, "--max-staleness", str(cfg.max_staleness),
+           "--state-dir", state_dir, "--device", "auto" if cfg.device != "cpu" else "cpu",
+           "--seed", str(cfg.seed), "--max-rounds", str(cfg.rounds)]
+    if cfg.task == "mnist":
+        cmd += ["--task-option", f"model={cfg.model}"]
+    if cfg.task == "noop":
+        cmd += ["--task-option", "shapes=[[100, 100]]"]
+    if cfg.switch_after is not None:
+        cmd += ["--switch-after", str(cfg.switch_after)]
+    if cfg.reg is not None:
+        cmd += ["--reg", str(cfg.reg)]
+    if cfg.deadline is not None:
+        cmd += ["--deadline", str(cfg.deadline)]
+    return cmd
+
+
+def _eval_options(cfg: SimConfig) -> dict[str, Any]:
+    if cfg.task == "mnist":
+        return {"model": cfg.model}
+    if cfg.task == "cartpole":
+        lengths = sorted(set(cfg.pole_lengths[: cfg.agents]) | set(cfg.held_out_lengths))
+        return {"eval_lengths": lengths, "eval_episodes": 2 if cfg.quick else 5}
+    return {"shapes": [[100, 100]]}
+
+
+class Processes:
+    """The children of one run; ``stop()`` ends them all (SIGTERM, then SIGKILL)."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, cmd: list[str]) -> subprocess.Popen:
+        log = (self.log_dir / f"{name}.log").open("ab")
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        self.procs[name] = p
+        return p
+
+    def stop(self, grace: float = 10.0) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for p in self.procs.values():
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+                p.wait(5)
+
+    def failed(self) -> list[str]:
+        return [n for n, p in self.procs.items() if p.poll() not in (None, 0)]
+
+
+async def _clear_retained(broker: str, topics: Topics) -> None:
+    """A fresh job: remove retained global, control and status left by an earlier run."""
+    addr = BrokerAddress.parse(broker)
+    async with aiomqtt.Client(**addr.client_kwargs()) as c:
+        for t in (topics.global_model, topics.control, topics.aggregator_status):
+            await c.publish(t, b"", qos=1, retain=True)
+
+
+def _display(cfg: SimConfig, ev: Evaluator, t0: float) -> Any:
+    from rich.table import Table
+
+    st = ev.status
+    table = Table(title=f"fedwb sim  {cfg.task}  {cfg.agents} agents  policy {cfg.policy}", expand=False)
+    for col in ("version", "policy", "quorum fill", "metric", "elapsed"):
+        table.add_column(col)
+    last = ev.evaluated[max(ev.evaluated)] if ev.evaluated else None
+    key, value = headline(last["eval"]) if last else ("", None)
+    table.add_row(f"{st.version if st else 0}/{cfg.rounds}",
+                  (st.last_choice or st.policy.describe()) if st else "-",
+                  f"{st.buffer_fill}/{st.quorum}" if st else "-",
+                  f"{key}={value:.3f}" if value is not None else "-", f"{time.time() - t0:.0f}s")
+    return table
+
+
+async def _run(cfg: SimConfig, out: Path) -> dict[str, Any]:
+    from broker import start_broker
+
+    job = cfg.job_name
+    topics = Topics(job)
+    t0 = time.time()
+    broker_proc = None
+    if cfg.broker.startswith(("mqtt://", "mqtts://")):
+        broker_url = cfg.broker
+    else:
+        broker_proc = start_broker(kind=cfg.broker if cfg.broker != "auto" else "auto")
+        broker_url = broker_proc.url
+    procs = Processes(out)
+    rounds_path = out / "rounds.jsonl"
+    rounds_path.write_text("")
+    records: list[dict[str, Any]] = []
+
+    def on_record(rec: dict[str, Any]) -> None:
+        records.append(rec)
+        with rounds_path.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    state_dir = tempfile.mkdtemp(prefix="fedwb-sim-state-")
+    ev = Evaluator(broker_url, job, cfg.task, _eval_options(cfg), on_record, started=t0, seed=cfg.seed)
+    ev_task = None
+    live = None
+    try:
+        await _clear_retained(broker_url, topics)
+        ev_task = asyncio.create_task(ev.run())
+        procs.start("aggregator", _aggregator_cmd(cfg, broker_url, job, state_dir))
+        for i in range(cfg.agents):
+            procs.start(f"agent-{i}", _agent_cmd(cfg, broker_url, job, i))
+        if cfg.live and sys.stderr.isatty():
+            from rich.live import Live
+
+            live = Live(_display(cfg, ev, t0), refresh_per_second=2, transient=False)
+            live.start()
+        deadline = time.monotonic() + cfg.timeout
+        last_print = -1
+        while len(ev.evaluated) < cfg.rounds + 1:  # versions 0..R
+            if procs.failed() and "aggregator" in procs.failed():
+                raise RuntimeError(f"the aggregator exited early; see {out / 'aggregator.log'}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"simulation did not reach {cfg.rounds} versions in {cfg.timeout:.0f}s")
+            ev.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ev.changed.wait(), 1.0)
+            if live is not None:
+                live.update(_display(cfg, ev, t0))
+            elif ev.evaluated and max(ev.evaluated) != last_print:
+                last_print = max(ev.evaluated)
+                rec = ev.evaluated[last_print]
+                key, value = headline(rec["eval"])
+                print(f"  [{cfg.policy}] v{last_print}/{cfg.rounds} {rec['method'] or 'init'}: {key}="
+                      f"{value:.3f}  ({rec['wall_seconds']:.0f}s)", file=sys.stderr, flush=True)
+    finally:
+        if live is not None:
+            live.stop()
+        procs.stop()
+        ev.stop()
+        if ev_task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(ev_task, 10)
+        if broker_proc is not None:
+            broker_proc.close()
+    rounds = sorted((r for r in records if r["version"] >= 1), key=lambda r: r["version"])[: cfg.rounds]
+    initial = next((r for r in records if r["version"] == 0), None)
+    st = ev.status
+    summary = {
+        "config": asdict(cfg), "job": job, "broker": broker_url, "initial": initial, "rounds": rounds,
+        "totals": {"wall_seconds": round(time.time() - t0, 2), "rounds": len(rounds),
+                   "final": rounds[-1]["eval"] if rounds else None,
+                   "accepted": st.accepted if st else None, "rejected": st.rejected if st else None,
+                   "stale": st.stale if st else None, "duplicate": st.duplicate if st else None},
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    if rounds:
+        summary["plots"] = [str(p) for p in plot_run(rounds, out, f"{cfg.task} {cfg.policy}")]
+    return summary
+
+
+def run_sim(cfg: SimConfig) -> dict[str, Any]:
+    """Run one simulation; results in ``cfg.out``. Ctrl-C stops everything it started."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    return asyncio.run(_run(cfg, out))

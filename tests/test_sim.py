@@ -1,0 +1,61 @@
+"""The simulator end to end (quick runs), its outputs, and no process left behind."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import psutil
+import pytest
+
+from sim.runner import SimConfig, run_sim
+
+pytestmark = pytest.mark.timeout(400)
+
+ROUND_KEYS = {"round", "version", "policy", "method", "contributors", "n_contributors", "staleness",
+              "quorum_wait_seconds", "fusion_seconds", "wall_seconds", "eval"}
+
+
+def _children() -> set[int]:
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+def _check_summary(out: Path, rounds: int) -> dict:
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) >= {"config", "rounds", "totals", "job"}
+    assert len(summary["rounds"]) == rounds
+    for r in summary["rounds"]:
+        assert ROUND_KEYS <= set(r), ROUND_KEYS - set(r)
+        assert r["n_contributors"] == len(r["contributors"]) >= 1
+    lines = (out / "rounds.jsonl").read_text().splitlines()
+    assert len(lines) >= rounds  # version 0 and every fused version
+    assert (out / "metric.png").stat().st_size > 1000
+    return summary
+
+
+def test_quick_mnist_hybrid_follows_schedule(tmp_path: Path, mosquitto_bin: None) -> None:
+    before = _children()
+    summary = run_sim(SimConfig(task="mnist", agents=3, rounds=3, policy="hybrid", switch_after=1, quorum=2,
+                                broker="mosquitto", out=str(tmp_path), quick=True, live=False,
+                                stragglers="slow=0.34x2"))
+    s = _check_summary(tmp_path, 3)
+    assert [r["policy"] for r in s["rounds"]] == ["fedwb", "fedavg", "fedavg"]
+    assert s["rounds"][-1]["eval"]["accuracy"] > summary["initial"]["eval"]["accuracy"]
+    assert _children() <= before
+
+
+def test_quick_cartpole_reports_trained_and_held_out_lengths(tmp_path: Path) -> None:
+    before = _children()
+    run_sim(SimConfig(task="cartpole", agents=2, rounds=2, policy="fedavg", broker="embedded",
+                      pole_lengths=[0.3, 1.0], held_out_lengths=[0.6], out=str(tmp_path), quick=True,
+                      live=False, local_steps=200))
+    s = _check_summary(tmp_path, 2)
+    assert set(s["rounds"][0]["eval"]) == {"return@0.3", "return@0.6", "return@1", "mean_return"}
+    assert _children() <= before
+
+
+def test_bad_config_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="quorum"):
+        SimConfig(agents=2, quorum=3)
+    with pytest.raises(ValueError, match="unknown straggler key"):
+        SimConfig(stragglers="lag=3")
