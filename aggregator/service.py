@@ -97,7 +97,7 @@ class Aggregator:
                                            password=settings.password, tls_ca=settings.tls_ca,
                                            tls_cert=settings.tls_cert, tls_key=settings.tls_key)
         self.device = resolve_device(settings.device)
-        self.checkpoint = Checkpoint(settings.state_dir) if settings.state_dir else None
+        self.checkpoint = Checkpoint(settings.state_dir, settings.fsync_inbox) if settings.state_dir else None
         self.buffer = UpdateBuffer(settings.job, settings.max_staleness, settings.staleness_alpha)
         self.counters = Counters()
         self.metrics = Metrics(settings.metrics_port)

@@ -34,6 +34,7 @@ class AggregatorSettings(BaseSettings):
     policy: PolicySpec = Field(default_factory=PolicySpec)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     state_dir: str | None = None
+    fsync_inbox: bool = False  # also fsync each accepted update (survives power loss; slower ingest)
     max_rounds: int | None = Field(default=None, ge=1)
     max_payload_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
     status_interval: float = Field(default=2.0, gt=0)

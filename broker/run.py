@@ -68,6 +68,8 @@ class BrokerProcess:
     proc: subprocess.Popen
     data_dir: Path
     _tmp: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
+    secure_dir: Path | None = None
+    tls_port: int | None = None
 
     @property
     def url(self) -> str:
@@ -90,7 +92,8 @@ class BrokerProcess:
     def restart(self, timeout: float = 15.0) -> None:
         """Stop and start again on the same port with the same data (persistence)."""
         self.stop()
-        fresh = start_broker(self.port, kind=self.kind, host=self.host, data_dir=self.data_dir)
+        fresh = start_broker(self.port, kind=self.kind, host=self.host, data_dir=self.data_dir,
+                             secure_dir=self.secure_dir, tls_port=self.tls_port)
         self.proc = fresh.proc
 
     def close(self) -> None:
@@ -107,7 +110,8 @@ class BrokerProcess:
 
 def start_broker(port: int | None = None, *, kind: str = "auto", host: str = "127.0.0.1",
                  data_dir: Path | None = None, quiet: bool = True,
-                 timeout: float = 15.0) -> BrokerProcess:
+                 timeout: float = 15.0, secure_dir: Path | None = None,
+                 tls_port: int | None = None) -> BrokerProcess:
     """Start mosquitto (``kind='mosquitto'``), amqtt (``'embedded'``) or whichever exists."""
     port = port or free_port(host)
     mosquitto = find_mosquitto()
@@ -123,7 +127,14 @@ def start_broker(port: int | None = None, *, kind: str = "auto", host: str = "12
         if mosquitto is None:
             raise FileNotFoundError("mosquitto is not installed (apt-get install mosquitto)")
         conf = data_dir / "mosquitto.conf"
-        conf.write_text(render_config(port, data_dir, bind=host))
+        if secure_dir is not None:
+            from broker.security import render_secure_config
+
+            tls_port = tls_port or free_port(host)
+            conf.write_text(render_secure_config(Path(secure_dir).resolve(), data_dir, port,
+                                                 tls_port, bind=host, tls_bind=host))
+        else:
+            conf.write_text(render_config(port, data_dir, bind=host))
         cmd = [mosquitto, "-c", str(conf)]
     elif kind == "embedded":
         cmd = [sys.executable, "-m", "broker.embedded", "--host", host, "--port", str(port)]
@@ -138,4 +149,4 @@ def start_broker(port: int | None = None, *, kind: str = "auto", host: str = "12
         if tmp is not None:
             tmp.cleanup()
         raise
-    return BrokerProcess(kind, host, port, proc, data_dir, tmp)
+    return BrokerProcess(kind, host, port, proc, data_dir, tmp, secure_dir, tls_port)

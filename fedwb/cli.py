@@ -34,17 +34,57 @@ def root(
     """fedwb: edge agents publish weights over MQTT; the aggregator fuses and publishes."""
 
 
-@app.command()
+broker_app = typer.Typer(help="Run an MQTT broker, or make credentials and TLS material for one.",
+                         invoke_without_command=True)
+app.add_typer(broker_app, name="broker")
+
+
+@broker_app.command("gen-credentials")
+def gen_credentials(
+    agents: Annotated[int, typer.Option(help="Number of agent users (agent-0 .. agent-N-1).")] = 3,
+    out: Annotated[str, typer.Option(help="Directory for passwd, acl and credentials.json.")] = "secrets",
+) -> None:
+    """Passwords for N agents, the aggregator and the operator; mosquitto password file and ACL."""
+    from pathlib import Path
+
+    from broker.security import gen_credentials as gen
+
+    users = gen(Path(out), agents)
+    typer.echo(f"wrote {out}/passwd, {out}/acl and {out}/credentials.json ({len(users)} users, mode 600)")
+
+
+@broker_app.command("gen-tls")
+def gen_tls(
+    out: Annotated[str, typer.Option(help="Directory for ca.crt, server.crt/key and client certs.")] = "secrets/tls",
+    host: Annotated[list[str] | None, typer.Option(help="Server host names/IPs (repeatable).")] = None,
+    client: Annotated[list[str] | None, typer.Option(help="Client certificate names (repeatable).")] = None,
+) -> None:
+    """A CA, a server certificate and client certificates (the cryptography package)."""
+    from pathlib import Path
+
+    from broker.security import gen_tls as gen
+
+    paths = gen(Path(out), host, client)
+    typer.echo("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+@broker_app.callback()
 def broker(
+    ctx: typer.Context,
     port: Annotated[int, typer.Option(help="TCP port to listen on.")] = 1883,
     host: Annotated[str, typer.Option(help="Address to bind (loopback by default).")] = "127.0.0.1",
     embedded: Annotated[bool, typer.Option(help="Use the embedded amqtt broker even if "
                                                  "mosquitto is installed.")] = False,
     data_dir: Annotated[str | None, typer.Option(help="Persistence directory (mosquitto).")] = None,
+    secure: Annotated[str | None, typer.Option(help="Directory from gen-credentials (+ tls/ from gen-tls): "
+                                                    "authenticated, ACL, TLS listener.")] = None,
+    tls_port: Annotated[int, typer.Option(help="TLS listener port with --secure.")] = 8883,
 ) -> None:
     """Start an MQTT broker: mosquitto with broker/mosquitto.conf, else the embedded one."""
     from pathlib import Path
 
+    if ctx.invoked_subcommand is not None:
+        return
     from broker import start_broker
 
     kind = "embedded" if embedded else "auto"
@@ -55,8 +95,9 @@ def broker(
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    b = start_broker(port, kind=kind, host=host, quiet=True,
-                     data_dir=Path(data_dir) if data_dir else None)
+    b = start_broker(port, kind="mosquitto" if secure else kind, host=host, quiet=True,
+                     data_dir=Path(data_dir) if data_dir else None,
+                     secure_dir=Path(secure) if secure else None, tls_port=tls_port if secure else None)
     typer.echo(f"fedwb broker ({b.kind}) listening on {b.url}  (Ctrl-C to stop)")
     sys.stdout.flush()
     try:

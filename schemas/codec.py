@@ -91,9 +91,16 @@ def decode_tensor(obj: Any, name: str = "?") -> torch.Tensor:
     if numel == 0:
         return torch.empty(shape, dtype=dtype)
     t = torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+    if t.is_floating_point() and not _all_finite(t):
         raise WireError(f"weights[{name!r}] contains NaN or Inf")
     return t
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """NaN/Inf check; numpy's is several times faster than torch's on small CPU tensors."""
+    if t.dtype == torch.bfloat16:
+        return bool(torch.isfinite(t).all())
+    return bool(np.isfinite(t.numpy()).all())
 
 
 def pack(msg: BaseModel) -> bytes:

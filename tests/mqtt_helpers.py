@@ -15,8 +15,8 @@ from broker import BrokerProcess
 from schemas import AggregatorStatus, GlobalModel, ModelUpdate, Topics, WireError
 
 
-def client(b: BrokerProcess, name: str = "test") -> aiomqtt.Client:
-    return aiomqtt.Client(b.host, b.port, identifier=f"{name}-{uuid.uuid4().hex[:8]}")
+def client(b: BrokerProcess, name: str = "test", **kw) -> aiomqtt.Client:
+    return aiomqtt.Client(b.host, b.port, identifier=f"{name}-{uuid.uuid4().hex[:8]}", **kw)
 
 
 def update(job: str, agent: str, base: int, weights: dict[str, torch.Tensor], n: int = 10) -> ModelUpdate:
@@ -31,8 +31,8 @@ async def publish(b: BrokerProcess, topic: str, payload: bytes, retain: bool = F
 class Watcher:
     """Collects GlobalModel and AggregatorStatus messages of a job; wait on conditions."""
 
-    def __init__(self, b: BrokerProcess, job: str) -> None:
-        self.b, self.topics = b, Topics(job)
+    def __init__(self, b: BrokerProcess, job: str, **client_kw) -> None:
+        self.b, self.topics, self.client_kw = b, Topics(job), client_kw
         self.globals: dict[int, GlobalModel] = {}
         self.statuses: list[AggregatorStatus] = []
         self._changed = asyncio.Condition()
@@ -58,7 +58,7 @@ class Watcher:
                 await asyncio.sleep(0.2)
 
     async def _session(self) -> None:
-        async with client(self.b, "watch") as c:
+        async with client(self.b, "watch", **self.client_kw) as c:
             await c.subscribe([(self.topics.global_model, 1), (self.topics.aggregator_status, 1)])
             self._ready.set()
             async for m in c.messages:

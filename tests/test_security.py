@@ -1,0 +1,120 @@
+"""Broker auth, ACL and TLS with the project's production mosquitto config (real mosquitto)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+from pathlib import Path
+
+import aiomqtt
+import pytest
+
+import schemas
+from aggregator.settings import AggregatorSettings
+from broker import start_broker
+from broker.security import gen_credentials, gen_tls
+from schemas import GlobalModel, ModelUpdate, PolicyCommand, PolicySpec, Topics
+from tests.conftest import require_mosquitto
+from tests.mqtt_helpers import Watcher, client
+from tests.test_aggregator import running
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def secure(tmp_path: Path):
+    require_mosquitto()
+    conf = tmp_path / "secrets"
+    users = gen_credentials(conf, agents=2)
+    gen_tls(conf / "tls", clients=["agent-0"])
+    with start_broker(kind="mosquitto", secure_dir=conf, data_dir=tmp_path / "data") as b:
+        yield b, users, conf
+
+
+def creds(users: dict, name: str) -> dict:
+    return {"username": name, "password": users[name]}
+
+
+async def test_acl_blocks_impersonation_global_and_control(secure, job: str) -> None:
+    b, users, _ = secure
+    topics = Topics(job)
+    agg = creds(users, "aggregator")
+    s = AggregatorSettings(broker=b.url, job=job, task="noop", task_options={"shapes": [[4, 4]]}, quorum=1,
+                           status_interval=0.2, device="cpu", **agg)
+    async with Watcher(b, job, **creds(users, "operator")) as w, running(s):
+        g0 = await w.version(0)
+        w_up = {k: v + 1 for k, v in g0.weights.items()}
+        async with client(b, "a0", **creds(users, "agent-0")) as a0:
+            forged = ModelUpdate(job=job, agent_id="agent-1", base_version=0, num_samples=1, weights=w_up)
+            await a0.publish(topics.update("agent-1"), schemas.pack(forged), qos=1)
+            fake_global = GlobalModel(job=job, version=99, policy="fedavg", weights=w_up)
+            await a0.publish(topics.global_model, schemas.pack(fake_global), qos=1, retain=True)
+            cmd = PolicyCommand(job=job, policy=PolicySpec(name="fedwb"))
+            await a0.publish(topics.control, schemas.pack(cmd), qos=1, retain=True)
+            # a legitimate update on its own topic goes through: the forged ones were not delivered
+            own = ModelUpdate(job=job, agent_id="agent-0", base_version=0, num_samples=1, weights=w_up)
+            await a0.publish(topics.update("agent-0"), schemas.pack(own), qos=1)
+        g1 = await w.version(1)
+        assert g1.contributors == ["agent-0"] and 99 not in w.globals
+        await w.until(lambda: w.status.version == 1, 10, "status v1")
+        st = w.status
+        assert st.accepted == 1 and st.policy.name == "fedavg" and st.last_command is None
+
+
+async def test_unauthenticated_and_wrong_password_are_refused(secure) -> None:
+    b, users, _ = secure
+    with pytest.raises(aiomqtt.MqttError):
+        async with asyncio.timeout(10), client(b, "anon"):
+            pass
+    with pytest.raises(aiomqtt.MqttError):
+        async with asyncio.timeout(10), client(b, "bad", username="agent-0", password="wrong"):
+            pass
+
+
+async def test_tls_listener(secure) -> None:
+    b, users, conf = secure
+    good = ssl.create_default_context(cafile=str(conf / "tls" / "ca.crt"))
+    async with asyncio.timeout(10), aiomqtt.Client(b.host, b.tls_port, tls_context=good,
+                                                   **creds(users, "agent-0")) as c:
+        await c.publish(Topics("x").update("agent-0"), b"hello", qos=1)
+    untrusted = ssl.create_default_context()  # system CAs only: our server cert is not trusted
+    with pytest.raises(aiomqtt.MqttError):
+        async with asyncio.timeout(10), aiomqtt.Client(b.host, b.tls_port, tls_context=untrusted,
+                                                       **creds(users, "agent-0")):
+            pass
+    with pytest.raises((aiomqtt.MqttError, TimeoutError)):
+        async with asyncio.timeout(5), aiomqtt.Client(b.host, b.tls_port, **creds(users, "agent-0")):
+            pass  # plain MQTT on the TLS port
+
+
+async def test_python_password_hash_is_accepted_by_mosquitto(tmp_path: Path) -> None:
+    require_mosquitto()
+    conf = tmp_path / "s"
+    users = gen_credentials(conf, agents=1, use_binary=False)
+    gen_tls(conf / "tls")
+    assert json.loads((conf / "credentials.json").read_text()) == users
+    with start_broker(kind="mosquitto", secure_dir=conf, data_dir=tmp_path / "d") as b:
+        async with asyncio.timeout(10), client(b, "a", **creds(users, "agent-0")) as c:
+            await c.publish(Topics("x").update("agent-0"), b"1", qos=1)
+
+
+def test_compose_names_only_existing_commands() -> None:
+    import yaml
+    from typer.main import get_command
+
+    from fedwb.cli import app
+    from fedwb.commands import register
+
+    register(app)
+    known = set(get_command(app).commands)
+    compose = yaml.safe_load((Path(__file__).parent.parent / "compose.yaml").read_text())
+    used = []
+    for name, svc in compose["services"].items():
+        cmd = svc.get("command")
+        if isinstance(cmd, list) and cmd and cmd[0] == "fedwb":
+            used.append(cmd[1])
+            assert cmd[1] in known, f"service {name} runs unknown command fedwb {cmd[1]}"
+    assert {"aggregator", "agent"} <= set(used)
+
+
