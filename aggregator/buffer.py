@@ -12,7 +12,9 @@ version :math:`v_k` has staleness :math:`\tau_k = v - v_k`; updates with
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import math
+import time
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -67,8 +69,11 @@ class UpdateBuffer:
     max_staleness: int = 10
     staleness_alpha: float = 0.5
     remember: int = 100_000  # how many recent update ids are kept for duplicate detection
+    rate_limit: float | None = None  # most updates per agent per minute (None: no limit)
+    max_update_norm: float | None = None  # reject ||W_k - W_global|| above this (None: off)
     items: dict[str, Buffered] = field(default_factory=dict)
     _seen: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    _recent: dict[str, deque] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -102,6 +107,9 @@ class UpdateBuffer:
         """The reason ``update`` cannot be buffered, or None when it can."""
         if update.update_id in self._seen:
             return Admission(Outcome.DUPLICATE, "duplicate", f"update {update.update_id} already counted")
+        if self.rate_limit is not None and not self._within_rate(update.agent_id):
+            return Admission(Outcome.REJECTED, "rate_limited",
+                             f"more than {self.rate_limit:g} updates per minute from {update.agent_id}")
         if update.job != self.job:
             return Admission(Outcome.REJECTED, "wrong_job", f"job {update.job!r} is not {self.job!r}")
         if topic_agent is not None and update.agent_id != topic_agent:
@@ -116,12 +124,28 @@ class UpdateBuffer:
         mismatch = shape_mismatch(update.weights, reference)
         if mismatch:
             return Admission(Outcome.REJECTED, "shape_mismatch", mismatch)
+        if self.max_update_norm is not None:
+            norm = update_norm(update.weights, reference)
+            if norm > self.max_update_norm:
+                return Admission(Outcome.REJECTED, "norm_bound",
+                                 f"||update - global|| = {norm:.4g} > {self.max_update_norm:g}")
         held = self.items.get(update.agent_id)
         if held is not None and (held.update.base_version, held.update.sent_at) > (
                 update.base_version, update.sent_at):
             return Admission(Outcome.REJECTED, "older_than_buffered",
                              "an update from a newer base version of this agent is buffered")
         return None
+
+    def _within_rate(self, agent: str, now: float | None = None) -> bool:
+        """Sliding one-minute window of this agent's arrivals (checked ones count too)."""
+        now = time.monotonic() if now is None else now
+        window = self._recent.setdefault(agent, deque())
+        while window and now - window[0] > 60.0:
+            window.popleft()
+        if len(window) >= self.rate_limit:
+            return False
+        window.append(now)
+        return True
 
     def take(self, version: int) -> Round:
         """Empty the buffer into a ``Round`` with staleness weights at ``version``."""
@@ -149,3 +173,12 @@ def shape_mismatch(weights: dict[str, torch.Tensor], reference: dict[str, torch.
             return (f"{name}: {t.dtype}{list(t.shape)} does not match the global model's "
                     f"{ref.dtype}{list(ref.shape)}")
     return ""
+
+
+def update_norm(weights: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
+    """Euclidean norm of the update over all float tensors: ||W_k - W_global||."""
+    total = 0.0
+    for name, ref in reference.items():
+        if ref.is_floating_point():
+            total += float(((weights[name].double() - ref.double()) ** 2).sum())
+    return math.sqrt(total)

@@ -74,6 +74,9 @@ def aggregator(
     state_dir: Annotated[str | None, typer.Option(help="Checkpoint directory (resume from it).")] = None,
     max_rounds: Annotated[int | None, typer.Option(help="Stop after this global version.")] = None,
     metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus metrics on this port.")] = None,
+    rate_limit: Annotated[float | None, typer.Option(help="Most updates per agent per minute (off).")] = None,
+    max_update_norm: Annotated[float | None, typer.Option(help="Reject updates farther than this from the "
+                                                                "global model (off).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of version 0.")] = None,
     config: Annotated[Path | None, typer.Option(help="JSON or TOML file with these settings.")] = None,
     username: User = None, password: Password = None, tls_ca: TlsCa = None, tls_cert: TlsCert = None,
@@ -100,6 +103,7 @@ def aggregator(
         "min_updates": min_updates, "deadline": deadline, "max_staleness": max_staleness,
         "staleness_alpha": staleness_alpha, "device": device, "state_dir": state_dir,
         "max_rounds": max_rounds, "metrics_port": metrics_port, "seed": seed, "username": username,
+        "rate_limit": rate_limit, "max_update_norm": max_update_norm,
         "password": password, "tls_ca": tls_ca, "tls_cert": tls_cert, "tls_key": tls_key,
     }
     base.update({k: v for k, v in given.items() if v is not None})

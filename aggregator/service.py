@@ -98,7 +98,8 @@ class Aggregator:
                                            tls_cert=settings.tls_cert, tls_key=settings.tls_key)
         self.device = resolve_device(settings.device)
         self.checkpoint = Checkpoint(settings.state_dir, settings.fsync_inbox) if settings.state_dir else None
-        self.buffer = UpdateBuffer(settings.job, settings.max_staleness, settings.staleness_alpha)
+        self.buffer = UpdateBuffer(settings.job, settings.max_staleness, settings.staleness_alpha,
+                                   rate_limit=settings.rate_limit, max_update_norm=settings.max_update_norm)
         self.counters = Counters()
         self.metrics = Metrics(settings.metrics_port)
         self.version = 0

@@ -34,6 +34,8 @@ class AggregatorSettings(BaseSettings):
     policy: PolicySpec = Field(default_factory=PolicySpec)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     state_dir: str | None = None
+    rate_limit: float | None = Field(default=None, gt=0)  # updates per agent per minute
+    max_update_norm: float | None = Field(default=None, gt=0)  # outlier defense, off by default
     fsync_inbox: bool = False  # also fsync each accepted update (survives power loss; slower ingest)
     max_rounds: int | None = Field(default=None, ge=1)
     max_payload_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)

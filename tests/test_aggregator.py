@@ -218,3 +218,13 @@ async def test_cli_policy_set_and_show(mosquitto: BrokerProcess, job: str) -> No
         assert show.returncode == 0 and "pending: hybrid" in show.stdout, show.stdout + show.stderr
 
 
+
+
+def test_rate_limit_and_norm_bound_are_counted_reasons() -> None:
+    ref = {"w": torch.zeros(4)}
+    buf = UpdateBuffer("j", rate_limit=2, max_update_norm=1.0)
+    outcomes = [buf.admit(update("j", "a", 0, {"w": torch.full((4,), 0.1)}), "a", 0, ref, now=0.0)
+                for _ in range(3)]
+    assert [o.reason for o in outcomes] == ["", "", "rate_limited"]
+    far = buf.admit(update("j", "b", 0, {"w": torch.full((4,), 1.0)}), "b", 0, ref, now=0.0)
+    assert far.reason == "norm_bound" and "2 > 1" in far.detail
