@@ -97,7 +97,7 @@ async def run(args: argparse.Namespace) -> dict:
     inbox = {p.stem for p in (state / "inbox").glob("*.msgpack")}
     counters = st["counters"]
     accepted_kept = counters["accepted"] - counters["replaced"]  # a replaced update is superseded by design
-    lost = accepted_kept - len(set(fused_ids)) - len(inbox - set(fused_ids))
+    lost = len(set(st["seen_ids"]) - set(fused_ids) - inbox)  # accepted ids neither fused nor buffered
     return {"benchmark": "load", "machine": machine(), "agents": args.agents, "rounds": args.rounds,
             "quorum": args.quorum, "params": args.params, "versions": st["version"], "wall_seconds": wall,
             "updates_sent": len(sent), "accepted": counters["accepted"], "replaced": counters["replaced"],

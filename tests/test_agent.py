@@ -164,6 +164,12 @@ async def test_agent_reconnects_after_broker_restart_and_will_marks_offline(mosq
         assert await asyncio.wait_for(run, 90) == 0
         assert agent.reconnects >= 1
         await w.version(4, 30)
+        assert sorted(w.globals) == [0, 1, 2, 3, 4]  # no version lost across the broker restart
+    async with client(mosquitto, "late") as late:  # the retained global model survived the restart
+        await late.subscribe(topics.global_model, qos=1)
+        async with asyncio.timeout(10):
+            retained = schemas.unpack(bytes((await anext(late.messages)).payload), schemas.GlobalModel)
+        assert retained.version == 4
 
     log = tmp_path / "k.log"
     proc = _spawn_agent(mosquitto, job, "victim", log, "--task", "noop", "--task-option", "shapes=[[4]]")
