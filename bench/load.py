@@ -96,7 +96,6 @@ async def run(args: argparse.Namespace) -> dict:
     fused_ids = [uid for h in st["history"] for uid in h["update_ids"]]
     inbox = {p.stem for p in (state / "inbox").glob("*.msgpack")}
     counters = st["counters"]
-    accepted_kept = counters["accepted"] - counters["replaced"]  # a replaced update is superseded by design
     lost = len(set(st["seen_ids"]) - set(fused_ids) - inbox)  # accepted ids neither fused nor buffered
     return {"benchmark": "load", "machine": machine(), "agents": args.agents, "rounds": args.rounds,
             "quorum": args.quorum, "params": args.params, "versions": st["version"], "wall_seconds": wall,
