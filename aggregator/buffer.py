@@ -88,13 +88,21 @@ class UpdateBuffer:
     def seen_ids(self) -> list[str]:
         return list(self._seen)
 
+    def readmit(self, update: ModelUpdate, version: int, reference: dict[str, torch.Tensor],
+                now: float) -> Admission:
+        """Admit an update again that was buffered but never fused (restart, failed fusion)."""
+        self._seen.pop(update.update_id, None)
+        return self.admit(update, update.agent_id, version, reference, now)
+
     def admit(self, update: ModelUpdate, topic_agent: str | None, version: int,
               reference: dict[str, torch.Tensor], now: float) -> Admission:
         """Check ``update`` against the job, the current ``version`` and the global model's
         tensors (``reference``), then buffer it. Never raises on bad input."""
         verdict = self.check(update, topic_agent, version, reference)
-        if verdict is not None:
-            return verdict
+        return verdict if verdict is not None else self.add(update, now)
+
+    def add(self, update: ModelUpdate, now: float) -> Admission:
+        """Buffer an update that ``check`` passed (newest per agent wins)."""
         old = self.items.get(update.agent_id)
         self.items[update.agent_id] = Buffered(update, now)
         self.mark_seen(update.update_id)

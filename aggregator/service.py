@@ -14,7 +14,7 @@ import logging
 import random
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import aiomqtt
@@ -115,7 +115,6 @@ class Aggregator:
         self.history: list[dict[str, Any]] = []
         self.round_started = time.monotonic()
         self.published_version = -1
-        self.done = asyncio.Event()
         self._stopping = asyncio.Event()
         self._fusing: asyncio.Task | None = None
         self._client: aiomqtt.Client | None = None
@@ -127,9 +126,7 @@ class Aggregator:
             "job": self.s.job, "policy": self.policy.model_dump(),
             "policy_state": {"fusions": self.policy_state.fusions, "switched": self.policy_state.switched},
             "applied_command": self.applied_command,
-            "counters": {"accepted": self.counters.accepted, "replaced": self.counters.replaced,
-                         "duplicate": self.counters.duplicate, "stale": self.counters.stale,
-                         "rejected": self.counters.rejected},
+            "counters": asdict(self.counters),
             "history": self.history[-HISTORY_LIMIT:],
             "seen_ids": self.buffer.seen_ids()[-20_000:],
         }
@@ -152,8 +149,7 @@ class Aggregator:
         self.policy_state = PolicyState(ps.get("fusions", 0), ps.get("switched", False))
         self.applied_command = st.get("applied_command")
         c = st.get("counters", {})
-        self.counters = Counters(c.get("accepted", 0), c.get("replaced", 0), c.get("duplicate", 0),
-                                 c.get("stale", 0), dict(c.get("rejected", {})))
+        self.counters = Counters(**{**c, "rejected": dict(c.get("rejected", {}))})
         self.history = list(st.get("history", []))
         for uid in st.get("seen_ids", []):
             self.buffer.mark_seen(uid)
@@ -168,9 +164,7 @@ class Aggregator:
             except WireError:
                 self.checkpoint.inbox_drop([uid])
                 continue
-            self.buffer._seen.pop(upd.update_id, None)  # buffered, not fused: admit again
-            adm = self.buffer.admit(upd, upd.agent_id, self.version, self.weights, time.monotonic())
-            restored += adm.kept
+            restored += self.buffer.readmit(upd, self.version, self.weights, time.monotonic()).kept
         self.log.info("job %s: resumed at version %d (policy %s), %d buffered updates restored",
                       self.s.job, self.version, self.policy.describe(), restored)
 
@@ -252,8 +246,8 @@ class Aggregator:
         adm = self.buffer.check(update, agent, self.version, self.weights)
         if adm is None and self.checkpoint is not None:
             await asyncio.to_thread(self.checkpoint.inbox_put, update.update_id, payload)
-        if adm is None:
-            adm = self.buffer.admit(update, agent, self.version, self.weights, time.monotonic())
+        if adm is None:  # checked once: a second check would count the rate-limit window twice
+            adm = self.buffer.add(update, time.monotonic())
             if adm.replaced_id and self.checkpoint is not None:
                 self.checkpoint.inbox_drop([adm.replaced_id])
         self.counters.count(adm)
@@ -310,7 +304,6 @@ class Aggregator:
             self._fusing = None
         await self._publish_status()
         if self.s.max_rounds is not None and self.version >= self.s.max_rounds:
-            self.done.set()
             self.stop()
             return
         self._maybe_fuse()
@@ -373,9 +366,8 @@ class Aggregator:
 
     def _requeue(self, rnd: Round) -> None:
         for u in rnd.updates:
-            self.buffer._seen.pop(u.update_id, None)
             if u.agent_id not in self.buffer.items:
-                self.buffer.admit(u, u.agent_id, self.version, self.weights, time.monotonic())
+                self.buffer.readmit(u, self.version, self.weights, time.monotonic())
 
     # ------------------------------------------------------------------ loop
     def stop(self) -> None:

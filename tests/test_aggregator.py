@@ -228,3 +228,13 @@ def test_rate_limit_and_norm_bound_are_counted_reasons() -> None:
     assert [o.reason for o in outcomes] == ["", "", "rate_limited"]
     far = buf.admit(update("j", "b", 0, {"w": torch.full((4,), 1.0)}), "b", 0, ref, now=0.0)
     assert far.reason == "norm_bound" and "2 > 1" in far.detail
+
+
+async def test_rate_limit_counts_each_update_once(mosquitto: BrokerProcess, job: str) -> None:
+    s = settings(mosquitto, job, quorum=10, rate_limit=2)
+    async with Watcher(mosquitto, job) as w, running(s):
+        g0 = await w.version(0)
+        for delta in (0.1, 0.2, 0.3):
+            await send(mosquitto, job, "a", 0, weights_like(g0, delta))
+        await w.until(lambda: w.status.accepted + sum(w.status.rejected.values()) == 3, 10, "three counted")
+        assert w.status.accepted == 2 and w.status.rejected == {"rate_limited": 1}
