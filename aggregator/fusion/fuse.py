@@ -102,37 +102,29 @@ def _fedwb_tensor(rows: torch.Tensor, lam: list[float], method: str, opts: dict[
                   report: FusionReport) -> torch.Tensor:
     """FedWB of the K flattened tensors ``rows`` (K, n); returns float64 (n,)."""
     lam_t = torch.tensor(lam, dtype=torch.float64, device=rows.device)
-    if method == "fedwb" and rows.device.type == "cpu" and _bary.numba is not None:
+    compiled = method == "fedwb" and rows.device.type == "cpu" and _bary.numba is not None
+    if compiled:  # one fused pass: minima and running sums of W - m (the CDFs, unnormalized)
         src = rows if rows.dtype in (torch.float32, torch.float64) else rows.float()
-        cum, mins = _bary._shifted_cumsum(np.ascontiguousarray(src.numpy()))
-        totals = cum[:, -1].copy()
-        shape_rows = totals > 0
-        mins_t, totals_t = torch.from_numpy(mins.astype(np.float64)), torch.from_numpy(totals)
-        scale = float((lam_t * totals_t).sum())
-        shift = float((lam_t * mins_t).sum())
-        if not shape_rows.any():
-            return torch.full((rows.shape[1],), shift, dtype=torch.float64)
-        sub_lam = lam_t[torch.from_numpy(shape_rows)]
-        sub_lam = (sub_lam / sub_lam.sum()).numpy()
-        b = _bary._merge_barycenter(np.ascontiguousarray(cum[shape_rows]), sub_lam,
-                                    _bary._n_chunks(int(shape_rows.sum()) * rows.shape[1]))
-        out = torch.from_numpy(b)
-        return out.mul_(scale).add_(shift)
-    x = rows.to(torch.float64)
-    mins = x.amin(dim=1)
-    shifted = x - mins[:, None]
-    totals = shifted.sum(dim=1)
+        cum, mins_np = _bary._shifted_cumsum(np.ascontiguousarray(src.numpy()))
+        mins, totals = torch.from_numpy(mins_np.astype(np.float64)), torch.from_numpy(cum[:, -1].copy())
+    else:
+        x = rows.to(torch.float64)
+        mins = x.amin(dim=1)
+        shifted = x - mins[:, None]
+        totals = shifted.sum(dim=1)
     scale = float((lam_t * totals).sum())
     shift = float((lam_t * mins).sum())
     keep = totals > 0
     if not bool(keep.any()):
-        return torch.full((x.shape[1],), shift, dtype=torch.float64, device=x.device)
-    hists = shifted[keep] / totals[keep, None]
+        return torch.full((rows.shape[1],), shift, dtype=torch.float64, device=rows.device)
     sub_lam = lam_t[keep] / lam_t[keep].sum()
-    if method == "fedwb":
-        b = _bary.barycenter_1d(hists, sub_lam)
+    if compiled:
+        kept = np.ascontiguousarray(cum[keep.numpy()])
+        b = torch.from_numpy(_bary._merge_barycenter(kept, sub_lam.numpy(), _bary._n_chunks(kept.size)))
+    elif method == "fedwb":
+        b = _bary.barycenter_1d(shifted[keep] / totals[keep, None], sub_lam)
     else:
-        b, info = sinkhorn_barycenter_1d(hists, sub_lam, reg=opts["reg"],
+        b, info = sinkhorn_barycenter_1d(shifted[keep] / totals[keep, None], sub_lam, reg=opts["reg"],
                                          stop_threshold=opts["stop_threshold"],
                                          max_iter=opts["max_iter"], warn=opts["warn"])
         if opts["renormalize"]:
