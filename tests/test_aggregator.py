@@ -8,7 +8,6 @@ import math
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ from aggregator.buffer import UpdateBuffer
 from aggregator.service import Aggregator
 from aggregator.settings import AggregatorSettings
 from broker import BrokerProcess
+from fedwb import executable
 from schemas import PolicyCommand, PolicySpec, Topics
 from tests.mqtt_helpers import Watcher, publish, update
 
@@ -165,7 +165,7 @@ def test_buffer_weights_follow_staleness() -> None:
 
 
 def _spawn(b: BrokerProcess, job: str, state_dir: Path, log: Path) -> subprocess.Popen:
-    fedwb = os.path.join(os.path.dirname(sys.executable), "fedwb")
+    fedwb = executable()
     cmd = [fedwb, "aggregator", "--broker", b.url, "--job", job, "--task", "noop",
            "--task-option", "shapes=[[20, 10], [10]]", "--quorum", "2", "--policy", "fedavg",
            "--state-dir", str(state_dir), "--device", "cpu"]
@@ -202,7 +202,7 @@ async def test_kill_9_and_restart_loses_nothing(mosquitto: BrokerProcess, job: s
 
 async def test_cli_policy_set_and_show(mosquitto: BrokerProcess, job: str) -> None:
     s = settings(mosquitto, job, quorum=1)
-    fedwb = os.path.join(os.path.dirname(sys.executable), "fedwb")
+    fedwb = executable()
     async with Watcher(mosquitto, job) as w, running(s):
         await w.version(0)
         out = await asyncio.to_thread(subprocess.run, [fedwb, "policy", "set", "--broker", mosquitto.url,

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
-import sys
 
 import aiomqtt
 import torch
 
 import schemas
 from broker import BrokerProcess, free_port, wait_for_port
+from fedwb import executable
 from schemas import ModelUpdate, Topics
 
 
@@ -38,7 +37,7 @@ async def test_update_round_trip_through_broker(any_broker: BrokerProcess, job: 
 
 def test_cli_broker_accepts_connections_and_stops_on_sigint() -> None:
     port = free_port()
-    fedwb = os.path.join(os.path.dirname(sys.executable), "fedwb")
+    fedwb = executable()
     proc = subprocess.Popen([fedwb, "broker", "--port", str(port)], stdout=subprocess.PIPE,
                             text=True, start_new_session=True)
     try:
