@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
+import psutil
 
 from edge_agent.stragglers import parse_stragglers
 from fedwb import executable
@@ -131,24 +132,37 @@ def _eval_options(cfg: SimConfig) -> dict[str, Any]:
 
 
 class Processes:
-    """The children of one run; ``stop()`` ends them all (SIGTERM, then SIGKILL)."""
+    """The children of one run; ``stop()`` ends them all and their descendants (SIGTERM, then SIGKILL)."""
 
     def __init__(self, log_dir: Path) -> None:
         self.log_dir = log_dir
         self.procs: dict[str, subprocess.Popen] = {}
 
-    def start(self, name: str, cmd: list[str]) -> subprocess.Popen:
+    def start(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+        """Start ``cmd`` in its own session, output to ``log_dir/name.log``; ``env`` adds variables."""
         log = (self.log_dir / f"{name}.log").open("ab")
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
         p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         self.procs[name] = p
         return p
 
+    def descendants(self) -> list[psutil.Process]:
+        """Every live process below the ones started here (some tools start their own sessions)."""
+        found: list[psutil.Process] = []
+        for p in self.procs.values():
+            with contextlib.suppress(psutil.Error):
+                found += psutil.Process(p.pid).children(recursive=True)
+        return found
+
     def stop(self, grace: float = 10.0) -> None:
+        below = self.descendants()
         for p in self.procs.values():
             if p.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(p.pid, signal.SIGTERM)
+        for d in below:
+            with contextlib.suppress(psutil.Error):
+                d.terminate()
         deadline = time.monotonic() + grace
         for p in self.procs.values():
             try:
@@ -157,6 +171,10 @@ class Processes:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(p.pid, signal.SIGKILL)
                 p.wait(5)
+        _, alive = psutil.wait_procs(below, timeout=max(0.1, deadline - time.monotonic()))
+        for d in alive:
+            with contextlib.suppress(psutil.Error):
+                d.kill()
 
     def failed(self) -> list[str]:
         return [n for n, p in self.procs.items() if p.poll() not in (None, 0)]
