@@ -112,6 +112,7 @@ class Aggregator:
         self.last_choice: tuple[str, str] | None = None
         self.last_fusion_seconds: float | None = None
         self.last_quorum_wait: float | None = None
+        self.last_quorum_at: float | None = None  # wall clock when the last fused round's quorum completed
         self.history: list[dict[str, Any]] = []
         self.round_started = time.monotonic()
         self.published_version = -1
@@ -190,7 +191,8 @@ class Aggregator:
             rejected=dict(self.counters.rejected), stale=self.counters.stale,
             duplicate=self.counters.duplicate, replaced=self.counters.replaced,
             last_fusion_seconds=self.last_fusion_seconds,
-            last_quorum_wait_seconds=self.last_quorum_wait, last_command=self.last_command)
+            last_quorum_wait_seconds=self.last_quorum_wait, last_quorum_at=self.last_quorum_at,
+            last_command=self.last_command)
 
     async def _publish_status(self, state: str = "running") -> None:
         if self._client is None:
@@ -309,7 +311,7 @@ class Aggregator:
         self._maybe_fuse()
 
     async def _fuse_round(self) -> None:
-        started = time.monotonic()
+        started, quorum_at = time.monotonic(), time.time()
         quorum_wait = started - self.round_started
         if self.pending is not None:
             self.policy, self.policy_state = self.pending.policy, PolicyState()
@@ -339,7 +341,7 @@ class Aggregator:
             "reason": choice.reason, "contributors": [u.agent_id for u in rnd.updates],
             "base_versions": [u.base_version for u in rnd.updates], "staleness": rnd.staleness,
             "weights": [round(w, 6) for w in rnd.weights], "quorum_wait_seconds": round(quorum_wait, 4),
-            "fusion_seconds": round(fusion_seconds, 4), "dispersion": disp, "report": report.as_dict(),
+            "fusion_seconds": round(fusion_seconds, 4), "quorum_at": quorum_at, "dispersion": disp, "report": report.as_dict(),
             "created_at": time.time(), "update_ids": [u.update_id for u in rnd.updates],
             "agent_metrics": {u.agent_id: u.metrics for u in rnd.updates},
         }
@@ -349,6 +351,7 @@ class Aggregator:
         self.last_choice = (choice.method, choice.reason)
         self.last_fusion_seconds = fusion_seconds
         self.last_quorum_wait = quorum_wait
+        self.last_quorum_at = quorum_at
         if self.checkpoint is not None:
             await asyncio.to_thread(self.checkpoint.save, self.version, self.weights, self._state())
         self.round_started = time.monotonic()

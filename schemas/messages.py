@@ -139,6 +139,7 @@ class AggregatorStatus(_Message):
     replaced: int = 0
     last_fusion_seconds: float | None = None
     last_quorum_wait_seconds: float | None = None
+    last_quorum_at: float | None = None  # wall clock (Unix s) when the round fused into ``version`` was complete
     last_command: CommandAck | None = None
     updated_at: float = Field(default_factory=_now)
 
