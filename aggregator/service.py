@@ -341,7 +341,8 @@ class Aggregator:
             "reason": choice.reason, "contributors": [u.agent_id for u in rnd.updates],
             "base_versions": [u.base_version for u in rnd.updates], "staleness": rnd.staleness,
             "weights": [round(w, 6) for w in rnd.weights], "quorum_wait_seconds": round(quorum_wait, 4),
-            "fusion_seconds": round(fusion_seconds, 4), "quorum_at": quorum_at, "dispersion": disp, "report": report.as_dict(),
+            "fusion_seconds": round(fusion_seconds, 4), "quorum_at": quorum_at, "dispersion": disp,
+            "report": report.as_dict(),
             "created_at": time.time(), "update_ids": [u.update_id for u in rnd.updates],
             "agent_metrics": {u.agent_id: u.metrics for u in rnd.updates},
         }
