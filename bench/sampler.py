@@ -1,0 +1,103 @@
+"""CPU seconds of process trees and loopback bytes, sampled in a background thread.
+
+A system under test is a set of root processes (broker, aggregator, agents; or
+SuperLink and SuperNodes). Every ``period`` seconds the sampler records
+
+    cpu(t)   = sum over each root and its live descendants of
+               user + system + children_user + children_system
+    bytes(t) = bytes received on the loopback interface (``/proc/net/dev``, ``lo``)
+
+``children_*`` hold the CPU of descendants that already exited and were reaped (such
+as Flower's per-round ClientApp processes), so ``cpu(t)`` stays continuous when they
+exit; a cumulative maximum hides the short dip when one exits before it is reaped.
+``cpu_between(a, b)`` interpolates linearly between samples, so its error is at most
+one period's worth of CPU at each end. Loopback bytes count everything on ``lo``
+(every hop, protocol overhead included) and so assume a quiet machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+
+import numpy as np
+import psutil
+
+
+def loopback_bytes() -> int | None:
+    """Bytes received so far on ``lo`` (equal to bytes sent on a loopback), or None if unknown."""
+    try:
+        with open("/proc/net/dev") as f:
+            for line in f:
+                name, _, rest = line.partition(":")
+                if name.strip() == "lo":
+                    return int(rest.split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def tree_cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds of these processes, their live descendants and reaped children."""
+    total = 0.0
+    for pid in pids:
+        try:
+            root = psutil.Process(pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            continue
+        for p in procs:
+            with contextlib.suppress(psutil.Error):
+                t = p.cpu_times()
+                total += t.user + t.system + t.children_user + t.children_system
+    return total
+
+
+class Sampler:
+    """Sample ``tree_cpu_seconds`` of the watched roots and ``loopback_bytes`` every ``period`` s."""
+
+    def __init__(self, period: float = 0.1) -> None:
+        self.period = period
+        self.pids: list[int] = []
+        self.times: list[float] = []
+        self.cpu: list[float] = []
+        self.net: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="sampler", daemon=True)
+
+    def watch(self, pid: int) -> None:
+        self.pids.append(pid)
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _loop(self) -> None:
+        while True:
+            self.sample()
+            if self._stop.wait(self.period):
+                self.sample()
+                return
+
+    def sample(self) -> None:
+        """Record one sample now."""
+        cpu = tree_cpu_seconds(list(self.pids))
+        net = loopback_bytes()
+        self.times.append(time.time())
+        self.cpu.append(max(cpu, self.cpu[-1]) if self.cpu else cpu)
+        self.net.append(float(net) if net is not None else float("nan"))
+
+    def cpu_between(self, a: float, b: float) -> float:
+        """CPU seconds the watched trees used between wall-clock times ``a`` and ``b``."""
+        return float(np.interp(b, self.times, self.cpu) - np.interp(a, self.times, self.cpu))
+
+    def bytes_between(self, a: float, b: float) -> float | None:
+        """Loopback bytes between ``a`` and ``b`` (None when ``/proc/net/dev`` is unavailable)."""
+        if not self.net or np.isnan(self.net[0]):
+            return None
+        return float(np.interp(b, self.times, self.net) - np.interp(a, self.times, self.net))
