@@ -50,3 +50,28 @@ def emit(result: dict[str, Any], as_json: bool) -> None:
 def progress(msg: str) -> None:
     """Progress on stderr so stdout stays pure JSON."""
     print(msg, file=sys.stderr, flush=True)
+
+
+def ensure_project_python(module: str, needs: tuple[str, ...] = ("torch", "aiomqtt", "numpy", "psutil")) -> None:
+    """Re-run ``python -m module`` under the project's ``.venv`` when this interpreter lacks ``needs``.
+
+    So ``python -m bench.X`` works from a checkout whatever ``python`` is; ``make setup``
+    creates ``.venv`` first if it is missing. Nothing happens inside a working environment.
+    """
+    import importlib.util
+    import subprocess
+    from pathlib import Path
+
+    if all(importlib.util.find_spec(n) is not None for n in needs):
+        return
+    root = Path(__file__).resolve().parents[1]
+    venv_python = root / ".venv" / "bin" / "python"
+    if os.environ.get("FEDWB_BENCH_REEXEC") or not (root / "Makefile").exists():
+        missing = [n for n in needs if importlib.util.find_spec(n) is None]
+        raise SystemExit(f"{module}: this interpreter lacks {missing}; run `make setup` and use .venv/bin/python")
+    if not venv_python.exists():
+        progress(f"{module}: creating the project environment first (make setup)")
+        subprocess.run(["make", "-C", str(root), "setup"], check=True)
+    progress(f"{module}: running under {venv_python}")
+    os.environ["FEDWB_BENCH_REEXEC"] = "1"
+    os.execv(str(venv_python), [str(venv_python), "-m", module, *sys.argv[1:]])

@@ -1,0 +1,1 @@
+"""fedwb's Flower benchmark app: the `noop` job (FedAvg, no training) on Flower's Deployment Engine."""
