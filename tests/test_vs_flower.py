@@ -25,7 +25,7 @@ from sim.runner import Processes
 
 def _fake_sampler(times: list[float], cpu: list[float], net: list[float]) -> Sampler:
     s = Sampler()
-    s.times, s.cpu, s.net = times, cpu, net
+    s.times, s.cpu, s.net, s.cpu_by_role = times, cpu, net, {"all": cpu}
     return s
 
 
@@ -36,6 +36,7 @@ def test_summarize_uses_gaps_between_quorums_and_totals_over_the_span() -> None:
     assert out["seconds_per_round"]["all"] == [1.0, 2.0, 3.0]
     assert out["seconds_per_round"]["median"] == 2.0
     assert out["cpu_seconds_per_round"] == pytest.approx((14.0 - 2.0) / 3)  # cpu(t) = 2t
+    assert out["cpu_seconds_per_round_by_role"] == {"all": pytest.approx(4.0)}
     assert out["bytes_per_round"] == pytest.approx((700.0 - 100.0) / 3)
     assert out["payloads_per_round"] == pytest.approx(2.0)
 
@@ -100,6 +101,7 @@ def test_relay_and_fedwb_small_run(tmp_path: Path, mosquitto_bin: None) -> None:
         assert r["rounds_measured"] == 2
         assert 0 < r["seconds_per_round"]["median"] < 30
         assert r["cpu_seconds_per_round"] > 0
+        assert sum(r["cpu_seconds_per_round_by_role"].values()) == pytest.approx(r["cpu_seconds_per_round"])
     assert out["ratios"]["fedwb_over_relay"] > 0
     assert out["ratios"]["fedwb_over_flower"] is None and not out["goals"]["fedwb_over_flower"]["met"]
     assert json.loads(json.dumps(out, default=str))["clients"] == 2

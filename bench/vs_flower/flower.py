@@ -111,8 +111,8 @@ def run(env: FlowerEnv, procs: Processes, watch: Any, work: Path, clients: int, 
         noise: float, timeout: float) -> list[dict[str, Any]]:
     """One Flower run of ``rounds`` FedAvg rounds; the ServerApp's round records.
 
-    ``watch(pid)`` is called with every long-running process (SuperLink, SuperNodes) so
-    their CPU can be sampled; ``flwr run`` itself only submits the run and exits.
+    ``watch(pid, role)`` is called with every long-running process (SuperLink, SuperNodes with
+    their ClientApps as "clients") so their CPU can be sampled; ``flwr run`` only submits and exits.
     """
     home, app, out = work / "flwr-home", work / "flower-app", work / "flower-rounds.jsonl"
     home.mkdir(parents=True)
@@ -122,12 +122,12 @@ def run(env: FlowerEnv, procs: Processes, watch: Any, work: Path, clients: int, 
     penv = env.env(home)
     link = procs.start("superlink", [env.exe("flower-superlink"), "--insecure", "--port", str(port),
                                      "--disable-runtime-dependency-installation"], env=penv)
-    watch(link.pid)
+    watch(link.pid, "superlink")
     wait_for_port("127.0.0.1", port, timeout=60, proc=link)
     for i in range(clients):
         node = procs.start(f"supernode-{i}", [env.exe("flower-supernode"), "--insecure", "--superlink",
                                               f"127.0.0.1:{port}", "--port", str(free_port())], env=penv)
-        watch(node.pid)
+        watch(node.pid, "clients")
     submit = procs.start("flwr-run", [env.exe("flwr"), "run", str(app), "bench", "--run-config",
                                       _run_config(clients, params, rounds, noise, out, timeout)], env=penv)
     if submit.wait(120) != 0:

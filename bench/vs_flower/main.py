@@ -75,6 +75,7 @@ def summarize(boundaries: list[float], sampler: Sampler, payload_bytes: int) -> 
                               "min": float(gaps.min()), "max": float(gaps.max()),
                               "all": [round(float(g), 4) for g in gaps]},
         "cpu_seconds_per_round": sampler.cpu_between(b[0], b[-1]) / r,
+        "cpu_seconds_per_round_by_role": {k: v / r for k, v in sampler.cpu_between_by_role(b[0], b[-1]).items()},
         "bytes_per_round": None if moved is None else moved / r,
         "payloads_per_round": None if moved is None else moved / r / payload_bytes,
     }
@@ -109,18 +110,18 @@ def run_relay(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     out, prefix = work / "relay-rounds.jsonl", f"relay-{uuid.uuid4().hex[:6]}"
     total = args.rounds + 1
     with start_broker(kind=args.broker) as b, Sampler() as s:
-        s.watch(b.proc.pid)
+        s.watch(b.proc.pid, "broker")
         procs = Processes(work)
         try:
             pub = procs.start("relay-publisher", [
                 sys.executable, "-m", "bench.relay", "publish", "--host", b.host, "--port", str(b.port),
                 "--prefix", prefix, "--clients", str(args.clients), "--params", str(args.params),
                 "--rounds", str(total), "--out", str(out), "--timeout", str(args.timeout)])
-            s.watch(pub.pid)
+            s.watch(pub.pid, "publisher")
             for i in range(args.clients):
                 s.watch(procs.start(f"relay-echo-{i}", [
                     sys.executable, "-m", "bench.relay", "echo", "--host", b.host, "--port", str(b.port),
-                    "--prefix", prefix, "--id", str(i)]).pid)
+                    "--prefix", prefix, "--id", str(i)]).pid, "clients")
             rc = pub.wait(args.timeout)
             if rc != 0:
                 raise RuntimeError(f"relay publisher exited {rc}; see {work / 'relay-publisher.log'}")
@@ -161,7 +162,7 @@ def run_fedwb(args: argparse.Namespace, work: Path, durable: bool) -> dict[str, 
     job, total, exe = f"vs-flower-{uuid.uuid4().hex[:6]}", args.rounds + 1, executable()
     shapes = ["--task-option", f"shapes=[[{args.params}]]"]
     with start_broker(kind=args.broker) as b, Sampler() as s:
-        s.watch(b.proc.pid)
+        s.watch(b.proc.pid, "broker")
         procs = Processes(work)
         try:
             agg = [exe, "aggregator", "--broker", b.url, "--job", job, "--task", "noop", *shapes,
@@ -169,11 +170,11 @@ def run_fedwb(args: argparse.Namespace, work: Path, durable: bool) -> dict[str, 
                    "--device", "cpu", "--log-level", "WARNING"]
             if durable:
                 agg += ["--state-dir", str(work / f"{name}-state")]
-            s.watch(procs.start(f"{name}-aggregator", agg).pid)
+            s.watch(procs.start(f"{name}-aggregator", agg).pid, "aggregator")
             for i in range(args.clients):
                 s.watch(procs.start(f"{name}-agent-{i}", [
                     exe, "agent", "--broker", b.url, "--job", job, "--agent-id", f"agent-{i}", "--task", "noop",
-                    *shapes, "--seed", str(i), "--device", "cpu", "--log-level", "WARNING"]).pid)
+                    *shapes, "--seed", str(i), "--device", "cpu", "--log-level", "WARNING"]).pid, "clients")
             times = asyncio.run(_quorum_times(name, b.host, b.port, job, total, procs, args.timeout))
         finally:
             procs.stop()
