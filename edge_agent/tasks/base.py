@@ -41,7 +41,11 @@ class Task(ABC):
 
     @abstractmethod
     def train(self, weights: StateDict, budget: int) -> TrainResult:
-        """Train from ``weights`` for ``budget`` (epochs or steps) and return the result."""
+        """Train from ``weights`` for ``budget`` (epochs or steps) and return the result.
+
+        ``weights`` are the decoded global model, not copied again for the task: load them
+        (``load_state_dict`` copies) or compute new tensors; do not keep them across rounds.
+        """
 
     @abstractmethod
     def evaluate(self, weights: StateDict) -> dict[str, float]:
