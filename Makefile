@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test setup lint clean bench
+.PHONY: demo test setup lint clean bench bench-vs-flower
 
 setup: $(STAMP)
 
@@ -27,5 +27,9 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench.fusion --json --quick
 
+# fedwb vs Flower vs a plain MQTT relay (creates .venv-flower with flwr 1.42.0 on first use).
+bench-vs-flower: $(STAMP)
+	$(BIN)/python -m bench.vs_flower --json --rounds 5
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-flower build *.egg-info .pytest_cache .ruff_cache

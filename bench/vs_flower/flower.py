@@ -1,11 +1,12 @@
 """Flower's side of the comparison: its environment and one Deployment Engine run.
 
-Flower lives in its own virtual environment by default (``.venv-flower`` next to the
-project's ``.venv``), created on first use with ``pip install flwr==FLWR_VERSION``:
-flwr 1.42 pins ``typer<0.21`` while amqtt 0.12 needs ``typer>=0.24``, so installing it
-into the project's environment (``pip install -e '.[bench]'``, which also works: the
-bench then uses that flwr) makes pip move amqtt and typer back. Flower's processes
-only need flwr and numpy, and they are separate processes either way.
+Flower lives in its own virtual environment (``.venv-flower`` next to the project's
+``.venv``), created on first use with ``pip install flwr==FLWR_VERSION``. It cannot
+share the project's: flwr 1.42 needs ``typer<0.21``, amqtt 0.12 ``typer>=0.24`` and
+amqtt 0.11 ``typer==0.15.4``, with which flwr's own CLI fails to start. Flower's
+processes only need flwr and numpy, and they are separate processes either way. An
+environment given with ``--flower-venv``, or this interpreter's, is used instead when
+its ``flwr`` is FLWR_VERSION and its CLI starts.
 
 A run: ``flower-superlink --insecure`` (Fleet, Control and Runtime APIs share one port
 in 1.42), N ``flower-supernode --insecure`` each with its own runtime port, and
@@ -51,12 +52,16 @@ class FlowerEnv:
 
 
 def _flwr_version(python: Path) -> str | None:
-    """flwr's version in the environment of ``python``, or None if it has none."""
-    if not python.exists():
+    """flwr's version in the environment of ``python`` if its CLI starts there, else None."""
+    flwr_cli = python.parent / "flwr"
+    if not python.exists() or not flwr_cli.exists():
         return None
     r = subprocess.run([str(python), "-c", "import importlib.metadata as m; print(m.version('flwr'))"],
                        capture_output=True, text=True, timeout=60)
-    return r.stdout.strip() if r.returncode == 0 else None
+    if r.returncode != 0:
+        return None
+    cli = subprocess.run([str(flwr_cli), "--help"], capture_output=True, text=True, timeout=60)
+    return r.stdout.strip() if cli.returncode == 0 else None
 
 
 def default_venv() -> Path:
@@ -70,7 +75,7 @@ def find_or_create(venv: Path | None = None, create: bool = True) -> FlowerEnv:
     """Flower ``FLWR_VERSION``: from ``venv``, this interpreter's environment, or a venv made now."""
     if venv is None:
         here = Path(sys.executable)
-        if _flwr_version(here) == FLWR_VERSION and (here.parent / "flower-superlink").exists():
+        if _flwr_version(here) == FLWR_VERSION:
             return FlowerEnv(here.parent, FLWR_VERSION)
         venv = default_venv()
     python = venv / "bin" / "python"
@@ -78,7 +83,7 @@ def find_or_create(venv: Path | None = None, create: bool = True) -> FlowerEnv:
     if found == FLWR_VERSION:
         return FlowerEnv(python.parent, found)
     if not create:
-        raise RuntimeError(f"flwr {FLWR_VERSION} not found in {venv} (found: {found})")
+        raise RuntimeError(f"a working flwr {FLWR_VERSION} is not in {venv} (found: {found})")
     progress(f"flower: installing flwr=={FLWR_VERSION} into {venv} (once; about 30 s)")
     if not python.exists():
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
