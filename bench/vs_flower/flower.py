@@ -87,8 +87,10 @@ def find_or_create(venv: Path | None = None, create: bool = True) -> FlowerEnv:
     progress(f"flower: installing flwr=={FLWR_VERSION} into {venv} (once; about 30 s)")
     if not python.exists():
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                    f"flwr=={FLWR_VERSION}", "numpy>=1.26"], check=True)
+    pip = subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                          f"flwr=={FLWR_VERSION}", "numpy>=1.26"], capture_output=True, text=True)
+    if pip.returncode != 0:
+        raise RuntimeError(f"pip install flwr=={FLWR_VERSION} into {venv} failed:\n{pip.stderr[-2000:]}")
     found = _flwr_version(python)
     if found != FLWR_VERSION:
         raise RuntimeError(f"installing flwr {FLWR_VERSION} into {venv} gave {found}")
