@@ -184,6 +184,7 @@ def run_fedwb(args: argparse.Namespace, work: Path, durable: bool) -> dict[str, 
 
 def run_flower(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     env = flower.find_or_create(Path(args.flower_venv) if args.flower_venv else None)
+    progress(f"flower: flwr {env.version} from {env.bin_dir}")
     with Sampler() as s:
         procs = Processes(work)
         try:
