@@ -47,6 +47,17 @@ def emit(result: dict[str, Any], as_json: bool) -> None:
     print(json.dumps(result, indent=None if as_json else 2, default=str))
 
 
+def round_records(path: Any) -> list[dict[str, Any]]:
+    """The ``{"event": "round", ...}`` lines of a JSONL record file (none if it does not exist yet)."""
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [r for r in (json.loads(ln) for ln in path.read_text().splitlines() if ln.strip())
+            if r.get("event") == "round"]
+
+
 def progress(msg: str) -> None:
     """Progress on stderr so stdout stays pure JSON."""
     print(msg, file=sys.stderr, flush=True)

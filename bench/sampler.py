@@ -59,11 +59,9 @@ class Sampler:
 
     def __init__(self, period: float = 0.1) -> None:
         self.period = period
-        self.pids: list[int] = []
-        self.roles: dict[int, str] = {}
+        self.roles: dict[int, str] = {}  # watched root pid -> role
         self.times: list[float] = []
-        self.cpu: list[float] = []
-        self.cpu_by_role: dict[str, list[float]] = {}
+        self.cpu_by_role: dict[str, list[float]] = {}  # cumulative CPU seconds per role, one value per time
         self.net: list[float] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="sampler", daemon=True)
@@ -71,7 +69,6 @@ class Sampler:
     def watch(self, pid: int, role: str = "other") -> None:
         """Sample ``pid`` and its descendants from now on, accounted under ``role``."""
         self.roles[pid] = role
-        self.pids.append(pid)
 
     def __enter__(self) -> Sampler:
         self._thread.start()
@@ -91,26 +88,23 @@ class Sampler:
     def sample(self) -> None:
         """Record one sample now."""
         per_role: dict[str, float] = {}
-        for pid in list(self.pids):
-            role = self.roles[pid]
+        for pid, role in list(self.roles.items()):
             per_role[role] = per_role.get(role, 0.0) + tree_cpu_seconds([pid])
         net = loopback_bytes()
         self.times.append(time.time())
         for role, cpu in per_role.items():
             series = self.cpu_by_role.setdefault(role, [0.0] * (len(self.times) - 1))
             series.append(max(cpu, series[-1]) if series else cpu)
-        total = sum(series[-1] for series in self.cpu_by_role.values())
-        self.cpu.append(max(total, self.cpu[-1]) if self.cpu else total)
         self.net.append(float(net) if net is not None else float("nan"))
 
-    def cpu_between(self, a: float, b: float) -> float:
-        """CPU seconds the watched trees used between wall-clock times ``a`` and ``b``."""
-        return float(np.interp(b, self.times, self.cpu) - np.interp(a, self.times, self.cpu))
-
     def cpu_between_by_role(self, a: float, b: float) -> dict[str, float]:
-        """``cpu_between`` split by the role each root was watched under."""
+        """CPU seconds each role's trees used between wall-clock times ``a`` and ``b``."""
         return {role: float(np.interp(b, self.times, series) - np.interp(a, self.times, series))
                 for role, series in self.cpu_by_role.items()}
+
+    def cpu_between(self, a: float, b: float) -> float:
+        """CPU seconds all watched trees used between ``a`` and ``b``."""
+        return sum(self.cpu_between_by_role(a, b).values())
 
     def bytes_between(self, a: float, b: float) -> float | None:
         """Loopback bytes between ``a`` and ``b`` (None when ``/proc/net/dev`` is unavailable)."""

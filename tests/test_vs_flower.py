@@ -25,7 +25,7 @@ from sim.runner import Processes
 
 def _fake_sampler(times: list[float], cpu: list[float], net: list[float]) -> Sampler:
     s = Sampler()
-    s.times, s.cpu, s.net, s.cpu_by_role = times, cpu, net, {"all": cpu}
+    s.times, s.net, s.cpu_by_role = times, net, {"all": cpu}
     return s
 
 

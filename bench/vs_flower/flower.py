@@ -17,7 +17,6 @@ JSON line per round (see ``flower_app/fedwb_flower_bench/server_app.py``).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -27,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.common import progress
+from bench.common import progress, round_records
 from broker.run import free_port, wait_for_port
 from sim.runner import Processes
 
@@ -107,13 +106,6 @@ def _run_config(clients: int, params: int, rounds: int, noise: float, out: Path,
             f"round-timeout={timeout} node-wait-timeout={timeout} out-file='{out}'")
 
 
-def _read_rounds(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [r for r in (json.loads(ln) for ln in path.read_text().splitlines() if ln.strip())
-            if r.get("event") == "round"]
-
-
 def run(env: FlowerEnv, procs: Processes, watch: Any, work: Path, clients: int, params: int, rounds: int,
         noise: float, timeout: float) -> list[dict[str, Any]]:
     """One Flower run of ``rounds`` FedAvg rounds; the ServerApp's round records.
@@ -140,7 +132,7 @@ def run(env: FlowerEnv, procs: Processes, watch: Any, work: Path, clients: int, 
     if submit.wait(120) != 0:
         raise RuntimeError(f"`flwr run` failed; see {work / 'flwr-run.log'}")
     deadline, done = time.monotonic() + timeout, 0
-    while len(found := _read_rounds(out)) < rounds:
+    while len(found := round_records(out)) < rounds:
         if time.monotonic() > deadline:
             raise TimeoutError(f"Flower finished {len(found)} of {rounds} rounds in {timeout:.0f} s; logs in {work}")
         if procs.failed():

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import signal
 import subprocess
 import sys
@@ -45,12 +44,13 @@ import numpy as np
 
 import fedwb
 import schemas
-from bench.common import emit, machine, progress
+from bench.common import emit, machine, progress, round_records
 from bench.relay import raw_loopback_seconds
 from bench.sampler import Sampler
 from bench.vs_flower import flower
 from broker import start_broker
 from broker.run import find_mosquitto
+from edge_agent.tasks.noop import NOISE
 from fedwb import executable
 from schemas import AggregatorStatus, Topics, WireError
 from sim.runner import Processes
@@ -82,30 +82,24 @@ def summarize(boundaries: list[float], sampler: Sampler, payload_bytes: int) -> 
 
 
 def ratios(results: dict[str, Any]) -> dict[str, float | None]:
-    """fedwb's median round over Flower's, the relay's and raw loopback's."""
+    """Median round of fedwb (and durable fedwb) over Flower's, the relay's and raw loopback's."""
     def med(name: str) -> float | None:
         s = results.get(name)
+        if name == "raw_loopback":
+            return s.get("seconds") if isinstance(s, dict) else None
         return s["seconds_per_round"]["median"] if isinstance(s, dict) and "seconds_per_round" in s else None
 
-    fed = med("fedwb")
+    pairs = {"fedwb_over_flower": ("fedwb", "flower"), "fedwb_over_relay": ("fedwb", "relay"),
+             "fedwb_over_raw_loopback": ("fedwb", "raw_loopback"),
+             "fedwb_durable_over_flower": ("fedwb-durable", "flower")}
     out: dict[str, float | None] = {}
-    for name, key in (("flower", "fedwb_over_flower"), ("relay", "fedwb_over_relay")):
-        other = med(name)
-        out[key] = fed / other if fed is not None and other else None
-    raw = results.get("raw_loopback", {}).get("seconds")
-    out["fedwb_over_raw_loopback"] = fed / raw if fed is not None and raw else None
-    dur = med("fedwb-durable")
-    out["fedwb_durable_over_flower"] = dur / med("flower") if dur is not None and med("flower") else None
+    for key, (num, den) in pairs.items():
+        a, b = med(num), med(den)
+        out[key] = a / b if a is not None and b else None
     return out
 
 
 # ---------------------------------------------------------------------------- the systems
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
-
-
 def run_relay(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     out, prefix = work / "relay-rounds.jsonl", f"relay-{uuid.uuid4().hex[:6]}"
     total = args.rounds + 1
@@ -127,7 +121,7 @@ def run_relay(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 raise RuntimeError(f"relay publisher exited {rc}; see {work / 'relay-publisher.log'}")
         finally:
             procs.stop()
-    rows = [r for r in _read_jsonl(out) if r.get("event") == "round"]
+    rows = round_records(out)
     return {**summarize([r["replies_at"] for r in rows], s, 4 * args.params), "broker": b.kind}
 
 
@@ -189,7 +183,7 @@ def run_flower(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         procs = Processes(work)
         try:
             rows = flower.run(env, procs, s.watch, work, args.clients, args.params, args.rounds + 1,
-                              noise=1e-3, timeout=args.timeout)
+                              noise=NOISE, timeout=args.timeout)
         finally:
             procs.stop()
     bad = [r["round"] for r in rows if r["replies"] != args.clients]

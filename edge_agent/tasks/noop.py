@@ -12,6 +12,8 @@ import torch
 
 from edge_agent.tasks.base import StateDict, Task, TrainResult
 
+NOISE = 1e-3  # default std of the noise "training" adds (bench.vs_flower gives Flower's clients the same)
+
 
 def parse_shapes(spec: str | list[list[int]] | None) -> list[list[int]]:
     """``"1000x1000,10"`` -> ``[[1000, 1000], [10]]``."""
@@ -42,7 +44,7 @@ class NoopTask(Task):
     name = "noop"
 
     def __init__(self, seed: int = 0, device: str = "cpu", shapes: Any = None,
-                 noise: float = 1e-3, **options: Any) -> None:
+                 noise: float = NOISE, **options: Any) -> None:
         super().__init__(seed, device, **options)
         self.shapes = parse_shapes(shapes)
         self.noise = noise
