@@ -181,6 +181,9 @@ class Agent:
             published_state = None
             try:
                 while not (self._stopping.is_set() and self.pending is None):
+                    # Clear before looking at the state, never after: a stop() or a new update that lands
+                    # while a publish below is awaited must still wake the wait at the end of this pass.
+                    self._wake.clear()
                     if self._crash.is_set():
                         raise _Crash()
                     if published_state != self.state:
@@ -194,7 +197,6 @@ class Agent:
                             self.pending = None
                             self._sent.set()
                         continue
-                    self._wake.clear()
                     waker = asyncio.create_task(self._wake.wait())
                     done, _ = await asyncio.wait({waker, consumer}, return_when=asyncio.FIRST_COMPLETED)
                     waker.cancel()

@@ -189,3 +189,23 @@ async def test_agent_reconnects_after_broker_restart_and_will_marks_offline(mosq
         if proc.poll() is None:
             proc.kill()
     assert statuses[-1].state == "offline" and statuses[0].state != "offline"
+
+
+async def test_stop_during_a_status_publish_is_not_lost(mosquitto: BrokerProcess, job: str) -> None:
+    """SIGTERM (``stop()``) arriving while the session awaits a publish must still end the agent.
+
+    The session used to clear its wake-up event after publishing, dropping a stop() that had
+    landed during the publish; with nothing else to wake it the agent hung until SIGKILL.
+    """
+    agent = Agent(AgentSettings(broker=mosquitto.url, job=job, agent_id="stopper", task="noop",
+                                task_options={"shapes": [[4]]}))
+    build_status = agent._status
+
+    def status_then_stop(state: str) -> bytes:  # stop() lands just before the session's first status publish
+        payload = build_status(state)
+        if state != "offline":  # not while the last will is built, before the session starts
+            agent.stop()
+        return payload
+
+    agent._status = status_then_stop
+    assert await asyncio.wait_for(agent.run(), 10) == 0
