@@ -92,7 +92,8 @@ def test_processes_stop_reaches_descendants_in_their_own_session(tmp_path: Path)
 
 
 def test_relay_and_fedwb_small_run(tmp_path: Path, mosquitto_bin: None) -> None:
-    args = parse_args(["--clients", "2", "--params", "1000", "--rounds", "2", "--systems", "relay,fedwb",
+    # 1M params (4 MB): a 1k-param relay round uses less CPU than one 10 ms clock tick, so it read as 0 at times
+    args = parse_args(["--clients", "2", "--params", "1000000", "--rounds", "2", "--systems", "relay,fedwb",
                        "--timeout", "120", "--keep", str(tmp_path)])
     out = run_all(args)
     for name in ("relay", "fedwb"):
