@@ -161,6 +161,74 @@ def sinkhorn_default_case(k: int, n: int, threads: int) -> dict:
     return out
 
 
+MLP_SHAPES = {"fc1.weight": (200, 784), "fc1.bias": (200,), "fc2.weight": (200, 200), "fc2.bias": (200,),
+              "fc3.weight": (10, 200), "fc3.bias": (10,)}  # the MNIST MLP 784-200-200-10
+
+
+def _mlp_models(k: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    base = {name: torch.randn(shape, generator=g) * 0.05 for name, shape in MLP_SHAPES.items()}
+    return [{name: t + 0.01 * torch.randn(t.shape, generator=g) for name, t in base.items()} for _ in range(k)]
+
+
+def _rel(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return max(float((a[n].double() - b[n].double().to(a[n].device)).abs().max() / b[n].double().abs().max())
+               for n in a)
+
+
+def entropic(ks: list[int], iters: int, big_n: int, device: str, log_solver: bool) -> dict:
+    """The paper's fusion (reg 0.1, ``iters`` iterations, no early stop) on the MNIST MLP's shapes.
+
+    Rows: the plain-domain solver (compiled on CPU, torch on CUDA) against today's log-domain
+    one in the same run, with their largest relative difference; and K = 10 x one tensor of
+    ``big_n`` weights with the plain solver.
+    """
+    opts = {"reg": 0.1, "stop_threshold": 0.0, "max_iter": iters, "warn": False}
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    rows = []
+    for k in ks:
+        models = _mlp_models(k)
+        row: dict = {"K": k, "params": sum(int(np.prod(s)) for s in MLP_SHAPES.values()), "iterations": iters}
+        t0 = time.perf_counter()
+        fast, rep = fuse_with_report(models, [1.0] * k, "fedwb-sinkhorn", solver="plain", **opts)
+        row["plain_cpu_s"] = time.perf_counter() - t0
+        row["plain_log_domain_handover"] = rep.as_dict().get("sinkhorn_log_domain")
+        w = [1.0 + 0.1 * i for i in range(k)]  # distinct weights: one log per row and point
+        t0 = time.perf_counter()
+        fuse_with_report(models, w, "fedwb-sinkhorn", solver="plain", **opts)
+        row["plain_cpu_unequal_weights_s"] = time.perf_counter() - t0
+        if log_solver:
+            t0 = time.perf_counter()
+            slow, _ = fuse_with_report(models, [1.0] * k, "fedwb-sinkhorn", solver="log", **opts)
+            row["log_domain_s"] = time.perf_counter() - t0
+            row["speedup_vs_log_domain"] = row["log_domain_s"] / row["plain_cpu_s"]
+            row["max_rel_diff_vs_log_domain"] = _rel(fast, slow)
+        if device == "cuda":
+            on_gpu = [{n: t.to("cuda") for n, t in m.items()} for m in models]
+            fuse_with_report(on_gpu, [1.0] * k, "fedwb-sinkhorn", **{**opts, "max_iter": 5})  # warm-up
+            sync()
+            for n_it, key in ((iters, "cuda_s"), (10 * iters, "cuda_10x_iterations_s")):
+                t0 = time.perf_counter()
+                gpu, grep = fuse_with_report(on_gpu, [1.0] * k, "fedwb-sinkhorn", **{**opts, "max_iter": n_it})
+                sync()
+                row[key] = time.perf_counter() - t0
+                if n_it == iters:
+                    row["cuda_solver"] = grep.sinkhorn_solver
+                    row["cuda_max_rel_diff_vs_cpu"] = _rel(gpu, fast)
+        progress(f"  entropic MLP K={k}: plain {row['plain_cpu_s']:.2f}s"
+                 + (f", log-domain {row['log_domain_s']:.1f}s (x{row['speedup_vs_log_domain']:.0f})"
+                    if log_solver else ""))
+        rows.append(row)
+    big = _models(10, big_n, 0.2, "cpu")
+    t0 = time.perf_counter()
+    fuse_with_report(big, [1.0] * 10, "fedwb-sinkhorn", solver="plain", **opts)
+    big_row = {"K": 10, "n": big_n, "iterations": iters, "plain_cpu_s": time.perf_counter() - t0}
+    progress(f"  entropic K=10 n={big_n}: plain {big_row['plain_cpu_s']:.2f}s")
+    return {"mlp": rows, "one_big_tensor": big_row, "goals": {
+        "mlp_K10_plain_cpu_s_max": 2.5, "speedup_vs_log_domain_min": 20, "big_K10_n1e6_s_max": 10,
+        "cuda_K10_s_max": 0.1, "cuda_K10_10x_iterations_s_max": 1.0}}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", action="store_true", help="one-line JSON on stdout")
@@ -168,6 +236,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=2, help="torch and numba CPU threads")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--only", choices=["entropic"], help="run one section only")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     try:
@@ -184,9 +253,17 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     progress("warming up (numba compile/cache load)")
     fuse_with_report(_models(2, 100, 0.1, "cpu"), [1, 1], "fedwb")
-    progress("speed")
+    fuse_with_report(_models(2, 100, 0.1, "cpu"), [1, 1], "fedwb-sinkhorn", max_iter=2, solver="plain", warn=False)
+    progress("entropic FedWB (the paper's fusion), plain vs log domain")
     result = {"benchmark": "fusion", "machine": machine(), "device": args.device,
-              "speed": speed(ks, ns, regs, repeats, args.device)}
+              "entropic": entropic([5, 10], 100 if args.quick else 1000, 10**5 if args.quick else 10**6,
+                                   args.device, log_solver=True)}
+    if args.only == "entropic":
+        result["total_seconds"] = time.perf_counter() - t0
+        emit(result, args.json)
+        return
+    progress("speed")
+    result["speed"] = speed(ks, ns, regs, repeats, args.device)
     # The acceptance case: K = 10 models of one 1000x1000 float32 tensor.
     models = [{"w": torch.randn(1000, 1000).to(args.device)} for _ in range(10)]
     lam = [0.1] * 10

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -52,10 +53,12 @@ import numpy as np
 import torch
 
 from aggregator.fusion import barycenter as _bary
+from aggregator.fusion import sinkhorn_fast as _fast
 from aggregator.fusion.fedavg import fedavg_tensor, normalize_weights
 from aggregator.fusion.sinkhorn import sinkhorn_barycenter_1d
 
 METHODS = ("fedavg", "fedwb", "fedwb-sinkhorn")
+SOLVERS = ("auto", "plain", "plain-torch", "log")
 Model = Mapping[str, torch.Tensor]
 
 
@@ -69,6 +72,8 @@ class FusionReport:
     sinkhorn_iterations: int = 0
     sinkhorn_error: float = 0.0
     sinkhorn_converged: bool = True
+    sinkhorn_solver: str = ""
+    sinkhorn_escaped: list[str] = field(default_factory=list)
     device: str = "cpu"
 
     def as_dict(self) -> dict[str, Any]:
@@ -77,7 +82,11 @@ class FusionReport:
         if self.method == "fedwb-sinkhorn":
             out.update(sinkhorn_iterations=self.sinkhorn_iterations,
                        sinkhorn_error=self.sinkhorn_error,
-                       sinkhorn_converged=self.sinkhorn_converged)
+                       sinkhorn_converged=self.sinkhorn_converged,
+                       sinkhorn_solver=self.sinkhorn_solver)
+            if self.sinkhorn_escaped:
+                out["sinkhorn_log_domain"] = {"tensors": list(self.sinkhorn_escaped),
+                                              "reason": "values left the plain range [1e-100, 1e100]"}
         return out
 
 
@@ -98,48 +107,127 @@ def check_models(models: Sequence[Model]) -> list[str]:
     return keys
 
 
-def _fedwb_tensor(rows: torch.Tensor, lam: list[float], method: str, opts: dict[str, Any],
-                  report: FusionReport) -> torch.Tensor:
-    """FedWB of the K flattened tensors ``rows`` (K, n); returns float64 (n,)."""
+@dataclass
+class _Prepared:
+    """One tensor's FedWB inputs: histograms of the non-constant models and the rescaling."""
+
+    name: str
+    hists: torch.Tensor | None  # (K', n) float64, rows a_k = S_k / s_k of the models with s_k > 0
+    sub_lam: torch.Tensor | None  # (K',) weights of those rows, normalized
+    scale: float  # sum_k lambda_k s_k
+    shift: float  # sum_k lambda_k m_k
+    n: int
+
+
+def _prepare(name: str, rows: torch.Tensor, lam_t: torch.Tensor) -> _Prepared:
+    """Min-shift and normalize the K flattened tensors ``rows`` (K, n) into histograms."""
+    x = rows.to(torch.float64)
+    mins = x.amin(dim=1)
+    shifted = x - mins[:, None]
+    totals = shifted.sum(dim=1)
+    scale, shift = float((lam_t * totals).sum()), float((lam_t * mins).sum())
+    keep = totals > 0
+    if not bool(keep.any()):
+        return _Prepared(name, None, None, scale, shift, rows.shape[1])
+    sub_lam = lam_t[keep] / lam_t[keep].sum()
+    return _Prepared(name, shifted[keep] / totals[keep, None], sub_lam, scale, shift, rows.shape[1])
+
+
+def _finish(p: _Prepared, b: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """:math:`W = b \\sum_k \\lambda_k s_k + \\sum_k \\lambda_k m_k` (the shift alone when all are constant)."""
+    if b is None:
+        return torch.full((p.n,), p.shift, dtype=torch.float64, device=device)
+    return b.to(torch.float64).mul(p.scale).add_(p.shift)
+
+
+def _fedwb_exact(rows: torch.Tensor, lam: list[float]) -> torch.Tensor:
+    """Exact FedWB of the K flattened tensors ``rows`` (K, n); returns float64 (n,)."""
     lam_t = torch.tensor(lam, dtype=torch.float64, device=rows.device)
-    compiled = method == "fedwb" and rows.device.type == "cpu" and _bary.numba is not None
-    if compiled:  # one fused pass: minima and running sums of W - m (the CDFs, unnormalized)
+    if rows.device.type == "cpu" and _bary.numba is not None:  # one fused pass: minima and running sums
         src = rows if rows.dtype in (torch.float32, torch.float64) else rows.float()
         cum, mins_np = _bary._shifted_cumsum(np.ascontiguousarray(src.numpy()))
         mins, totals = torch.from_numpy(mins_np.astype(np.float64)), torch.from_numpy(cum[:, -1].copy())
-    else:
-        x = rows.to(torch.float64)
-        mins = x.amin(dim=1)
-        shifted = x - mins[:, None]
-        totals = shifted.sum(dim=1)
-    scale = float((lam_t * totals).sum())
-    shift = float((lam_t * mins).sum())
-    keep = totals > 0
-    if not bool(keep.any()):
-        return torch.full((rows.shape[1],), shift, dtype=torch.float64, device=rows.device)
-    sub_lam = lam_t[keep] / lam_t[keep].sum()
-    if compiled:
+        scale, shift = float((lam_t * totals).sum()), float((lam_t * mins).sum())
+        keep = totals > 0
+        if not bool(keep.any()):
+            return torch.full((rows.shape[1],), shift, dtype=torch.float64)
+        sub_lam = lam_t[keep] / lam_t[keep].sum()
         kept = np.ascontiguousarray(cum[keep.numpy()])
         b = torch.from_numpy(_bary._merge_barycenter(kept, sub_lam.numpy(), _bary._n_chunks(kept.size)))
-    elif method == "fedwb":
-        b = _bary.barycenter_1d(shifted[keep] / totals[keep, None], sub_lam)
-    else:
-        b, info = sinkhorn_barycenter_1d(shifted[keep] / totals[keep, None], sub_lam, reg=opts["reg"],
-                                         stop_threshold=opts["stop_threshold"],
-                                         max_iter=opts["max_iter"], warn=opts["warn"])
-        if opts["renormalize"]:
-            b = b / b.sum()
-        report.sinkhorn_iterations = max(report.sinkhorn_iterations, info.iterations)
-        report.sinkhorn_error = max(report.sinkhorn_error, info.error)
-        report.sinkhorn_converged = report.sinkhorn_converged and info.converged
-    return b.mul_(scale).add_(shift)
+        return b.mul_(scale).add_(shift)
+    p = _prepare("", rows, lam_t)
+    b = None if p.hists is None else _bary.barycenter_1d(p.hists, p.sub_lam)
+    return _finish(p, b, rows.device)
+
+
+def _pick_solver(solver: str, device: torch.device) -> str:
+    """``auto``: the compiled plain-domain solver on CPU, the torch plain one elsewhere."""
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown entropic solver {solver!r}: use one of {', '.join(SOLVERS)}")
+    if solver != "auto":
+        return solver
+    if device.type == "cpu" and _fast.available():
+        return "plain"
+    return "plain-torch"
+
+
+def _fedwb_sinkhorn_all(prepared: list[_Prepared], opts: dict[str, Any], report: FusionReport,
+                        device: torch.device) -> dict[str, torch.Tensor]:
+    """Entropic FedWB of every prepared tensor: one solve per group of tensors with the same rows."""
+    solver = _pick_solver(opts["solver"], device)
+    if solver == "plain" and device.type != "cpu":
+        solver = "plain-torch"  # the compiled kernel is CPU-only; same iterate on the device
+    report.sinkhorn_solver = solver
+    out: dict[str, torch.Tensor] = {}
+    groups: dict[tuple, list[_Prepared]] = {}
+    for p in prepared:
+        if p.hists is None:
+            out[p.name] = _finish(p, None, device)
+        else:
+            groups.setdefault(tuple(p.sub_lam.tolist()), []).append(p)
+    kw = {"reg": opts["reg"], "stop_threshold": opts["stop_threshold"], "max_iter": opts["max_iter"]}
+    for members in groups.values():
+        lam = members[0].sub_lam
+        if solver == "log":
+            results = [sinkhorn_barycenter_1d(p.hists, lam, warn=False, **kw) for p in members]
+            bs = [b for b, _ in results]
+            infos = [(i.iterations, i.error, i.converged, -1) for _, i in results]
+        else:
+            if solver == "plain":
+                raw, segs, vs = _fast.plain_barycenters([p.hists.cpu().numpy() for p in members],
+                                                        lam.cpu().numpy(), **kw)
+                bs = [torch.from_numpy(b) for b in raw]
+                vs = [None if v is None else torch.from_numpy(v) for v in vs]
+            else:
+                bs, segs, vs = _fast.plain_barycenters_torch([p.hists for p in members], lam, **kw)
+            infos = []
+            for idx, (p, seg, v) in enumerate(zip(members, segs, vs, strict=True)):
+                if v is not None:  # values left the plain range: continue the same iterate in the log domain
+                    report.sinkhorn_escaped.append(p.name)
+                    bs[idx], info = sinkhorn_barycenter_1d(p.hists, lam, warn=False, log_v0=torch.log(v.to(device)),
+                                                           start=seg.escaped_at, **kw)
+                    infos.append((info.iterations, info.error, info.converged, seg.escaped_at))
+                else:
+                    infos.append((seg.iterations, seg.error, seg.converged, -1))
+        for p, b, (iterations, error, converged, _) in zip(members, bs, infos, strict=True):
+            if opts["renormalize"]:
+                b = b / b.sum()
+            report.sinkhorn_iterations = max(report.sinkhorn_iterations, iterations)
+            report.sinkhorn_error = max(report.sinkhorn_error, error)
+            report.sinkhorn_converged = report.sinkhorn_converged and converged
+            out[p.name] = _finish(p, b.to(device), device)
+    if not report.sinkhorn_converged and opts["warn"]:
+        warnings.warn(f"entropic barycenter did not converge in {opts['max_iter']} iterations "
+                      f"(error {report.sinkhorn_error:.3g} > {opts['stop_threshold']:g}); raise max_iter or reg",
+                      RuntimeWarning, stacklevel=3)
+    return out
 
 
 def fuse_with_report(models: Sequence[Model], weights: Sequence[float] | torch.Tensor,
                      method: str = "fedavg", *, reg: float = 0.1, stop_threshold: float = 1e-4,
                      max_iter: int = 1000, biases: Literal["fedwb", "fedavg"] = "fedwb",
                      newest: int | None = None, device: str | torch.device | None = None,
-                     warn: bool = True, renormalize: bool = False,
+                     warn: bool = True, renormalize: bool = False, solver: str = "auto",
                      ) -> tuple[dict[str, torch.Tensor], FusionReport]:
     """``fuse`` that also returns a ``FusionReport`` (rules used, solver iterations, time)."""
     if method not in METHODS:
@@ -153,11 +241,18 @@ def fuse_with_report(models: Sequence[Model], weights: Sequence[float] | torch.T
     newest_idx = len(models) - 1 if newest is None else newest
     if not -len(models) <= newest_idx < len(models):
         raise ValueError(f"newest={newest} is out of range for {len(models)} models")
+    if max_iter < 1:
+        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+    if not (stop_threshold >= 0 and math.isfinite(stop_threshold)):
+        raise ValueError(f"stop_threshold must be non-negative and finite, got {stop_threshold!r}")
+    _pick_solver(solver, torch.device("cpu"))  # validates the name
     opts = {"reg": reg, "stop_threshold": stop_threshold, "max_iter": max_iter, "warn": warn,
-            "renormalize": renormalize}
+            "renormalize": renormalize, "solver": solver}
     start = time.perf_counter()
     report = FusionReport(method=method)
     out: dict[str, torch.Tensor] = {}
+    pending: list[_Prepared] = []  # entropic tensors, solved together after the loop
+    target = torch.device("cpu")
     for name in keys:
         first = models[0][name]
         target = torch.device(device) if device is not None else first.device
@@ -170,10 +265,21 @@ def fuse_with_report(models: Sequence[Model], weights: Sequence[float] | torch.T
         else:
             rule = method
             rows = torch.stack([m[name].reshape(-1).to(target) for m in models])
-            fused = _fedwb_tensor(rows, lam, method, opts, report)
-            fused = fused.to(dtype=first.dtype, device=first.device).reshape(first.shape)
+            if method == "fedwb":
+                fused = _fedwb_exact(rows, lam)
+            else:
+                pending.append(_prepare(name, rows, torch.tensor(lam, dtype=torch.float64, device=target)))
+                fused = None
         report.rules[rule] = report.rules.get(rule, 0) + 1
         out[name] = fused
+    if pending:
+        for name, fused in _fedwb_sinkhorn_all(pending, opts, report, target).items():
+            first = models[0][name]
+            out[name] = fused.to(dtype=first.dtype, device=first.device).reshape(first.shape)
+    for name in keys:
+        first = models[0][name]
+        if out[name].dtype != first.dtype or out[name].shape != first.shape:  # exact FedWB results (float64, flat)
+            out[name] = out[name].to(dtype=first.dtype, device=first.device).reshape(first.shape)
     report.seconds = time.perf_counter() - start
     return out, report
 

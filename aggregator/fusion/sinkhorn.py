@@ -96,14 +96,17 @@ def log_gauss_conv(g: torch.Tensor, reg: float) -> tuple[torch.Tensor, int]:
 
 def sinkhorn_barycenter_1d(hists: torch.Tensor, weights: Sequence[float] | torch.Tensor, *,
                            reg: float = 0.1, stop_threshold: float = 1e-4, max_iter: int = 1000,
-                           warn: bool = True) -> tuple[torch.Tensor, SinkhornInfo]:
+                           warn: bool = True, log_v0: torch.Tensor | None = None,
+                           start: int = 0) -> tuple[torch.Tensor, SinkhornInfo]:
     r"""Entropic barycenter of the rows of ``hists`` (K, n) on the grid ``0..n-1``.
 
     ``reg`` is :math:`\varepsilon` in units of the unnormalized cost :math:`(i-j)^2`;
     ``stop_threshold`` and ``max_iter`` are POT's ``stopThr`` and ``numItermax``.
     Returns :math:`b = \exp(\sum_k \lambda_k \ell_k)` (not renormalized, as POT) in the
     dtype and device of ``hists``, and a ``SinkhornInfo``. Warns when not converged:
-    raise ``max_iter`` or ``reg``.
+    raise ``max_iter`` or ``reg``. ``log_v0`` (K, n) and ``start`` continue an iterate
+    from :math:`G = \log v` at iteration ``start`` (the plain-domain solver hands over
+    this way when its values leave its range).
     """
     if not isinstance(hists, torch.Tensor) or hists.ndim != 2:
         raise ValueError("hists must be a (K, n) tensor")
@@ -118,10 +121,11 @@ def sinkhorn_barycenter_1d(hists: torch.Tensor, weights: Sequence[float] | torch
     lam = (lam / lam.sum())[:, None]
     a = hists.detach().to(torch.float64)
     log_a = torch.log(a + LOG_FLOOR)
-    g = torch.zeros_like(log_a)
+    g = torch.zeros_like(log_a) if log_v0 is None else log_v0.to(log_a)
     err, band, converged = math.inf, 0, False
-    ii = 0
-    for ii in range(max_iter):
+    ii = start
+    log_bar = g[0]
+    for ii in range(start, max_iter):
         conv_g, b1 = log_gauss_conv(g, reg)
         f = log_a - conv_g
         log_ku, b2 = log_gauss_conv(f, reg)

@@ -1,0 +1,541 @@
+r"""The entropic barycenter iterate of :mod:`aggregator.fusion.sinkhorn`, fast, for all tensors at once.
+
+Same problem and same iterate as POT's ``ot.bregman.barycenter(method="sinkhorn_log")``,
+computed in the *plain* domain with scalings :math:`v_k = e^{G_k}`:
+
+.. math::
+    u_k = \frac{a_k + 10^{-16}}{K v_k}, \qquad
+    \log b = \sum_k \lambda_k \log (K u_k), \qquad
+    v_k \leftarrow \frac{b}{K u_k},
+
+where :math:`(Kx)_i = \sum_{|d| \le D} e^{-d^2/\varepsilon} x_{i+d}` is a band stencil on
+the grid (the Gibbs kernel of the cost :math:`(i-j)^2`, truncated where the left-out mass
+is below :math:`e^{-40}` relative to the kept diagonal term; :math:`D` is sized from the
+spread :math:`\log(\max x / \min x)` of the stencil's input, as in the log-domain solver,
+so it widens by itself when mass must travel far). Per grid point and iteration this is
+two short stencils, two divisions and one logarithm (a vectorizable one, below) instead of
+the log domain's 2(2D+1) exponentials; the exponential of :math:`\log b` is shared by the
+K rows. Every tensor of a model is one *segment* of a (K, N) array, and one compiled,
+parallel pass per iteration updates all of them (tiles of a segment recompute the D-wide
+halo of :math:`u` they need instead of waiting for their neighbours).
+
+Stopping is POT's: every 10th iteration (``ii % 10 == 1``) the error
+:math:`\sum_i \mathrm{std}_k(v_{ki} (K u_k)_i)` of a segment is compared with
+``stop_threshold``; a segment that stops keeps the :math:`b` of that iteration.
+
+Range: the plain domain is exact only while every :math:`u, v, Ku` stays inside
+``[1e-100, 1e100]`` (so the band bound holds and nothing is subnormal). A segment whose
+values leave that range at iteration ``ii`` is handed back, with its last good
+:math:`v`, so the caller continues it in the log domain from the same iterate
+(``escaped`` in the result): same numbers, slower.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+try:
+    import numba
+    from llvmlite import ir
+    from numba import types
+    from numba.extending import intrinsic
+except ImportError:  # pragma: no cover - numba is a dependency; without it the torch solver runs
+    numba = None
+
+LOG_FLOOR = 1e-16
+RANGE_LO, RANGE_HI = 1e-100, 1e100  # plain-domain values must stay inside
+# The same range as biased float64 exponents, checked with integer min/max (they vectorize):
+# 2^(e - 1023) <= x < 2^(e - 1022), so these bounds keep x inside [RANGE_LO, RANGE_HI].
+EXP_LO = 1023 + math.ceil(math.log2(RANGE_LO))
+EXP_HI = 1022 + math.floor(math.log2(RANGE_HI))
+TILE = 1024  # grid points per tile: K rows of the tile's buffers stay in L1/L2
+_LN2_HI, _LN2_LO = 6.93147180369123816490e-01, 1.90821492927058770002e-10
+_INV_LN2 = 1.4426950408889634
+
+
+def available() -> bool:
+    """Whether the compiled solver can run here (numba importable)."""
+    return numba is not None
+
+
+@dataclass(frozen=True)
+class SegmentResult:
+    """What the compiled solver did to one segment (one tensor)."""
+
+    iterations: int
+    error: float
+    converged: bool
+    band: int
+    escaped_at: int  # -1, or the iteration at which values left the plain range
+
+
+def band_halfwidth(reg: float, spread: float, n: int) -> int:
+    """Half-width D with :math:`(D+1)^2 \\ge \\varepsilon(\\text{spread} + \\log 2n + 40)` (at most n-1)."""
+    need = reg * (max(spread, 0.0) + math.log(2 * n) + 40.0)
+    return int(min(n - 1, max(0, math.ceil(math.sqrt(need)) - 1)))
+
+
+if numba is not None:
+    @intrinsic
+    def _f2i(typingctx, x):  # pragma: no cover - compiled
+        if x != types.float64:
+            return None
+
+        def codegen(context, builder, sig, args):
+            return builder.bitcast(args[0], ir.IntType(64))
+
+        return types.int64(types.float64), codegen
+
+    @intrinsic
+    def _i2f(typingctx, x):  # pragma: no cover - compiled
+        if x != types.int64:
+            return None
+
+        def codegen(context, builder, sig, args):
+            return builder.bitcast(args[0], ir.DoubleType())
+
+        return types.float64(types.int64), codegen
+
+    _jit_inline = numba.njit(inline="always", error_model="numpy", cache=True)
+    _jit = numba.njit(error_model="numpy", cache=True, nogil=True)
+    # The tile kernel: reductions (min/max, sums) may be reordered and a*b+c fused, which
+    # changes results in the last bits only; no value is NaN or infinite there (inputs are
+    # finite and every value is checked against the plain range before it is used again).
+    _jit_tile = numba.njit(error_model="numpy", cache=True, nogil=True,
+                           fastmath={"nnan", "ninf", "nsz", "contract", "reassoc"})
+    _jit_parallel = numba.njit(error_model="numpy", cache=True, nogil=True, parallel=True)
+
+    @_jit_inline
+    def _vlog(x):  # pragma: no cover - compiled
+        """log(x) for normal positive x, within 1 ulp (fdlibm's polynomial), written to vectorize."""
+        bits = _f2i(x) + (0x3FF0000000000000 - 0x3FE6A09E667F3BCD)  # mantissa split at sqrt(1/2)
+        e = (bits >> 52) - 1023
+        m = _i2f((bits & 0x000FFFFFFFFFFFFF) + 0x3FE6A09E667F3BCD)
+        f = m - 1.0
+        s = f / (2.0 + f)
+        z = s * s
+        w = z * z
+        t1 = w * (3.999999999940941908e-01 + w * (2.222219843214978396e-01 + w * 1.531383769920937332e-01))
+        t2 = z * (6.666666666666735130e-01 + w * (2.857142874366239149e-01 + w * (1.818357216161805012e-01
+                                                                                + w * 1.479819860511658591e-01)))
+        hfsq = 0.5 * f * f
+        ef = float(e)
+        return ef * _LN2_HI - ((hfsq - (s * (hfsq + t2 + t1) + ef * _LN2_LO)) - f)
+
+    @_jit_inline
+    def _vexp(x):  # pragma: no cover - compiled
+        """exp(x) for |x| < 700, within 2 ulp (degree-13 Taylor on |r| <= ln2/2), written to vectorize."""
+        nf = math.floor(x * _INV_LN2 + 0.5)
+        r = (x - nf * _LN2_HI) - nf * _LN2_LO
+        p = 1.0 / 6227020800.0
+        p = p * r + 1.0 / 479001600.0
+        p = p * r + 1.0 / 39916800.0
+        p = p * r + 1.0 / 3628800.0
+        p = p * r + 1.0 / 362880.0
+        p = p * r + 1.0 / 40320.0
+        p = p * r + 1.0 / 5040.0
+        p = p * r + 1.0 / 720.0
+        p = p * r + 1.0 / 120.0
+        p = p * r + 1.0 / 24.0
+        p = p * r + 1.0 / 6.0
+        p = p * r + 0.5
+        p = p * r + 1.0
+        p = p * r + 1.0
+        return p * _i2f((np.int64(nf) + 1023) << 52)
+
+    @_jit
+    def vlog_array(x, out):  # pragma: no cover - compiled
+        for i in range(x.size):
+            out[i] = _vlog(x[i])
+
+    @_jit
+    def vexp_array(x, out):  # pragma: no cover - compiled
+        for i in range(x.size):
+            out[i] = _vexp(x[i])
+
+    @_jit_inline
+    def _stencil_passes(x, lo, hi, seg_lo, seg_hi, w, band, out):  # pragma: no cover - compiled
+        """out[i - lo] = sum_{|d| <= band, seg_lo <= i+d < seg_hi} w[|d|] x[i+d] for i in [lo, hi), one pass per d.
+
+        Every loop runs over zero-based slices, so no index can be negative and LLVM
+        vectorizes them (a signed index costs a wrap-around test per access).
+        """
+        m = hi - lo
+        xs = x[lo:hi]
+        for i in range(m):
+            out[i] = xs[i]
+        for d in range(1, band + 1):
+            wd = w[d]
+            a0 = min(hi, max(lo, seg_lo + d))  # first i with a left neighbour i - d in the segment
+            left, dst = x[a0 - d:hi - d], out[a0 - lo:m]
+            for i in range(hi - a0):
+                dst[i] += wd * left[i]
+            b1 = max(lo, min(hi, seg_hi - d))  # i < b1 have a right neighbour i + d in the segment
+            right = x[lo + d:b1 + d]
+            for i in range(b1 - lo):
+                out[i] += wd * right[i]
+
+    @_jit_inline
+    def _stencil(x, lo, hi, seg_lo, seg_hi, w, band, out):  # pragma: no cover - compiled
+        """The band stencil of ``_stencil_passes``; interior points in one pass when band <= 4."""
+        ia, ib = max(lo, seg_lo + band), min(hi, seg_hi - band)
+        if band > 4 or ib - ia < 16:
+            _stencil_passes(x, lo, hi, seg_lo, seg_hi, w, band, out)
+            return
+        _stencil_passes(x, lo, ia, seg_lo, seg_hi, w, band, out)
+        _stencil_passes(x, ib, hi, seg_lo, seg_hi, w, band, out[ib - lo:])
+        n = ib - ia
+        dst, c = out[ia - lo:ib - lo], x[ia:ib]
+        w1, w2, w3, w4 = w[1], w[2] if band >= 2 else 0.0, w[3] if band >= 3 else 0.0, w[4] if band >= 4 else 0.0
+        l1, r1 = x[ia - 1:ib - 1], x[ia + 1:ib + 1]
+        if band == 1:
+            for i in range(n):
+                dst[i] = c[i] + w1 * (l1[i] + r1[i])
+            return
+        l2, r2 = x[ia - 2:ib - 2], x[ia + 2:ib + 2]
+        if band == 2:
+            for i in range(n):
+                dst[i] = c[i] + w1 * (l1[i] + r1[i]) + w2 * (l2[i] + r2[i])
+            return
+        l3, r3 = x[ia - 3:ib - 3], x[ia + 3:ib + 3]
+        if band == 3:
+            for i in range(n):
+                dst[i] = c[i] + w1 * (l1[i] + r1[i]) + w2 * (l2[i] + r2[i]) + w3 * (l3[i] + r3[i])
+            return
+        l4, r4 = x[ia - 4:ib - 4], x[ia + 4:ib + 4]
+        for i in range(n):
+            dst[i] = c[i] + w1 * (l1[i] + r1[i]) + w2 * (l2[i] + r2[i]) + w3 * (l3[i] + r3[i]) + w4 * (l4[i] + r4[i])
+
+    @_jit_tile
+    def _tile(t, tid, s, a1, lam, seg_lo, seg_hi, tile_lo, tile_hi, w, band_v, band_u, check, v_cur, v_next, b,
+              ubuf, kvbuf, kubuf, lbuf, bbuf, mbuf, t_stat):  # pragma: no cover - compiled
+        """One iteration on tile t (segment s): u with its halo, K u, log b, b, the error partial and the new v."""
+        n_rows = a1.shape[0]
+        lo, hi = tile_lo[t], tile_hi[t]
+        sl, sh = seg_lo[s], seg_hi[s]
+        bv, bu = band_v[s], band_u[s]
+        ulo, uhi = max(sl, lo - bu), min(sh, hi + bu)
+        m, mu = hi - lo, uhi - ulo
+        bad = False
+        emin, emax = EXP_HI + 1, 0
+        lb = lbuf[tid]
+        lb[:m] = 0.0
+        kv = kvbuf[tid]
+        for k in range(n_rows):
+            u = ubuf[tid, k]
+            _stencil(v_cur[k], ulo, uhi, sl, sh, w, bv, kv)
+            ak = a1[k, ulo:uhi]
+            for i in range(mu):
+                x = ak[i] / kv[i]
+                u[i] = x
+                e = _f2i(x) >> 52  # biased binary exponent (x > 0): integer min/max vectorize
+                emin = min(emin, e)
+                emax = max(emax, e)
+            ku = kubuf[tid, k]
+            _stencil(u, lo - ulo, hi - ulo, sl - ulo, sh - ulo, w, bu, ku)  # K u on [lo, hi)
+            lk = lam[k]
+            for i in range(m):
+                x = ku[i]
+                e = _f2i(x) >> 52
+                emin = min(emin, e)
+                emax = max(emax, e)
+                lb[i] += lk * _vlog(x)
+            if emin < EXP_LO or emax > EXP_HI:
+                bad = True
+                break
+        if not bad:
+            bb = bbuf[tid]
+            for i in range(m):
+                bb[i] = _vexp(lb[i])
+            err = 0.0
+            if check:  # POT's error: sum_i std_k(v_k (K u_k))
+                mean = mbuf[tid]
+                mean[:m] = 0.0
+                for k in range(n_rows):
+                    ku, vk = kubuf[tid, k], v_cur[k, lo:hi]
+                    for i in range(m):
+                        mean[i] += vk[i] * ku[i]
+                for i in range(m):
+                    mean[i] /= n_rows
+                var = lbuf[tid]
+                var[:m] = 0.0
+                for k in range(n_rows):
+                    ku, vk = kubuf[tid, k], v_cur[k, lo:hi]
+                    for i in range(m):
+                        dlt = vk[i] * ku[i] - mean[i]
+                        var[i] += dlt * dlt
+                for i in range(m):
+                    err += math.sqrt(var[i] / n_rows)
+            vmin, vmax = EXP_HI + 1, 0
+            for k in range(n_rows):
+                ku, vn = kubuf[tid, k], v_next[k, lo:hi]
+                for i in range(m):
+                    x = bb[i] / ku[i]
+                    vn[i] = x
+                    e = _f2i(x) >> 52
+                    vmin = min(vmin, e)
+                    vmax = max(vmax, e)
+            b[lo:hi] = bb[:m]
+            bad = vmin < EXP_LO or vmax > EXP_HI
+            t_stat[t, 0] = vmin
+            t_stat[t, 1] = vmax
+            t_stat[t, 3] = err
+        t_stat[t, 2] = 1.0 if bad else 0.0
+
+    @_jit_parallel
+    def _iterate(a1, lam, seg_lo, seg_hi, tile_seg, tile_lo, tile_hi, w, reg, band_cap, spread_a,
+                 max_iter, stop_threshold, v_cur, v_next, b, out_iter, out_err, out_conv, out_band,
+                 out_escaped, nthreads):  # pragma: no cover - compiled
+        """Run the plain-domain iterate on every segment; returns the array holding the last good v."""
+        log_wsum = math.log(w.sum() * 2.0 - 1.0)  # log of the kernel's total weight, sum_d w_|d|
+        n_rows = a1.shape[0]
+        n_seg = seg_lo.shape[0]
+        n_tiles = tile_lo.shape[0]
+        max_tile = 0
+        for t in range(n_tiles):
+            max_tile = max(max_tile, tile_hi[t] - tile_lo[t])
+        halo = band_cap
+        ubuf = np.empty((nthreads, n_rows, max_tile + 2 * halo))
+        kvbuf = np.empty((nthreads, max_tile + 2 * halo))
+        kubuf = np.empty((nthreads, n_rows, max_tile))
+        lbuf = np.empty((nthreads, max_tile))
+        bbuf = np.empty((nthreads, max_tile))
+        mbuf = np.empty((nthreads, max_tile))
+        # per tile: [min v, max v, bad flag, error partial]
+        t_stat = np.empty((n_tiles, 4))
+        active = np.ones(n_seg, np.bool_)
+        v_lo = np.full(n_seg, 1023.0)  # biased exponents of min v and max v (v = 1 at the start)
+        v_hi = np.full(n_seg, 1023.0)
+        band_v = np.zeros(n_seg, np.int64)
+        band_u = np.zeros(n_seg, np.int64)
+        for s in range(n_seg):
+            out_iter[s] = 0
+            out_err[s] = np.inf
+            out_conv[s] = False
+            out_band[s] = 0
+            out_escaped[s] = -1
+        for ii in range(max_iter):
+            check = ii % 10 == 1
+            any_active = False
+            for s in range(n_seg):
+                if active[s]:
+                    any_active = True
+                    n = seg_hi[s] - seg_lo[s]
+                    sv = (v_hi[s] - v_lo[s] + 1.0) * math.log(2.0)  # >= log(max v / min v)
+                    base = math.log(2.0 * n) + 40.0
+                    # spread of log Kv <= spread of log v + log(sum of kernel weights);
+                    # spread of log u <= that + spread of log(a + 1e-16)
+                    dv = min(n - 1, max(0, math.ceil(math.sqrt(reg * (sv + base))) - 1))
+                    band_v[s] = min(dv, band_cap)
+                    du = min(n - 1, max(0, math.ceil(math.sqrt(reg * (sv + spread_a[s] + log_wsum + base))) - 1))
+                    band_u[s] = min(du, band_cap)
+                    out_band[s] = max(out_band[s], max(band_v[s], band_u[s]))
+            if not any_active:
+                break
+            for tid in numba.prange(nthreads):  # one worker per scratch slot; tiles dealt round-robin
+                for t in range(tid, n_tiles, nthreads):
+                    if active[tile_seg[t]]:
+                        _tile(t, tid, tile_seg[t], a1, lam, seg_lo, seg_hi, tile_lo, tile_hi, w, band_v, band_u,
+                              check, v_cur, v_next, b, ubuf, kvbuf, kubuf, lbuf, bbuf, mbuf, t_stat)
+            # combine per segment
+            seg_bad = np.zeros(n_seg, np.bool_)
+            seg_err = np.zeros(n_seg)
+            new_lo = np.full(n_seg, np.inf)
+            new_hi = np.zeros(n_seg)
+            for t in range(n_tiles):
+                s = tile_seg[t]
+                if not active[s]:
+                    continue
+                if t_stat[t, 2] != 0.0:
+                    seg_bad[s] = True
+                else:
+                    new_lo[s] = min(new_lo[s], t_stat[t, 0])
+                    new_hi[s] = max(new_hi[s], t_stat[t, 1])
+                    seg_err[s] += t_stat[t, 3]
+            for s in range(n_seg):
+                if not active[s]:
+                    continue
+                if seg_bad[s]:  # v_cur of this segment is the last good iterate: keep it through the swap
+                    active[s] = False
+                    out_escaped[s] = ii
+                    out_iter[s] = ii
+                    for k in range(n_rows):
+                        for i in range(seg_lo[s], seg_hi[s]):
+                            v_next[k, i] = v_cur[k, i]
+                    continue
+                out_iter[s] = ii + 1
+                v_lo[s], v_hi[s] = new_lo[s], new_hi[s]
+                if check:
+                    out_err[s] = seg_err[s]
+                    if seg_err[s] < stop_threshold:
+                        active[s] = False
+                        out_conv[s] = True
+                        continue
+            v_cur, v_next = v_next, v_cur
+        return v_cur
+
+
+def _tiles(seg_lo: np.ndarray, seg_hi: np.ndarray, tile: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    segs, los, his = [], [], []
+    for s, (lo, hi) in enumerate(zip(seg_lo.tolist(), seg_hi.tolist(), strict=True)):
+        count = max(1, -(-(hi - lo) // tile))
+        edges = np.linspace(lo, hi, count + 1).astype(np.int64)
+        segs += [s] * count
+        los += edges[:-1].tolist()
+        his += edges[1:].tolist()
+    return np.array(segs, np.int64), np.array(los, np.int64), np.array(his, np.int64)
+
+
+def plain_barycenters(hists: list[np.ndarray], lam: np.ndarray, *, reg: float, stop_threshold: float,
+                      max_iter: int, tile: int = TILE
+                      ) -> tuple[list[np.ndarray], list[SegmentResult], list[np.ndarray | None]]:
+    r"""Entropic barycenters of several (K, n_s) histogram stacks with one compiled iteration.
+
+    ``lam`` (K,) are the normalized weights. Returns, per stack: the barycenter :math:`b`
+    (n_s,), a ``SegmentResult``, and for a segment that left the plain range the last good
+    :math:`v` (K, n_s) to continue from in the log domain (else ``None``).
+    """
+    if numba is None:  # pragma: no cover
+        raise RuntimeError("the compiled entropic solver needs numba")
+    k_rows = len(lam)
+    sizes = [h.shape[1] for h in hists]
+    seg_hi = np.cumsum(sizes).astype(np.int64)
+    seg_lo = (seg_hi - np.array(sizes, np.int64)).astype(np.int64)
+    a1 = np.empty((k_rows, int(seg_hi[-1])))
+    spread_a = np.empty(len(hists))
+    for s, h in enumerate(hists):
+        block = a1[:, seg_lo[s]:seg_hi[s]]
+        np.add(h, LOG_FLOOR, out=block)
+        spread_a[s] = math.log(float(block.max()) / float(block.min()))
+    band_cap = max(band_halfwidth(reg, 2 * math.log(RANGE_HI) + float(spread_a.max()) + math.log(1 + 2 * math.sqrt(
+        math.pi * reg)) + 1.0, max(sizes)), 1)
+    w = np.exp(-np.arange(band_cap + 1, dtype=np.float64) ** 2 / reg)
+    tile_seg, tile_lo, tile_hi = _tiles(seg_lo, seg_hi, tile)
+    v_cur = np.ones_like(a1)
+    v_next = np.empty_like(a1)
+    b = np.empty(a1.shape[1])
+    n_seg = len(hists)
+    it, err = np.zeros(n_seg, np.int64), np.zeros(n_seg)
+    conv, band, esc = np.zeros(n_seg, np.bool_), np.zeros(n_seg, np.int64), np.zeros(n_seg, np.int64)
+    v_last = _iterate(a1, np.ascontiguousarray(lam, dtype=np.float64), seg_lo, seg_hi, tile_seg, tile_lo, tile_hi,
+                      w, float(reg), band_cap, spread_a, int(max_iter), float(stop_threshold), v_cur, v_next, b,
+                      it, err, conv, band, esc, numba.get_num_threads())
+    bs, results, vs = [], [], []
+    for s in range(n_seg):
+        lo, hi = int(seg_lo[s]), int(seg_hi[s])
+        bs.append(b[lo:hi].copy())
+        results.append(SegmentResult(iterations=int(it[s]), error=float(err[s]), converged=bool(conv[s]),
+                                     band=int(band[s]), escaped_at=int(esc[s])))
+        vs.append(v_last[:, lo:hi].copy() if esc[s] >= 0 else None)
+    return bs, results, vs
+
+
+def _shift_add(x: torch.Tensor, w: list[float]) -> torch.Tensor:
+    """Band stencil along the last axis of a zero-padded (K, L) tensor: sum_{|d| <= D} w_|d| x[i+d]."""
+    out = x.clone()
+    for d in range(1, len(w)):
+        out[:, d:].add_(x[:, :-d], alpha=w[d])
+        out[:, :-d].add_(x[:, d:], alpha=w[d])
+    return out
+
+
+def plain_barycenters_torch(hists: list[torch.Tensor], lam: torch.Tensor, *, reg: float,
+                            stop_threshold: float, max_iter: int
+                            ) -> tuple[list[torch.Tensor], list[SegmentResult], list[torch.Tensor | None]]:
+    r"""The plain-domain iterate of :func:`plain_barycenters` in torch, for any device (CUDA).
+
+    All segments live in one zero-padded (K, L) tensor (gaps of the widest band between
+    them, so the stencil never mixes two tensors), and every iteration is one fixed
+    sequence of launches for the whole model. The band is sized each iteration from the
+    spread over all segments (one device-to-host read per iteration); the stopping error is
+    summed per segment every 10th iteration. Same results and hand-over as the compiled one.
+    """
+    device = hists[0].device
+    k_rows = hists[0].shape[0]
+    sizes = [h.shape[1] for h in hists]
+    a_all = torch.cat([h.to(torch.float64) for h in hists], dim=1) + LOG_FLOOR
+    spread_a = math.log(float(a_all.max()) / float(a_all.min()))
+    log_wsum = math.log(1 + 2 * math.sqrt(math.pi * reg)) + 1.0
+    gap = max(band_halfwidth(reg, 2 * math.log(RANGE_HI) + spread_a + log_wsum, max(sizes)), 1)
+    starts, pos = [], gap
+    for n in sizes:
+        starts.append(pos)
+        pos += n + gap
+    length = pos
+    a1 = torch.zeros(k_rows, length, dtype=torch.float64, device=device)
+    seg_id = torch.full((length,), -1, dtype=torch.int64, device=device)
+    for s, (st, h) in enumerate(zip(starts, hists, strict=True)):
+        a1[:, st:st + h.shape[1]] = h.to(torch.float64) + LOG_FLOOR
+        seg_id[st:st + h.shape[1]] = s
+    real = seg_id >= 0
+    lam = lam.to(device=device, dtype=torch.float64).reshape(-1, 1)
+    v = real.to(torch.float64).expand(k_rows, -1).clone()
+    b = torch.zeros(length, dtype=torch.float64, device=device)
+    n_seg = len(hists)
+    active = torch.ones(n_seg, dtype=torch.bool, device=device)
+    it = [0] * n_seg
+    err = [math.inf] * n_seg
+    conv = [False] * n_seg
+    escaped = [-1] * n_seg
+    band_used = 0
+    v_saved: list[torch.Tensor | None] = [None] * n_seg
+    w_all = [math.exp(-d * d / reg) for d in range(gap + 1)]
+    n_max = max(sizes)
+    spread_v = 0.0
+    for ii in range(max_iter):
+        if not bool(active.any()):
+            break
+        live = real & active[seg_id.clamp(min=0)]
+        dv = min(band_halfwidth(reg, spread_v, n_max), gap)
+        du = min(band_halfwidth(reg, spread_v + spread_a + log_wsum, n_max), gap)
+        band_used = max(band_used, dv, du)
+        kv = _shift_add(v, w_all[:dv + 1])
+        u = torch.where(real, a1 / torch.where(real, kv, 1.0), 0.0)
+        ku = _shift_add(u, w_all[:du + 1])
+        ku_safe = torch.where(real, ku, 1.0)
+        log_b = (lam * torch.log(ku_safe)).sum(dim=0)
+        b_new = torch.exp(log_b)
+        v_new = torch.where(real, b_new / ku_safe, 0.0)
+        check = ii % 10 == 1
+        # per segment: out of range anywhere (u, K u or the new v)?
+        bad_pt = ((u < RANGE_LO) | (u > RANGE_HI) | (ku_safe < RANGE_LO) | (ku_safe > RANGE_HI)
+                  | (v_new < RANGE_LO) | (v_new > RANGE_HI)).any(dim=0) & live
+        seg_bad = torch.zeros(n_seg, dtype=torch.bool, device=device).index_put_(
+            (seg_id[bad_pt],), torch.ones((), dtype=torch.bool, device=device), accumulate=False)
+        if check:
+            dev = (v * ku_safe).std(dim=0, unbiased=False)
+            seg_err = torch.zeros(n_seg, dtype=torch.float64, device=device).index_add_(
+                0, seg_id[live], dev[live])
+        upd = live & ~seg_bad[seg_id.clamp(min=0)]
+        host = torch.stack([torch.where(upd, v_new, math.inf).amin(), torch.where(upd, v_new, 0.0).amax()])
+        seg_bad_h = seg_bad.tolist()
+        seg_err_h = seg_err.tolist() if check else None
+        active_h = active.tolist()
+        lo_hi = host.tolist()
+        for s in range(n_seg):
+            if not active_h[s]:
+                continue
+            st = starts[s]
+            if seg_bad_h[s]:
+                escaped[s], it[s] = ii, ii
+                v_saved[s] = v[:, st:st + sizes[s]].clone()
+                active[s] = False
+                continue
+            it[s] = ii + 1
+            if check:
+                err[s] = seg_err_h[s]
+                if err[s] < stop_threshold:
+                    conv[s] = True
+                    active[s] = False
+        b = torch.where(upd, b_new, b)
+        v = torch.where(real & active[seg_id.clamp(min=0)], v_new, v)
+        if 0 < lo_hi[0] <= lo_hi[1] < math.inf:
+            spread_v = math.log(lo_hi[1] / lo_hi[0])
+    bs = [b[st:st + n].clone() for st, n in zip(starts, sizes, strict=True)]
+    results = [SegmentResult(iterations=it[s], error=err[s], converged=conv[s], band=band_used,
+                             escaped_at=escaped[s]) for s in range(n_seg)]
+    return bs, results, v_saved

@@ -1,0 +1,165 @@
+"""The plain-domain entropic solvers (compiled CPU and torch) against POT's sinkhorn_log, step for step."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import ot
+import pytest
+import torch
+
+from aggregator.fusion import fuse_with_report, sinkhorn_barycenter_1d
+from aggregator.fusion import sinkhorn_fast as fast
+
+ITERS = 300  # the same iteration count on both sides: agreement is per iterate, not at convergence
+
+
+def _cost(n: int) -> np.ndarray:
+    x = np.arange(n, dtype=np.float64)
+    return (x[:, None] - x[None, :]) ** 2
+
+
+def _cases(n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Weight histograms (each row has an exact zero: its minimum), disjoint far supports, mixtures."""
+    x = rng.standard_normal((4, n))
+    weights = x - x.min(axis=1, keepdims=True)
+    far = np.zeros((3, n))
+    far[0, : n // 10] = 1
+    far[1, -n // 6:] = 1
+    far[2, n // 2: n // 2 + 5] = 1
+    g = np.arange(n)
+    mix = np.stack([np.exp(-((g - n / 6) ** 2) / 50) + 0.5 * np.exp(-((g - 0.7 * n) ** 2) / 200),
+                    np.exp(-((g - 0.6 * n) ** 2) / 30)])
+    out = {"weights": weights, "far": far, "mix": mix}
+    return {k: v / v.sum(axis=1, keepdims=True) for k, v in out.items()}
+
+
+def _solve(solver: str, hists: list[np.ndarray], lam: np.ndarray, reg: float, iters: int = ITERS) -> list[np.ndarray]:
+    """Run one plain solver and continue any escaped segment in the log domain, as ``fuse`` does."""
+    kw = {"reg": reg, "stop_threshold": 1e-4, "max_iter": iters}
+    if solver == "plain":
+        bs, segs, vs = fast.plain_barycenters(hists, lam, **kw)
+        bs = [torch.from_numpy(b) for b in bs]
+        vs = [None if v is None else torch.from_numpy(v) for v in vs]
+    else:
+        bs, segs, vs = fast.plain_barycenters_torch([torch.tensor(h) for h in hists], torch.tensor(lam), **kw)
+    out = []
+    for h, b, seg, v in zip(hists, bs, segs, vs, strict=True):
+        if v is not None:
+            b, _ = sinkhorn_barycenter_1d(torch.tensor(h), lam, warn=False, log_v0=torch.log(v),
+                                          start=seg.escaped_at, **kw)
+        out.append(b.numpy())
+    return out
+
+
+@pytest.mark.parametrize("solver", ["plain", "plain-torch"])
+@pytest.mark.parametrize("reg", [0.05, 0.1, 1.0, 10.0])
+def test_plain_solvers_equal_pot_sinkhorn_log(solver: str, reg: float) -> None:
+    rng = np.random.default_rng(int(reg * 100))
+    for name, h in _cases(256, rng).items():
+        lam = rng.random(h.shape[0]) + 0.1
+        lam /= lam.sum()
+        ref = ot.bregman.barycenter(h.T, _cost(h.shape[1]), reg, weights=lam, method="sinkhorn_log",
+                                    numItermax=ITERS, stopThr=1e-4, warn=False)
+        (ours,) = _solve(solver, [h], lam, reg)
+        assert np.abs(ours - ref).max() <= 1e-10 * np.abs(ref).max(), (name, reg)
+
+
+@pytest.mark.slow
+def test_plain_solver_equals_pot_at_n_4096() -> None:
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((3, 4096))
+    h = x - x.min(axis=1, keepdims=True)
+    h /= h.sum(axis=1, keepdims=True)
+    lam = np.array([0.5, 0.3, 0.2])
+    ref = ot.bregman.barycenter(h.T, _cost(4096), 0.1, weights=lam, method="sinkhorn_log", numItermax=50,
+                                stopThr=0.0, warn=False)
+    (ours,) = _solve("plain", [h], lam, 0.1, iters=50)
+    assert np.abs(ours - ref).max() <= 1e-10 * np.abs(ref).max()
+
+
+def test_segments_of_different_sizes_stop_on_their_own() -> None:
+    """All tensors in one solve give what each gives alone (each stops when it converges)."""
+    rng = np.random.default_rng(3)
+    hists = []
+    for n in (7, 300, 2000):
+        x = rng.standard_normal(n) + 0.2 * rng.standard_normal((5, n))
+        hists.append((x - x.min(1, keepdims=True)) / (x - x.min(1, keepdims=True)).sum(1, keepdims=True))
+    lam = np.array([0.1, 0.3, 0.2, 0.25, 0.15])
+    bs, segs, _ = fast.plain_barycenters(hists, lam, reg=1.0, stop_threshold=1e-4, max_iter=200)
+    tbs, tsegs, _ = fast.plain_barycenters_torch([torch.tensor(h) for h in hists], torch.tensor(lam), reg=1.0,
+                                                 stop_threshold=1e-4, max_iter=200)
+    for h, b, seg, tb, tseg in zip(hists, bs, segs, tbs, tsegs, strict=True):
+        ref, info = sinkhorn_barycenter_1d(torch.tensor(h), lam, reg=1.0, max_iter=200, warn=False)
+        assert seg.iterations == info.iterations == tseg.iterations
+        assert seg.converged == info.converged
+        assert np.abs(b - ref.numpy()).max() <= 1e-12 * float(ref.abs().max())
+        assert np.abs(tb.numpy() - ref.numpy()).max() <= 1e-12 * float(ref.abs().max())
+    assert segs[0].converged and not segs[2].converged  # the 7-point tensor stopped early
+
+
+def test_fuse_solvers_agree_on_mlp_shapes_and_report() -> None:
+    g = torch.Generator().manual_seed(0)
+    shapes = {"fc1.weight": (200, 78), "fc1.bias": (200,), "fc2.weight": (10, 200), "fc2.bias": (10,),
+              "scalar": (), "const": (5,)}
+    base = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    models = [{k: (v + 0.2 * torch.randn(v.shape, generator=g)) if k != "const" else torch.full(v.shape, 3.0)
+               for k, v in base.items()} for _ in range(5)]
+    weights = [1.0, 2.0, 1.0, 3.0, 1.0]
+    outs = {}
+    for solver in ("log", "plain", "plain-torch"):
+        outs[solver], rep = fuse_with_report(models, weights, "fedwb-sinkhorn", max_iter=100, warn=False,
+                                             solver=solver)
+        assert rep.as_dict()["sinkhorn_solver"] == solver
+        assert rep.sinkhorn_iterations == 100
+    for solver in ("plain", "plain-torch"):
+        for k in shapes:
+            ref = outs["log"][k]
+            assert torch.allclose(outs[solver][k], ref, rtol=1e-10, atol=1e-12 * float(ref.abs().max())), (solver, k)
+    assert torch.equal(outs["plain"]["const"], torch.full((5,), 3.0))
+
+
+def test_escape_to_the_log_domain_is_reported() -> None:
+    h = torch.zeros(2, 120, dtype=torch.float64)
+    h[0, :10] = 1
+    h[1, -10:] = 1
+    models = [{"w": row} for row in h]
+    _, rep = fuse_with_report(models, [1, 1], "fedwb-sinkhorn", reg=0.5, max_iter=50, warn=False, solver="plain")
+    assert rep.as_dict()["sinkhorn_log_domain"]["tensors"] == ["w"]
+
+
+def test_fuse_rejects_bad_solver_options() -> None:
+    m = {"w": torch.rand(4)}
+    with pytest.raises(ValueError, match="unknown entropic solver 'fast'"):
+        fuse_with_report([m, m], [1, 1], "fedwb-sinkhorn", solver="fast")
+    with pytest.raises(ValueError, match="max_iter must be >= 1, got 0"):
+        fuse_with_report([m, m], [1, 1], "fedwb-sinkhorn", max_iter=0)
+    with pytest.raises(ValueError, match="stop_threshold"):
+        fuse_with_report([m, m], [1, 1], "fedwb-sinkhorn", stop_threshold=-1.0)
+
+
+def test_vectorized_log_and_exp_are_within_two_ulp() -> None:
+    x = np.exp(np.random.default_rng(0).uniform(-700, 700, 100_000))
+    out = np.empty_like(x)
+    fast.vlog_array(x, out)
+    assert np.all(np.abs(out - np.log(x)) <= 2 * np.spacing(np.abs(np.log(x))) + 1e-300)
+    y = np.random.default_rng(1).uniform(-700, 700, 100_000)
+    fast.vexp_array(y, out)
+    assert np.all(np.abs(out - np.exp(y)) <= 4 * np.spacing(np.exp(y)))
+
+
+def test_band_halfwidth_bounds_the_left_out_mass() -> None:
+    for reg in (0.05, 0.1, 1.0, 10.0):
+        for spread in (0.0, 30.0, 400.0):
+            d = fast.band_halfwidth(reg, spread, 10**6)
+            assert (d + 1) ** 2 / reg >= spread + math.log(2e6) + 40.0
+
+
+def test_unconverged_warning_names_the_knob() -> None:
+    m = [{"w": torch.rand(50, dtype=torch.float64)} for _ in range(3)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fuse_with_report(m, [1, 1, 1], "fedwb-sinkhorn", stop_threshold=1e-30, max_iter=12)
+    assert any("raise max_iter or reg" in str(w.message) for w in caught)
