@@ -13,11 +13,17 @@ from typing import Annotated, Any
 import typer
 
 from schemas import PolicySpec
+from schemas.messages import PAPER_MAX_ITER
 
 policy_app = typer.Typer(help="Show or change the fusion policy of a running job.", no_args_is_help=True)
 
 Broker = Annotated[str, typer.Option("--broker", help="Broker URL, mqtt://HOST:PORT or mqtts://HOST:PORT.")]
 Job = Annotated[str, typer.Option("--job", help="Job name (topic fedwb/JOB/...).")]
+MaxIter = Annotated[str | None, typer.Option(help="Entropic FedWB iterations (default 1000; 'paper' = the "
+                                                    "authors' 10,000).")]
+StopThreshold = Annotated[float | None, typer.Option(help="Entropic FedWB stopping error (default 1e-4).")]
+Solver = Annotated[str | None, typer.Option(help="Entropic solver: auto | plain | plain-torch | log | pot-plain "
+                                                 "(the authors' POT call, dense; studies only).")]
 User = Annotated[str | None, typer.Option("--username", envvar="FEDWB_USERNAME", help="Broker username.")]
 Password = Annotated[str | None, typer.Option("--password", envvar="FEDWB_PASSWORD", help="Broker password.")]
 TlsCa = Annotated[str | None, typer.Option("--tls-ca", envvar="FEDWB_TLS_CA", help="CA certificate (turns TLS on).")]
@@ -39,10 +45,27 @@ def parse_task_options(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
+def parse_max_iter(value: str | None) -> int | None:
+    """``--max-iter``: a whole number, or ``paper`` for the authors' 10,000 iterations."""
+    if value is None:
+        return None
+    if value.strip().lower() == "paper":
+        return PAPER_MAX_ITER
+    try:
+        return int(value)
+    except ValueError:
+        typer.echo(f"error: --max-iter must be a whole number or 'paper', got {value!r}", err=True)
+        raise typer.Exit(2) from None
+
+
 def policy_spec(name: str, switch_after: int | None, dispersion_below: float | None,
-                wb_method: str | None, reg: float | None, biases: str | None = None) -> PolicySpec:
+                wb_method: str | None, reg: float | None, biases: str | None = None, *,
+                max_iter: str | None = None, stop_threshold: float | None = None,
+                solver: str | None = None) -> PolicySpec:
     fields: dict[str, Any] = {"name": name, "switch_after": switch_after, "dispersion_below": dispersion_below,
-                              "wb_method": wb_method, "reg": reg, "biases": biases}
+                              "wb_method": wb_method, "reg": reg, "biases": biases,
+                              "max_iter": parse_max_iter(max_iter), "stop_threshold": stop_threshold,
+                              "solver": solver}
     from pydantic import ValidationError
 
     try:
@@ -70,6 +93,7 @@ def aggregator(
     dispersion_below: Annotated[float | None, typer.Option(help="hybrid: switch early below this.")] = None,
     wb_method: Annotated[str | None, typer.Option(help="hybrid's FedWB phase: fedwb-sinkhorn | fedwb.")] = None,
     reg: Annotated[float | None, typer.Option(help="Entropic regularization (cost (i-j)^2).")] = None,
+    max_iter: MaxIter = None, stop_threshold: StopThreshold = None, solver: Solver = None,
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda")] = None,
     state_dir: Annotated[str | None, typer.Option(help="Checkpoint directory (resume from it).")] = None,
     max_rounds: Annotated[int | None, typer.Option(help="Stop after this global version.")] = None,
@@ -113,8 +137,10 @@ def aggregator(
         base["task"] = None
     elif "task" not in base and "init" not in base:
         base["task"] = "mnist"
-    if policy is not None or any(v is not None for v in (switch_after, dispersion_below, wb_method, reg)):
-        base["policy"] = policy_spec(policy or "fedavg", switch_after, dispersion_below, wb_method, reg)
+    wb_opts = {"max_iter": max_iter, "stop_threshold": stop_threshold, "solver": solver}
+    if policy is not None or any(v is not None for v in (switch_after, dispersion_below, wb_method, reg,
+                                                         *wb_opts.values())):
+        base["policy"] = policy_spec(policy or "fedavg", switch_after, dispersion_below, wb_method, reg, **wb_opts)
     if "min_updates" not in base and "quorum" in base:
         base["min_updates"] = 1
     try:
@@ -135,6 +161,7 @@ def policy_set(
     dispersion_below: Annotated[float | None, typer.Option(help="hybrid: switch early below this.")] = None,
     wb_method: Annotated[str | None, typer.Option(help="hybrid's FedWB phase.")] = None,
     reg: Annotated[float | None, typer.Option(help="Entropic regularization.")] = None,
+    max_iter: MaxIter = None, stop_threshold: StopThreshold = None, solver: Solver = None,
     wait: Annotated[float, typer.Option(help="Seconds to wait for the aggregator's acknowledgment.")] = 15.0,
     username: User = None, password: Password = None, tls_ca: TlsCa = None, tls_cert: TlsCert = None,
     tls_key: TlsKey = None,
@@ -145,7 +172,8 @@ def policy_set(
     """
     from aggregator.control import send_policy
 
-    spec = policy_spec(name, switch_after, dispersion_below, wb_method, reg)
+    spec = policy_spec(name, switch_after, dispersion_below, wb_method, reg, max_iter=max_iter,
+                       stop_threshold=stop_threshold, solver=solver)
     ack = asyncio.run(send_policy(broker, job, spec, wait, username=username, password=password,
                                   tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key))
     if ack is None:

@@ -167,8 +167,9 @@ MLP_SHAPES = {"fc1.weight": (200, 784), "fc1.bias": (200,), "fc2.weight": (200, 
 
 def _mlp_models(k: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
-    base = {name: torch.randn(shape, generator=g) * 0.05 for name, shape in MLP_SHAPES.items()}
-    return [{name: t + 0.01 * torch.randn(t.shape, generator=g) for name, t in base.items()} for _ in range(k)]
+    base = {name: torch.randn(shape, generator=g, dtype=torch.float64) * 0.05 for name, shape in MLP_SHAPES.items()}
+    return [{name: t + 0.01 * torch.randn(t.shape, generator=g, dtype=torch.float64) for name, t in base.items()}
+            for _ in range(k)]  # float64, so the two solvers' agreement is not hidden by a float32 rounding
 
 
 def _rel(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:

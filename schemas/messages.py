@@ -17,6 +17,8 @@ SCHEMA_VERSION = 1
 
 PolicyName = Literal["fedavg", "fedwb", "fedwb-sinkhorn", "hybrid"]
 FedWBMethod = Literal["fedwb", "fedwb-sinkhorn"]
+EntropicSolver = Literal["auto", "plain", "plain-torch", "log", "pot-plain"]
+PAPER_MAX_ITER = 10_000  # the authors' numItermax (their call: ot.bregman.barycenter, method "sinkhorn")
 
 
 def _now() -> float:
@@ -40,8 +42,10 @@ class PolicySpec(BaseModel):
     with FedAvg; with ``dispersion_below`` set it switches earlier, at the first
     fusion whose buffered models' dispersion (see ``aggregator.fusion.dispersion``)
     is below that threshold. ``reg``, ``stop_threshold`` and ``max_iter`` are the
-    entropic barycenter's options (POT's ``reg``, ``stopThr``, ``numItermax``);
-    ``biases`` says whether 1-D tensors go through FedWB or FedAvg.
+    entropic barycenter's options (POT's ``reg``, ``stopThr``, ``numItermax``; the
+    authors used 10,000 iterations: ``PAPER_MAX_ITER``) and ``solver`` how it is computed
+    (``auto``: the fast plain-domain iterate; ``log``: the log-domain one; ``pot-plain``:
+    the authors' exact POT call, for studies); ``biases`` says whether 1-D tensors go through FedWB or FedAvg.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -52,7 +56,8 @@ class PolicySpec(BaseModel):
     wb_method: FedWBMethod = "fedwb-sinkhorn"
     reg: float = Field(default=0.1, gt=0)
     stop_threshold: float = Field(default=1e-4, gt=0)
-    max_iter: int = Field(default=1000, ge=1)
+    max_iter: int = Field(default=1000, ge=1, le=1_000_000)
+    solver: EntropicSolver = "auto"
     biases: Literal["fedwb", "fedavg"] = "fedwb"
 
     @model_validator(mode="after")

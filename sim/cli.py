@@ -35,6 +35,9 @@ def sim(
     policy: Annotated[str, typer.Option(help="fedavg | fedwb | fedwb-sinkhorn | hybrid")] = "fedavg",
     switch_after: Annotated[int | None, typer.Option(help="hybrid: FedWB fusions before FedAvg.")] = None,
     reg: Annotated[float | None, typer.Option(help="Entropic regularization.")] = None,
+    max_iter: Annotated[str | None, typer.Option(help="Entropic FedWB iterations ('paper': 10,000).")] = None,
+    stop_threshold: Annotated[float | None, typer.Option(help="Entropic FedWB stopping error.")] = None,
+    solver: Annotated[str | None, typer.Option(help="Entropic solver: auto | plain | log | pot-plain.")] = None,
     quorum: Annotated[int | None, typer.Option(help="Quorum (default: all agents).")] = None,
     deadline: Annotated[float | None, typer.Option(help="Round deadline in seconds.")] = None,
     stragglers: Annotated[str | None, typer.Option(help="e.g. slow=0.3x4,delay=lognormal:-1.5:0.5,"
@@ -50,15 +53,18 @@ def sim(
     local_epochs: Annotated[int | None, typer.Option(help="mnist: local epochs per round.")] = None,
     local_steps: Annotated[int | None, typer.Option(help="cartpole: env steps per round.")] = None,
     model: Annotated[str, typer.Option(help="mnist: mlp | cnn")] = "mlp",
+    preset: Annotated[str, typer.Option(help="cartpole: stable (default recipe) | paper (the authors' protocol: "
+                                             "10 agents' lengths, 100 steps a round)")] = "stable",
     timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 1800.0,
 ) -> None:
     """Run one simulation (or, with `compare`, several); writes summary.json, rounds.jsonl, plots."""
     from sim.runner import SimConfig, run_sim
 
     kwargs = dict(task=task, agents=agents, rounds=rounds, policy=policy, switch_after=switch_after, reg=reg,
+                  max_iter=max_iter, stop_threshold=stop_threshold, solver=solver,
                   quorum=quorum, deadline=deadline, stragglers=stragglers, broker=broker, job=job, out=out,
                   seed=seed, quick=quick, partition=partition, local_epochs=local_epochs,
-                  local_steps=local_steps, model=model, timeout=timeout)
+                  local_steps=local_steps, model=model, preset=preset, timeout=timeout)
     if pole_lengths:
         kwargs["pole_lengths"] = _floats(pole_lengths)
     if held_out:

@@ -40,6 +40,9 @@ class SimConfig:
     policy: str = "fedavg"
     switch_after: int | None = None
     reg: float | None = None
+    max_iter: str | None = None  # entropic FedWB iterations, or "paper"
+    stop_threshold: float | None = None
+    solver: str | None = None
     quorum: int | None = None
     deadline: float | None = None
     max_staleness: int = 10
@@ -55,6 +58,7 @@ class SimConfig:
     local_epochs: int | None = None
     local_steps: int | None = None
     model: str = "mlp"
+    preset: str = "stable"  # cartpole recipe: stable | paper
     device: str = "cpu"
     timeout: float = 1800.0
     live: bool = True
@@ -66,6 +70,8 @@ class SimConfig:
             raise ValueError(f"--quorum must be between 1 and --agents ({self.agents})")
         if self.task not in ("mnist", "cartpole", "noop"):
             raise ValueError(f"unknown task {self.task!r}: use mnist, cartpole or noop")
+        if self.preset not in ("stable", "paper"):
+            raise ValueError(f"unknown cartpole preset {self.preset!r}: use stable or paper")
         parse_stragglers(self.stragglers)
 
     @property
@@ -78,6 +84,15 @@ def pole_lengths_for(cfg: SimConfig) -> list[float]:
     return [cfg.pole_lengths[i % len(cfg.pole_lengths)] for i in range(cfg.agents)]
 
 
+def cartpole_local_steps(cfg: SimConfig) -> int:
+    """Environment steps per round: given, the paper's 100, or 500 (quick) / 2,000."""
+    if cfg.local_steps:
+        return cfg.local_steps
+    if cfg.preset == "paper":
+        return 100
+    return 500 if cfg.quick else 2000
+
+
 def _agent_cmd(cfg: SimConfig, broker: str, job: str, i: int) -> list[str]:
     fedwb = executable()
     cmd = [fedwb, "agent", "--broker", broker, "--job", job, "--agent-id", f"agent-{i}", "--task", cfg.task,
@@ -86,8 +101,10 @@ def _agent_cmd(cfg: SimConfig, broker: str, job: str, i: int) -> list[str]:
         cmd += ["--shard", f"{i}/{cfg.agents}", "--partition", cfg.partition, "--model", cfg.model,
                 "--local-epochs", str(cfg.local_epochs or 1)]
     elif cfg.task == "cartpole":
-        steps = cfg.local_steps or (500 if cfg.quick else 2000)
-        cmd += ["--pole-length", str(pole_lengths_for(cfg)[i]), "--local-steps", str(steps)]
+        steps = cartpole_local_steps(cfg)
+        cmd += ["--pole-length", str(pole_lengths_for(cfg)[i]), "--local-steps", str(steps),
+                "--task-option", f"preset={cfg.preset}",
+                "--task-option", f"total_steps={steps * cfg.rounds}"]  # the schedules span the whole run
     else:
         cmd += ["--task-option", "shapes=[[100, 100]]"]
     knobs = parse_stragglers(cfg.stragglers).agent_knobs(i, cfg.agents)
@@ -113,10 +130,16 @@ def _aggregator_cmd(cfg: SimConfig, broker: str, job: str, state_dir: str) -> li
         cmd += ["--task-option", f"model={cfg.model}"]
     if cfg.task == "noop":
         cmd += ["--task-option", "shapes=[[100, 100]]"]
+    if cfg.task == "cartpole":
+        cmd += ["--task-option", f"preset={cfg.preset}"]
     if cfg.switch_after is not None:
         cmd += ["--switch-after", str(cfg.switch_after)]
     if cfg.reg is not None:
         cmd += ["--reg", str(cfg.reg)]
+    for flag, value in (("--max-iter", cfg.max_iter), ("--stop-threshold", cfg.stop_threshold),
+                        ("--solver", cfg.solver)):
+        if value is not None:
+            cmd += [flag, str(value)]
     if cfg.deadline is not None:
         cmd += ["--deadline", str(cfg.deadline)]
     return cmd
@@ -127,7 +150,7 @@ def _eval_options(cfg: SimConfig) -> dict[str, Any]:
         return {"model": cfg.model}
     if cfg.task == "cartpole":
         lengths = sorted(set(cfg.pole_lengths[: cfg.agents]) | set(cfg.held_out_lengths))
-        return {"eval_lengths": lengths, "eval_episodes": 2 if cfg.quick else 5}
+        return {"eval_lengths": lengths, "eval_episodes": 2 if cfg.quick else 5, "preset": cfg.preset}
     return {"shapes": [[100, 100]]}
 
 

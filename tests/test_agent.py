@@ -78,7 +78,8 @@ def test_mnist_training_improves_and_cartpole_trains() -> None:
     w0 = t.initial_weights()
     r = t.train(w0, 1)
     assert r.num_samples == 1000 and t.evaluate(r.weights)["accuracy"] > t.evaluate(w0)["accuracy"]
-    c = get_task("cartpole", seed=0, pole_length=0.3, eval_lengths="0.3,0.8", eval_episodes=1, learning_starts=50)
+    c = get_task("cartpole", seed=0, pole_length=0.3, eval_lengths="0.3,0.8", eval_episodes=1, learning_starts=50,
+                 train_frequency="10", gradient_steps=2)
     res = c.train(c.initial_weights(), 200)
     assert res.num_samples == 200 and "td_loss" in res.metrics
     assert set(c.evaluate(res.weights)) == {"return@0.3", "return@0.8", "mean_return"}

@@ -58,7 +58,8 @@ from aggregator.fusion.fedavg import fedavg_tensor, normalize_weights
 from aggregator.fusion.sinkhorn import sinkhorn_barycenter_1d
 
 METHODS = ("fedavg", "fedwb", "fedwb-sinkhorn")
-SOLVERS = ("auto", "plain", "plain-torch", "log")
+SOLVERS = ("auto", "plain", "plain-torch", "log", "pot-plain")
+POT_PLAIN_MAX_N = 8192  # POT needs the dense n x n cost matrix: 512 MiB at this size
 Model = Mapping[str, torch.Tensor]
 
 
@@ -74,6 +75,7 @@ class FusionReport:
     sinkhorn_converged: bool = True
     sinkhorn_solver: str = ""
     sinkhorn_escaped: list[str] = field(default_factory=list)
+    pot_plain_non_finite: list[str] = field(default_factory=list)
     device: str = "cpu"
 
     def as_dict(self) -> dict[str, Any]:
@@ -84,6 +86,8 @@ class FusionReport:
                        sinkhorn_error=self.sinkhorn_error,
                        sinkhorn_converged=self.sinkhorn_converged,
                        sinkhorn_solver=self.sinkhorn_solver)
+            if self.pot_plain_non_finite:
+                out["pot_plain_non_finite"] = list(self.pot_plain_non_finite)
             if self.sinkhorn_escaped:
                 out["sinkhorn_log_domain"] = {"tensors": list(self.sinkhorn_escaped),
                                               "reason": "values left the plain range [1e-100, 1e100]"}
@@ -171,6 +175,30 @@ def _pick_solver(solver: str, device: torch.device) -> str:
     return "plain-torch"
 
 
+def _pot_plain(hists: torch.Tensor, lam: torch.Tensor, *, reg: float, stop_threshold: float,
+               max_iter: int) -> tuple[torch.Tensor, bool]:
+    """The authors' exact call: POT's plain (not log-domain) Sinkhorn barycenter on the dense cost.
+
+    ``ot.bregman.barycenter(A, M, reg, weights)`` with method "sinkhorn" overflows at small
+    ``reg``; its result is returned as is, with ``False`` when it is not finite (reported per
+    tensor, never silenced). For studies only: O(n^2) memory, CPU.
+    """
+    import ot
+
+    n = hists.shape[1]
+    if n > POT_PLAIN_MAX_N:
+        raise ValueError(f"solver pot-plain needs an n x n cost matrix: tensor of {n} weights is over "
+                         f"{POT_PLAIN_MAX_N}; use solver plain or log")
+    grid = np.arange(n, dtype=np.float64)
+    cost = (grid[:, None] - grid[None, :]) ** 2
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore")
+        b = ot.bregman.barycenter(hists.cpu().numpy().T, cost, reg, weights=lam.cpu().numpy(), method="sinkhorn",
+                                  numItermax=max_iter, stopThr=stop_threshold)
+    b = torch.from_numpy(np.asarray(b, dtype=np.float64))
+    return b, bool(torch.isfinite(b).all())
+
+
 def _fedwb_sinkhorn_all(prepared: list[_Prepared], opts: dict[str, Any], report: FusionReport,
                         device: torch.device) -> dict[str, torch.Tensor]:
     """Entropic FedWB of every prepared tensor: one solve per group of tensors with the same rows."""
@@ -188,7 +216,15 @@ def _fedwb_sinkhorn_all(prepared: list[_Prepared], opts: dict[str, Any], report:
     kw = {"reg": opts["reg"], "stop_threshold": opts["stop_threshold"], "max_iter": opts["max_iter"]}
     for members in groups.values():
         lam = members[0].sub_lam
-        if solver == "log":
+        if solver == "pot-plain":
+            bs, infos = [], []
+            for p in members:
+                b, ok = _pot_plain(p.hists, lam, **kw)
+                if not ok:
+                    report.pot_plain_non_finite.append(p.name)
+                bs.append(b)
+                infos.append((opts["max_iter"], math.nan, False, -1))
+        elif solver == "log":
             results = [sinkhorn_barycenter_1d(p.hists, lam, warn=False, **kw) for p in members]
             bs = [b for b, _ in results]
             infos = [(i.iterations, i.error, i.converged, -1) for _, i in results]

@@ -75,7 +75,7 @@ def dispersion(models: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[f
 def method_options(spec: PolicySpec) -> dict[str, Any]:
     """The ``fuse`` options a policy implies."""
     return {"reg": spec.reg, "stop_threshold": spec.stop_threshold, "max_iter": spec.max_iter,
-            "biases": spec.biases}
+            "solver": spec.solver, "biases": spec.biases}
 
 
 def decide(spec: PolicySpec, state: PolicyState, dispersion_value: float | None = None) -> Choice:

@@ -52,7 +52,10 @@ RANGE_LO, RANGE_HI = 1e-100, 1e100  # plain-domain values must stay inside
 # 2^(e - 1023) <= x < 2^(e - 1022), so these bounds keep x inside [RANGE_LO, RANGE_HI].
 EXP_LO = 1023 + math.ceil(math.log2(RANGE_LO))
 EXP_HI = 1022 + math.floor(math.log2(RANGE_HI))
-TILE = 1024  # grid points per tile: K rows of the tile's buffers stay in L1/L2
+TILE = 2048  # grid points per tile: K rows of its buffers (with the halo) stay in L2
+BLOCK = 10  # iterations per tile pass (POT checks every 10th iteration; blocks end there)
+MARGIN = 20  # binary orders v may move within a block before the band must be re-sized
+GROUP_MAX = 512  # rows per shared log: a product of 512 mantissas in [1, 2) stays finite
 _LN2_HI, _LN2_LO = 6.93147180369123816490e-01, 1.90821492927058770002e-10
 _INV_LN2 = 1.4426950408889634
 
@@ -211,141 +214,210 @@ if numba is not None:
             dst[i] = c[i] + w1 * (l1[i] + r1[i]) + w2 * (l2[i] + r2[i]) + w3 * (l3[i] + r3[i]) + w4 * (l4[i] + r4[i])
 
     @_jit_tile
-    def _tile(t, tid, s, a1, lam, seg_lo, seg_hi, tile_lo, tile_hi, w, band_v, band_u, check, v_cur, v_next, b,
-              ubuf, kvbuf, kubuf, lbuf, bbuf, mbuf, t_stat):  # pragma: no cover - compiled
-        """One iteration on tile t (segment s): u with its halo, K u, log b, b, the error partial and the new v."""
+    def _tile_block(t, tid, s, nsteps, check_last, bv, bu, alo, ahi, a1, lam, group_end, seg_lo, seg_hi, tile_lo,
+                    tile_hi, w, v_cur, v_next, b, vloc, aloc, ubuf, kvbuf, kubuf, lbuf, bbuf, mbuf, pmbuf, pebuf,
+                    t_stat):  # pragma: no cover - compiled
+        """``nsteps`` iterations on tile t of segment s, from a private copy of v with a halo.
+
+        Overlapped tiling: the tile copies v and a on [lo - H, hi + H) (clipped to the
+        segment), H = nsteps (bv + bu); each iteration's valid region shrinks by bv + bu on
+        every side that is not a segment edge, so after ``nsteps`` the tile's own points are
+        exact and no tile waits for another. Flags (t_stat[t, 2]) any new v outside ``[alo, ahi]``
+        (biased exponents: the interval the band was sized for, inside the plain range).
+        With v in the plain range and a + 1e-16 in [1e-16, 1], u and K u stay within
+        [1e-116 / sum(w), 1e100], far from under- and overflow, so they need no check.
+        t_stat[t] = [min exponent of v, max exponent of v, bad, error partial].
+        """
         n_rows = a1.shape[0]
         lo, hi = tile_lo[t], tile_hi[t]
         sl, sh = seg_lo[s], seg_hi[s]
-        bv, bu = band_v[s], band_u[s]
-        ulo, uhi = max(sl, lo - bu), min(sh, hi + bu)
-        m, mu = hi - lo, uhi - ulo
-        bad = False
-        emin, emax = EXP_HI + 1, 0
-        lb = lbuf[tid]
-        lb[:m] = 0.0
-        kv = kvbuf[tid]
+        step = bv + bu
+        r0, r1 = max(sl, lo - nsteps * step), min(sh, hi + nsteps * step)
+        width = r1 - r0
+        lsl, lsh = sl - r0, sh - r0  # segment bounds in local coordinates
         for k in range(n_rows):
-            u = ubuf[tid, k]
-            _stencil(v_cur[k], ulo, uhi, sl, sh, w, bv, kv)
-            ak = a1[k, ulo:uhi]
-            for i in range(mu):
-                x = ak[i] / kv[i]
-                u[i] = x
-                e = _f2i(x) >> 52  # biased binary exponent (x > 0): integer min/max vectorize
-                emin = min(emin, e)
-                emax = max(emax, e)
-            ku = kubuf[tid, k]
-            _stencil(u, lo - ulo, hi - ulo, sl - ulo, sh - ulo, w, bu, ku)  # K u on [lo, hi)
-            lk = lam[k]
-            for i in range(m):
-                x = ku[i]
-                e = _f2i(x) >> 52
-                emin = min(emin, e)
-                emax = max(emax, e)
-                lb[i] += lk * _vlog(x)
-            if emin < EXP_LO or emax > EXP_HI:
-                bad = True
-                break
-        if not bad:
-            bb = bbuf[tid]
-            for i in range(m):
+            vloc[k, :width] = v_cur[k, r0:r1]
+            aloc[k, :width] = a1[k, r0:r1]
+        left_edge, right_edge = r0 == sl, r1 == sh
+        lb, bb, pm, pe, kv, u = lbuf[tid], bbuf[tid], pmbuf[tid], pebuf[tid], kvbuf[tid], ubuf[tid]
+        bad = False
+        vmin, vmax = EXP_HI + 1, 0
+        err = 0.0
+        c0, c1 = 0, width
+        for j in range(nsteps):
+            p0 = 0 if left_edge else j * step
+            p1 = width if right_edge else width - j * step
+            q0, q1 = (p0 if left_edge else p0 + bv), (p1 if right_edge else p1 - bv)  # where u is exact
+            c0, c1 = (q0 if left_edge else q0 + bu), (q1 if right_edge else q1 - bu)  # where K u and new v are
+            mq, mc = q1 - q0, c1 - c0
+            lb[:mc] = 0.0
+            pm[:mc] = 1.0
+            pe[:mc] = 0
+            for k in range(n_rows):
+                _stencil(vloc[k], q0, q1, lsl, lsh, w, bv, kv)
+                ak = aloc[k, q0:q1]
+                for i in range(mq):
+                    u[i] = ak[i] / kv[i]
+                ku = kubuf[k]
+                _stencil(u, c0 - q0, c1 - q0, lsl - q0, lsh - q0, w, bu, ku)
+                # log b = sum_groups lambda_g log prod_{k in g} (K u_k): rows of equal weight share one
+                # log of the product of their mantissas (each in [1, 2)) plus the sum of their exponents.
+                for i in range(mc):
+                    bits = _f2i(ku[i])
+                    pm[i] *= _i2f((bits & 0x000FFFFFFFFFFFFF) | 0x3FF0000000000000)
+                    pe[i] += (bits >> 52) - 1023
+                if group_end[k]:
+                    lk = lam[k]
+                    for i in range(mc):
+                        lb[i] += lk * (_vlog(pm[i]) + pe[i] * _LN2_HI + pe[i] * _LN2_LO)
+                        pm[i] = 1.0
+                        pe[i] = 0
+            for i in range(mc):
                 bb[i] = _vexp(lb[i])
-            err = 0.0
-            if check:  # POT's error: sum_i std_k(v_k (K u_k))
+            if check_last and j == nsteps - 1:  # POT's error on the tile's own points: sum_i std_k(v_k (K u_k))
+                o0, o1 = lo - r0 - c0, hi - r0 - c0
                 mean = mbuf[tid]
-                mean[:m] = 0.0
+                mean[:o1 - o0] = 0.0
                 for k in range(n_rows):
-                    ku, vk = kubuf[tid, k], v_cur[k, lo:hi]
-                    for i in range(m):
+                    ku, vk = kubuf[k, o0:o1], vloc[k, c0 + o0:c0 + o1]
+                    for i in range(o1 - o0):
                         mean[i] += vk[i] * ku[i]
-                for i in range(m):
+                for i in range(o1 - o0):
                     mean[i] /= n_rows
-                var = lbuf[tid]
-                var[:m] = 0.0
+                var = pm
+                var[:o1 - o0] = 0.0
                 for k in range(n_rows):
-                    ku, vk = kubuf[tid, k], v_cur[k, lo:hi]
-                    for i in range(m):
+                    ku, vk = kubuf[k, o0:o1], vloc[k, c0 + o0:c0 + o1]
+                    for i in range(o1 - o0):
                         dlt = vk[i] * ku[i] - mean[i]
                         var[i] += dlt * dlt
-                for i in range(m):
+                for i in range(o1 - o0):
                     err += math.sqrt(var[i] / n_rows)
             vmin, vmax = EXP_HI + 1, 0
             for k in range(n_rows):
-                ku, vn = kubuf[tid, k], v_next[k, lo:hi]
-                for i in range(m):
+                ku, vn = kubuf[k], vloc[k, c0:c1]
+                for i in range(mc):
                     x = bb[i] / ku[i]
                     vn[i] = x
                     e = _f2i(x) >> 52
                     vmin = min(vmin, e)
                     vmax = max(vmax, e)
-            b[lo:hi] = bb[:m]
-            bad = vmin < EXP_LO or vmax > EXP_HI
+            if vmin < alo or vmax > ahi:
+                bad = True
+                break
+        if not bad:
+            o0 = lo - r0
+            for k in range(n_rows):
+                v_next[k, lo:hi] = vloc[k, o0:o0 + hi - lo]
+            b[lo:hi] = bb[o0 - c0:o0 - c0 + hi - lo]
             t_stat[t, 0] = vmin
             t_stat[t, 1] = vmax
             t_stat[t, 3] = err
         t_stat[t, 2] = 1.0 if bad else 0.0
 
+    @_jit
+    def _band(reg, spread, n, cap):  # pragma: no cover - compiled
+        """``band_halfwidth`` capped at ``cap``."""
+        d = math.ceil(math.sqrt(reg * (max(spread, 0.0) + math.log(2.0 * n) + 40.0))) - 1
+        return min(cap, min(n - 1, max(0, d)))
+
     @_jit_parallel
-    def _iterate(a1, lam, seg_lo, seg_hi, tile_seg, tile_lo, tile_hi, w, reg, band_cap, spread_a,
+    def _iterate(a1, lam, group_end, seg_lo, seg_hi, tile_seg, tile_lo, tile_hi, w, reg, band_cap, spread_a,
                  max_iter, stop_threshold, v_cur, v_next, b, out_iter, out_err, out_conv, out_band,
-                 out_escaped, nthreads):  # pragma: no cover - compiled
-        """Run the plain-domain iterate on every segment; returns the array holding the last good v."""
+                 out_escaped, nthreads, block, margin):  # pragma: no cover - compiled
+        """Run the plain-domain iterate on every segment; returns the array holding the last good v.
+
+        Each segment advances in blocks of up to ``block`` iterations that end at POT's check
+        iterations (``ii % 10 == 1``), with the band sized for v staying within ``margin``
+        binary orders of its range at the block's start. A block that breaks that promise is
+        redone one iteration at a time (band from the actual range); a segment whose values
+        leave the plain range then is handed back (``out_escaped``) with its last good v.
+        """
         log_wsum = math.log(w.sum() * 2.0 - 1.0)  # log of the kernel's total weight, sum_d w_|d|
+        ln2 = math.log(2.0)
         n_rows = a1.shape[0]
         n_seg = seg_lo.shape[0]
         n_tiles = tile_lo.shape[0]
         max_tile = 0
         for t in range(n_tiles):
             max_tile = max(max_tile, tile_hi[t] - tile_lo[t])
-        halo = band_cap
-        ubuf = np.empty((nthreads, n_rows, max_tile + 2 * halo))
-        kvbuf = np.empty((nthreads, max_tile + 2 * halo))
-        kubuf = np.empty((nthreads, n_rows, max_tile))
-        lbuf = np.empty((nthreads, max_tile))
-        bbuf = np.empty((nthreads, max_tile))
-        mbuf = np.empty((nthreads, max_tile))
-        # per tile: [min v, max v, bad flag, error partial]
         t_stat = np.empty((n_tiles, 4))
         active = np.ones(n_seg, np.bool_)
-        v_lo = np.full(n_seg, 1023.0)  # biased exponents of min v and max v (v = 1 at the start)
-        v_hi = np.full(n_seg, 1023.0)
+        stepwise = np.zeros(n_seg, np.bool_)
+        stepwise_until = np.zeros(n_seg, np.int64)
+        ii = np.zeros(n_seg, np.int64)
+        v_lo = np.full(n_seg, 1023)  # biased exponents of min v and max v (v = 1 at the start)
+        v_hi = np.full(n_seg, 1023)
+        nsteps = np.zeros(n_seg, np.int64)
         band_v = np.zeros(n_seg, np.int64)
         band_u = np.zeros(n_seg, np.int64)
+        a_lo = np.zeros(n_seg, np.int64)
+        a_hi = np.zeros(n_seg, np.int64)
+        check_last = np.zeros(n_seg, np.bool_)
         for s in range(n_seg):
             out_iter[s] = 0
             out_err[s] = np.inf
             out_conv[s] = False
             out_band[s] = 0
             out_escaped[s] = -1
-        for ii in range(max_iter):
-            check = ii % 10 == 1
+        while True:
             any_active = False
+            halo = 0
             for s in range(n_seg):
-                if active[s]:
-                    any_active = True
-                    n = seg_hi[s] - seg_lo[s]
-                    sv = (v_hi[s] - v_lo[s] + 1.0) * math.log(2.0)  # >= log(max v / min v)
-                    base = math.log(2.0 * n) + 40.0
-                    # spread of log Kv <= spread of log v + log(sum of kernel weights);
-                    # spread of log u <= that + spread of log(a + 1e-16)
-                    dv = min(n - 1, max(0, math.ceil(math.sqrt(reg * (sv + base))) - 1))
-                    band_v[s] = min(dv, band_cap)
-                    du = min(n - 1, max(0, math.ceil(math.sqrt(reg * (sv + spread_a[s] + log_wsum + base))) - 1))
-                    band_u[s] = min(du, band_cap)
-                    out_band[s] = max(out_band[s], max(band_v[s], band_u[s]))
+                if not active[s]:
+                    continue
+                if ii[s] >= max_iter:
+                    active[s] = False
+                    continue
+                any_active = True
+                n = seg_hi[s] - seg_lo[s]
+                end = ii[s] + 1 + (10 - (ii[s] + 9) % 10) % 10 if ii[s] > 1 else 2  # blocks end after a check
+                if stepwise[s] and ii[s] >= stepwise_until[s]:
+                    stepwise[s] = False  # the hard stretch is over: blocks again
+                if stepwise[s]:
+                    lo_e, hi_e = v_lo[s], v_hi[s]
+                    a_lo[s], a_hi[s] = EXP_LO, EXP_HI
+                    steps = 1
+                else:
+                    lo_e, hi_e = max(EXP_LO, v_lo[s] - margin), min(EXP_HI, v_hi[s] + margin)
+                    a_lo[s], a_hi[s] = lo_e, hi_e
+                    steps = min(end - ii[s], block, max_iter - ii[s])
+                spread_v = (hi_e - lo_e + 1) * ln2  # >= log(max v / min v) over the block
+                # spread of log Kv <= spread of log v + log(sum of kernel weights);
+                # spread of log u <= that + spread of log(a + 1e-16)
+                band_v[s] = _band(reg, spread_v, n, band_cap)
+                band_u[s] = _band(reg, spread_v + spread_a[s] + log_wsum, n, band_cap)
+                if not stepwise[s]:  # keep the halo's extra work below about a tile's quarter
+                    steps = max(1, min(steps, max_tile // (4 * (band_v[s] + band_u[s]) + 1)))
+                nsteps[s] = steps
+                check_last[s] = (ii[s] + steps - 1) % 10 == 1
+                out_band[s] = max(out_band[s], max(band_v[s], band_u[s]))
+                halo = max(halo, steps * (band_v[s] + band_u[s]))
             if not any_active:
                 break
+            width = max_tile + 2 * halo
+            vloc = np.empty((nthreads, n_rows, width))
+            aloc = np.empty((nthreads, n_rows, width))
+            kubuf = np.empty((nthreads, n_rows, width))
+            ubuf = np.empty((nthreads, width))
+            kvbuf = np.empty((nthreads, width))
+            lbuf = np.empty((nthreads, width))
+            bbuf = np.empty((nthreads, width))
+            mbuf = np.empty((nthreads, width))
+            pmbuf = np.empty((nthreads, width))
+            pebuf = np.empty((nthreads, width), np.int64)
             for tid in numba.prange(nthreads):  # one worker per scratch slot; tiles dealt round-robin
                 for t in range(tid, n_tiles, nthreads):
-                    if active[tile_seg[t]]:
-                        _tile(t, tid, tile_seg[t], a1, lam, seg_lo, seg_hi, tile_lo, tile_hi, w, band_v, band_u,
-                              check, v_cur, v_next, b, ubuf, kvbuf, kubuf, lbuf, bbuf, mbuf, t_stat)
-            # combine per segment
+                    s = tile_seg[t]
+                    if active[s]:
+                        _tile_block(t, tid, s, nsteps[s], check_last[s], band_v[s], band_u[s], a_lo[s], a_hi[s],
+                                    a1, lam, group_end, seg_lo, seg_hi, tile_lo, tile_hi, w, v_cur, v_next, b,
+                                    vloc[tid], aloc[tid], ubuf, kvbuf, kubuf[tid], lbuf, bbuf, mbuf, pmbuf, pebuf,
+                                    t_stat)
             seg_bad = np.zeros(n_seg, np.bool_)
             seg_err = np.zeros(n_seg)
-            new_lo = np.full(n_seg, np.inf)
-            new_hi = np.zeros(n_seg)
+            new_lo = np.full(n_seg, EXP_HI + 1)
+            new_hi = np.zeros(n_seg, np.int64)
             for t in range(n_tiles):
                 s = tile_seg[t]
                 if not active[s]:
@@ -353,28 +425,31 @@ if numba is not None:
                 if t_stat[t, 2] != 0.0:
                     seg_bad[s] = True
                 else:
-                    new_lo[s] = min(new_lo[s], t_stat[t, 0])
-                    new_hi[s] = max(new_hi[s], t_stat[t, 1])
+                    new_lo[s] = min(new_lo[s], np.int64(t_stat[t, 0]))
+                    new_hi[s] = max(new_hi[s], np.int64(t_stat[t, 1]))
                     seg_err[s] += t_stat[t, 3]
             for s in range(n_seg):
                 if not active[s]:
                     continue
-                if seg_bad[s]:  # v_cur of this segment is the last good iterate: keep it through the swap
-                    active[s] = False
-                    out_escaped[s] = ii
-                    out_iter[s] = ii
+                if seg_bad[s]:  # v_cur of this segment is still the block's start: keep it through the swap
                     for k in range(n_rows):
-                        for i in range(seg_lo[s], seg_hi[s]):
-                            v_next[k, i] = v_cur[k, i]
+                        v_next[k, seg_lo[s]:seg_hi[s]] = v_cur[k, seg_lo[s]:seg_hi[s]]
+                    if stepwise[s]:  # values left the plain range: the log domain takes over from here
+                        active[s] = False
+                        out_escaped[s] = ii[s]
+                        out_iter[s] = ii[s]
+                    else:  # the band's promise broke: redo up to the next check one iteration at a time
+                        stepwise[s] = True
+                        stepwise_until[s] = ii[s] + nsteps[s]
                     continue
-                out_iter[s] = ii + 1
+                ii[s] += nsteps[s]
+                out_iter[s] = ii[s]
                 v_lo[s], v_hi[s] = new_lo[s], new_hi[s]
-                if check:
+                if check_last[s]:
                     out_err[s] = seg_err[s]
                     if seg_err[s] < stop_threshold:
                         active[s] = False
                         out_conv[s] = True
-                        continue
             v_cur, v_next = v_next, v_cur
         return v_cur
 
@@ -402,6 +477,13 @@ def plain_barycenters(hists: list[np.ndarray], lam: np.ndarray, *, reg: float, s
     if numba is None:  # pragma: no cover
         raise RuntimeError("the compiled entropic solver needs numba")
     k_rows = len(lam)
+    lam = np.asarray(lam, dtype=np.float64)
+    order = np.argsort(lam, kind="stable")  # rows of equal weight side by side: one log per group and point
+    lam = lam[order]
+    group_end = np.ones(k_rows, np.bool_)
+    for k in range(k_rows - 1):
+        group_end[k] = not (lam[k] == lam[k + 1] and k % GROUP_MAX != GROUP_MAX - 1)
+    hists = [h[order] for h in hists]
     sizes = [h.shape[1] for h in hists]
     seg_hi = np.cumsum(sizes).astype(np.int64)
     seg_lo = (seg_hi - np.array(sizes, np.int64)).astype(np.int64)
@@ -421,16 +503,21 @@ def plain_barycenters(hists: list[np.ndarray], lam: np.ndarray, *, reg: float, s
     n_seg = len(hists)
     it, err = np.zeros(n_seg, np.int64), np.zeros(n_seg)
     conv, band, esc = np.zeros(n_seg, np.bool_), np.zeros(n_seg, np.int64), np.zeros(n_seg, np.int64)
-    v_last = _iterate(a1, np.ascontiguousarray(lam, dtype=np.float64), seg_lo, seg_hi, tile_seg, tile_lo, tile_hi,
+    v_last = _iterate(a1, lam, group_end, seg_lo, seg_hi, tile_seg, tile_lo, tile_hi,
                       w, float(reg), band_cap, spread_a, int(max_iter), float(stop_threshold), v_cur, v_next, b,
-                      it, err, conv, band, esc, numba.get_num_threads())
+                      it, err, conv, band, esc, numba.get_num_threads(), BLOCK, MARGIN)
     bs, results, vs = [], [], []
     for s in range(n_seg):
         lo, hi = int(seg_lo[s]), int(seg_hi[s])
         bs.append(b[lo:hi].copy())
         results.append(SegmentResult(iterations=int(it[s]), error=float(err[s]), converged=bool(conv[s]),
                                      band=int(band[s]), escaped_at=int(esc[s])))
-        vs.append(v_last[:, lo:hi].copy() if esc[s] >= 0 else None)
+        if esc[s] >= 0:
+            v = np.empty((k_rows, hi - lo))
+            v[order] = v_last[:, lo:hi]
+            vs.append(v)
+        else:
+            vs.append(None)
     return bs, results, vs
 
 

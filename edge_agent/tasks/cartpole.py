@@ -1,15 +1,32 @@
-"""``cartpole``: DQN on gymnasium's CartPole-v1 with this agent's own pole half-length.
+"""``cartpole``: DQN on gymnasium's CartPole-v1 with this agent's own physics.
 
 Read top to bottom, in the spirit of CleanRL's ``dqn.py``: an MLP Q-network, a replay
-buffer, a target network, a linear epsilon schedule, the Huber loss and Adam. The
-replay buffer, optimizer and step counter stay on the device across rounds; when a
-global model arrives it replaces the online network *and* the target network (as the
-paper does). ``budget`` is the number of environment steps per round.
+buffer, a target network, an epsilon schedule, the Huber loss and Adam. The replay
+buffer, optimizer and step counter stay on the device across rounds; when a global
+model arrives it replaces the online network *and* the target network (as the paper
+does). ``budget`` is the number of environment steps per round.
+
+Recipes (``preset``), chosen with the ablation in docs/results.md:
+
+* ``stable`` (default): rl-baselines3-zoo's CartPole-v1 DQN (lr 2.3e-3, batch 64,
+  buffer 100k, 1,000 steps before learning, 128 gradient steps every 256 environment
+  steps, the target copied every 10 environment steps -- i.e. once per training phase --,
+  epsilon 1 -> 0.04 over the first 16 % of ``total_steps``, 256x256 MLP, grad-norm clip 10)
+  plus a learning rate that decays linearly to 0 at ``total_steps``: without the decay
+  the greedy policy keeps falling from 500 to ~100 and back.
+* ``paper``: the authors' protocol (arXiv 2506.15825, ``ch4/main.py``): 4-128-128-2
+  without biases, Adam 1e-4, batch 256, buffer 10,000, one gradient step per environment
+  step, epsilon = 0.05 + 0.85 exp(-t/1000), no local target copies (the global model,
+  every 100 steps, replaces the target).
+
+Heterogeneity: each agent's environment is ``env`` (``length=0.5,masspole=0.1,
+masscart=1.0,force_mag=10``; any subset), ``pole_length`` being the short form.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import gymnasium as gym
@@ -20,31 +37,115 @@ from torch import nn
 from edge_agent.tasks.base import StateDict, Task, TrainResult
 
 MAX_STEPS = 500  # CartPole-v1's cap; evaluation episodes stop there too
+ENV_PARAMS = ("length", "masspole", "masscart", "force_mag")  # CartPoleEnv attributes an agent may change
 
 
-@dataclass
+@dataclass(frozen=True)
 class DQNConfig:
-    """DQN hyperparameters (tuned to solve CartPole within a few minutes on 2 cores)."""
+    """DQN hyperparameters; the defaults are the ``stable`` preset."""
 
-    learning_rate: float = 5e-4
-    buffer_size: int = 50_000
+    learning_rate: float = 2.3e-3
+    lr_end_fraction: float = 0.0  # lr decays linearly to this x learning_rate at total_steps (1: constant)
+    total_steps: int = 60_000  # the run's length in environment steps, for the schedules
+    buffer_size: int = 100_000
     gamma: float = 0.99
-    target_network_frequency: int = 500  # steps between target-network copies
+    target_network_frequency: int = 10  # env steps between target copies; 0: never (the global model replaces it)
     batch_size: int = 64
     start_e: float = 1.0
-    end_e: float = 0.05
-    exploration_steps: int = 10_000  # steps over which epsilon decays linearly
+    end_e: float = 0.04
+    epsilon_schedule: str = "linear"  # linear over exploration_fraction * total_steps | exp: decay time epsilon_decay
+    exploration_fraction: float = 0.16
+    epsilon_decay: float = 1000.0
     learning_starts: int = 1_000
-    train_frequency: int = 1
-    hidden: int = 128
+    train_frequency: int = 256  # env steps between training phases
+    gradient_steps: int = 128  # gradient steps per training phase
+    hidden: int = 256
+    bias: bool = True
+    double_dqn: bool = False
+    max_grad_norm: float = 10.0  # 0: no clipping
 
 
-def make_env(pole_length: float = 0.5, seed: int | None = None) -> gym.Env:
-    """CartPole-v1 with pole half-length ``pole_length`` (``polemass_length`` updated too)."""
+PRESETS: dict[str, dict[str, Any]] = {
+    "stable": {},
+    "paper": {"learning_rate": 1e-4, "lr_end_fraction": 1.0, "buffer_size": 10_000, "batch_size": 256,
+              "hidden": 128, "bias": False, "start_e": 0.9, "end_e": 0.05, "epsilon_schedule": "exp",
+              "epsilon_decay": 1000.0, "learning_starts": 256, "train_frequency": 1, "gradient_steps": 1,
+              "target_network_frequency": 0, "max_grad_norm": 0.0},
+}
+
+
+def dqn_config(preset: str = "stable", **overrides: Any) -> DQNConfig:
+    """The preset's config with ``overrides`` (values from the CLI arrive as strings)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown cartpole preset {preset!r}: use one of {', '.join(PRESETS)}")
+    cfg = replace(DQNConfig(), **PRESETS[preset])
+    types = {f.name: type(getattr(cfg, f.name)) for f in fields(DQNConfig)}
+    clean: dict[str, Any] = {}
+    for key, value in overrides.items():
+        kind = types[key]
+        try:
+            if kind is bool and isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                clean[key] = value.lower() in ("true", "1")
+            else:
+                clean[key] = kind(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"cartpole option {key}={value!r} is not a {kind.__name__}") from None
+    cfg = replace(cfg, **clean)
+    if cfg.epsilon_schedule not in ("linear", "exp"):
+        raise ValueError(f"epsilon_schedule must be linear or exp, got {cfg.epsilon_schedule!r}")
+    if cfg.total_steps < 1 or cfg.batch_size < 1 or cfg.buffer_size < cfg.batch_size:
+        raise ValueError("total_steps and batch_size must be >= 1 and buffer_size >= batch_size")
+    return cfg
+
+
+def parse_env(spec: str | dict[str, float] | None, pole_length: float | None = None) -> dict[str, float]:
+    """``length=0.5,masspole=0.1`` -> ``{"length": 0.5, "masspole": 0.1}``; ``pole_length`` sets length."""
+    if isinstance(spec, dict):
+        out = {k: float(v) for k, v in spec.items()}
+    else:
+        out = {}
+        for part in (spec or "").replace(";", ",").split(","):
+            if not part.strip():
+                continue
+            key, sep, value = part.partition("=")
+            key = key.strip()
+            if not sep or key not in ENV_PARAMS:
+                raise ValueError(f"bad cartpole env parameter {part.strip()!r}: "
+                                 f"use {', '.join(ENV_PARAMS)} as KEY=VALUE")
+            try:
+                out[key] = float(value)
+            except ValueError:
+                raise ValueError(f"cartpole env parameter {key} needs a number, got {value!r}") from None
+    if pole_length is not None:
+        out["length"] = float(pole_length)
+    bad = {k: v for k, v in out.items() if not (math.isfinite(v) and v > 0) or k not in ENV_PARAMS}
+    if bad:
+        raise ValueError(f"cartpole env parameters must be known and positive, got {bad}")
+    return out
+
+
+def env_label(params: dict[str, float]) -> str:
+    """``0.5`` for a pole length alone, else ``length=0.5,masspole=0.2``: the key of its evaluation."""
+    if set(params) <= {"length"}:
+        return f"{params.get('length', 0.5):g}"
+    return ",".join(f"{k}={params[k]:g}" for k in ENV_PARAMS if k in params)
+
+
+def make_env(pole_length: float = 0.5, seed: int | None = None, **params: float) -> gym.Env:
+    """CartPole-v1 with pole half-length ``pole_length`` and other ``ENV_PARAMS`` changed.
+
+    The derived quantities the dynamics use are updated too: ``polemass_length =
+    masspole * length`` and ``total_mass = masspole + masscart``.
+    """
     env = gym.make("CartPole-v1")
     cp = env.unwrapped
-    cp.length = float(pole_length)
+    cp.length = float(params.pop("length", pole_length))
+    for key, value in params.items():
+        setattr(cp, key, float(value))
     cp.polemass_length = cp.masspole * cp.length  # easy to miss: the dynamics use this product
+    cp.total_mass = cp.masspole + cp.masscart  # and this sum
     if seed is not None:
         env.reset(seed=seed)
         env.action_space.seed(seed)
@@ -52,10 +153,11 @@ def make_env(pole_length: float = 0.5, seed: int | None = None) -> gym.Env:
 
 
 class QNetwork(nn.Module):
-    def __init__(self, obs_dim: int = 4, n_actions: int = 2, hidden: int = 128) -> None:
+    def __init__(self, obs_dim: int = 4, n_actions: int = 2, hidden: int = 256, bias: bool = True) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(obs_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-                                 nn.Linear(hidden, n_actions))
+        self.net = nn.Sequential(nn.Linear(obs_dim, hidden, bias=bias), nn.ReLU(),
+                                 nn.Linear(hidden, hidden, bias=bias), nn.ReLU(),
+                                 nn.Linear(hidden, n_actions, bias=bias))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -93,9 +195,22 @@ def linear_schedule(start_e: float, end_e: float, duration: int, t: int) -> floa
     return max(end_e, start_e + (end_e - start_e) * t / max(1, duration))
 
 
-def greedy_return(q: nn.Module, pole_length: float, episodes: int, seed: int) -> float:
+def epsilon_at(cfg: DQNConfig, t: int) -> float:
+    """Exploration rate after ``t`` environment steps."""
+    if cfg.epsilon_schedule == "exp":  # the paper's: end + (start - end) exp(-t / decay)
+        return cfg.end_e + (cfg.start_e - cfg.end_e) * math.exp(-t / cfg.epsilon_decay)
+    return linear_schedule(cfg.start_e, cfg.end_e, int(cfg.exploration_fraction * cfg.total_steps), t)
+
+
+def learning_rate_at(cfg: DQNConfig, t: int) -> float:
+    """Linear decay from ``learning_rate`` to ``lr_end_fraction * learning_rate`` at ``total_steps``."""
+    frac = min(1.0, t / cfg.total_steps)
+    return cfg.learning_rate * (1.0 - frac * (1.0 - cfg.lr_end_fraction))
+
+
+def greedy_return(q: nn.Module, pole_length: float, episodes: int, seed: int, **params: float) -> float:
     """Mean undiscounted return of the greedy policy, episodes capped at 500 steps."""
-    env = make_env(pole_length)
+    env = make_env(pole_length, **params)
     total = 0.0
     with torch.no_grad():
         for ep in range(episodes):
@@ -110,49 +225,84 @@ def greedy_return(q: nn.Module, pole_length: float, episodes: int, seed: int) ->
     return total / episodes
 
 
+def _eval_envs(eval_envs: Any, eval_lengths: Any, own: dict[str, float]) -> list[dict[str, float]]:
+    """Environments to evaluate on: ``eval_envs`` (``;``-separated specs) and ``eval_lengths``, or our own."""
+    out: list[dict[str, float]] = []
+    if isinstance(eval_lengths, str):
+        eval_lengths = [float(x) for x in eval_lengths.split(",") if x]
+    out += [{"length": float(x)} for x in (eval_lengths or [])]
+    if isinstance(eval_envs, str):
+        eval_envs = [e for e in eval_envs.split(";") if e.strip()]
+    out += [parse_env(e) for e in (eval_envs or [])]
+    return out or [own]
+
+
 class CartPoleTask(Task):
     name = "cartpole"
 
-    def __init__(self, seed: int = 0, device: str = "cpu", pole_length: float = 0.5,
-                 eval_lengths: Any = None, eval_episodes: int = 5, **options: Any) -> None:
+    def __init__(self, seed: int = 0, device: str = "cpu", pole_length: float | None = None, env: Any = None,
+                 eval_lengths: Any = None, eval_envs: Any = None, eval_episodes: int = 5,
+                 preset: str = "stable", **options: Any) -> None:
         cfg_fields = {k: options.pop(k) for k in list(options) if k in DQNConfig.__dataclass_fields__}
         super().__init__(seed, device, **options)
-        self.cfg = DQNConfig(**cfg_fields)
-        self.pole_length = float(pole_length)
-        if isinstance(eval_lengths, str):
-            eval_lengths = [float(x) for x in eval_lengths.split(",") if x]
-        self.eval_lengths = [float(x) for x in (eval_lengths or [self.pole_length])]
-        self.eval_episodes = eval_episodes
+        self.cfg = dqn_config(preset, **cfg_fields)
+        self.preset = preset
+        self.env_params = {"length": 0.5, **parse_env(env, pole_length)}
+        self.pole_length = self.env_params["length"]
+        self.eval_envs = _eval_envs(eval_envs, eval_lengths, self.env_params)
+        self.eval_lengths = [e.get("length", 0.5) for e in self.eval_envs]
+        self.eval_episodes = int(eval_episodes)
         self.rng = np.random.default_rng(seed)
         torch.manual_seed(seed)
-        self.env = make_env(self.pole_length, seed)
+        params = dict(self.env_params)
+        self.env = make_env(params.pop("length"), seed, **params)
         self.obs, _ = self.env.reset(seed=seed)
-        self.q = QNetwork(hidden=self.cfg.hidden).to(self.device)
-        self.target = QNetwork(hidden=self.cfg.hidden).to(self.device)
+        self.q = self.build_model().to(self.device)
+        self.target = self.build_model().to(self.device)
         self.optimizer = torch.optim.Adam(self.q.parameters(), lr=self.cfg.learning_rate)
         self.rb = ReplayBuffer(self.cfg.buffer_size, 4, self.rng)
         self.global_step = 0
         self.episode_return = 0.0
+        self.recent_returns: list[float] = []  # the paper's metric: training episodes, moving average of 50
 
     def build_model(self) -> nn.Module:
-        return QNetwork(hidden=self.cfg.hidden)
+        return QNetwork(hidden=self.cfg.hidden, bias=self.cfg.bias)
 
     def load_global(self, weights: StateDict) -> None:
         """A global model replaces the online and the target network; the buffer stays."""
         self.q.load_state_dict(weights)
         self.target.load_state_dict(weights)
 
+    def _act(self, epsilon: float) -> int:
+        if self.rng.random() < epsilon:
+            return int(self.rng.integers(2))
+        with torch.no_grad():
+            return int(self.q(torch.as_tensor(self.obs, device=self.device)).argmax())
+
+    def _gradient_step(self) -> float:
+        cfg = self.cfg
+        obs, actions, rewards, nxt, dones = (t.to(self.device) for t in self.rb.sample(cfg.batch_size))
+        with torch.no_grad():
+            if cfg.double_dqn:  # the online net picks the action, the target net values it
+                next_q = self.target(nxt).gather(1, self.q(nxt).argmax(dim=1, keepdim=True)).squeeze(1)
+            else:
+                next_q = self.target(nxt).max(dim=1).values
+            td_target = rewards + cfg.gamma * next_q * (1 - dones)
+        q_value = self.q(obs).gather(1, actions[:, None]).squeeze(1)
+        loss = nn.functional.smooth_l1_loss(q_value, td_target)  # Huber
+        self.optimizer.zero_grad()
+        loss.backward()
+        if cfg.max_grad_norm > 0:
+            nn.utils.clip_grad_norm_(self.q.parameters(), cfg.max_grad_norm)
+        self.optimizer.step()
+        return float(loss.detach())
+
     def train(self, weights: StateDict, budget: int) -> TrainResult:
         """``budget`` environment steps of DQN from ``weights``."""
         self.load_global(weights)
         cfg, returns, losses = self.cfg, [], []
         for _ in range(max(1, budget)):
-            epsilon = linear_schedule(cfg.start_e, cfg.end_e, cfg.exploration_steps, self.global_step)
-            if self.rng.random() < epsilon:
-                action = int(self.rng.integers(2))
-            else:
-                with torch.no_grad():
-                    action = int(self.q(torch.as_tensor(self.obs, device=self.device)).argmax())
+            action = self._act(epsilon_at(cfg, self.global_step))
             next_obs, reward, terminated, truncated, _ = self.env.step(action)
             self.episode_return += float(reward)
             # easy to miss: a truncated episode is not a terminal state for the TD target
@@ -160,36 +310,38 @@ class CartPoleTask(Task):
             self.obs = next_obs
             if terminated or truncated:
                 returns.append(self.episode_return)
+                self.recent_returns = (self.recent_returns + [self.episode_return])[-50:]
                 self.episode_return = 0.0
                 self.obs, _ = self.env.reset()
             self.global_step += 1
             if self.global_step > cfg.learning_starts and self.global_step % cfg.train_frequency == 0:
-                obs, actions, rewards, nxt, dones = (t.to(self.device) for t in self.rb.sample(cfg.batch_size))
-                with torch.no_grad():
-                    td_target = rewards + cfg.gamma * self.target(nxt).max(dim=1).values * (1 - dones)
-                q_value = self.q(obs).gather(1, actions[:, None]).squeeze(1)
-                loss = nn.functional.smooth_l1_loss(q_value, td_target)  # Huber
-                self.optimizer.zero_grad()
-                loss.backward()
-                self.optimizer.step()
-                losses.append(float(loss.detach()))
-            if self.global_step % cfg.target_network_frequency == 0:
+                for group in self.optimizer.param_groups:
+                    group["lr"] = learning_rate_at(cfg, self.global_step)
+                losses += [self._gradient_step() for _ in range(cfg.gradient_steps)]
+            if cfg.target_network_frequency and self.global_step % cfg.target_network_frequency == 0:
                 self.target.load_state_dict(self.q.state_dict())
         out = {k: v.detach().cpu().clone() for k, v in self.q.state_dict().items()}
-        metrics = {"epsilon": linear_schedule(cfg.start_e, cfg.end_e, cfg.exploration_steps, self.global_step),
-                   "episodes": float(len(returns)), "global_step": float(self.global_step)}
+        metrics = {"epsilon": epsilon_at(cfg, self.global_step), "episodes": float(len(returns)),
+                   "global_step": float(self.global_step),
+                   "learning_rate": learning_rate_at(cfg, self.global_step)}
         if returns:
             metrics["episode_return"] = float(np.mean(returns))
+            metrics["last_episode_return"] = returns[-1]
+        if self.recent_returns:
+            metrics["episode_return_ma50"] = float(np.mean(self.recent_returns))
         if losses:
             metrics["td_loss"] = float(np.mean(losses))
         return TrainResult(out, num_samples=max(1, budget), metrics=metrics)
 
     def evaluate(self, weights: StateDict) -> dict[str, float]:
-        """Greedy mean return for every pole length in ``eval_lengths``."""
+        """Greedy mean return on every evaluation environment, and their mean."""
         q = self.build_model()
         q.load_state_dict(weights)
         q.eval()
-        out = {f"return@{length:g}": greedy_return(q, length, self.eval_episodes, self.seed + 10_000)
-               for length in self.eval_lengths}
+        out = {}
+        for params in self.eval_envs:
+            p = dict(params)
+            out[f"return@{env_label(params)}"] = greedy_return(q, p.pop("length", 0.5), self.eval_episodes,
+                                                                self.seed + 10_000, **p)
         out["mean_return"] = float(np.mean(list(out.values())))
         return out

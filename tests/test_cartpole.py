@@ -1,0 +1,69 @@
+"""The cartpole task: presets, heterogeneous physics, evaluation on held-out environments."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edge_agent.tasks import get_task
+from edge_agent.tasks.cartpole import DQNConfig, dqn_config, epsilon_at, learning_rate_at, make_env, parse_env
+
+
+def test_paper_preset_is_the_authors_protocol() -> None:
+    cfg = dqn_config("paper")
+    assert (cfg.hidden, cfg.bias, cfg.learning_rate, cfg.lr_end_fraction) == (128, False, 1e-4, 1.0)
+    assert (cfg.batch_size, cfg.buffer_size, cfg.gamma) == (256, 10_000, 0.99)
+    assert (cfg.train_frequency, cfg.gradient_steps, cfg.target_network_frequency) == (1, 1, 0)
+    for t in (0, 500, 1000, 5000):  # epsilon = 0.05 + 0.85 exp(-t / 1000)
+        assert epsilon_at(cfg, t) == pytest.approx(0.05 + 0.85 * np.exp(-t / 1000))
+    task = get_task("cartpole", preset="paper", seed=0)
+    names = list(task.initial_weights())
+    assert names == ["net.0.weight", "net.2.weight", "net.4.weight"]  # 4-128-128-2, no biases
+    assert task.initial_weights()["net.0.weight"].shape == (128, 4)
+
+
+def test_stable_preset_schedules() -> None:
+    cfg = DQNConfig()
+    assert epsilon_at(cfg, 0) == 1.0 and epsilon_at(cfg, int(0.16 * cfg.total_steps)) == pytest.approx(0.04)
+    assert learning_rate_at(cfg, 0) == cfg.learning_rate and learning_rate_at(cfg, cfg.total_steps) == 0.0
+    assert learning_rate_at(dqn_config(total_steps="1000"), 500) == pytest.approx(cfg.learning_rate / 2)
+
+
+def test_bad_options_are_named() -> None:
+    with pytest.raises(ValueError, match="unknown cartpole preset 'zoo'"):
+        dqn_config("zoo")
+    with pytest.raises(ValueError, match="batch_size='many' is not a int"):
+        dqn_config(batch_size="many")
+    with pytest.raises(ValueError, match="bad cartpole env parameter 'gravity=3'"):
+        parse_env("gravity=3")
+    with pytest.raises(ValueError, match="positive"):
+        parse_env("length=-1")
+
+
+@pytest.mark.parametrize("param", ["length", "masspole", "masscart", "force_mag"])
+def test_env_parameters_change_the_dynamics(param: str) -> None:
+    paths = []
+    for scale in (1.0, 3.0):
+        base = {"length": 0.5, "masspole": 0.1, "masscart": 1.0, "force_mag": 10.0}
+        base[param] *= scale
+        env = make_env(**base)
+        cp = env.unwrapped
+        assert cp.polemass_length == pytest.approx(cp.masspole * cp.length)
+        assert cp.total_mass == pytest.approx(cp.masspole + cp.masscart)
+        obs, _ = env.reset(seed=0)
+        path = [obs]
+        for _ in range(6):
+            obs, *_ = env.step(1)
+            path.append(obs)
+        paths.append(np.array(path))
+    assert np.allclose(paths[0][0], paths[1][0]) and not np.allclose(paths[0][-1], paths[1][-1])
+
+
+def test_evaluation_covers_trained_and_held_out_settings() -> None:
+    task = get_task("cartpole", seed=0, env="length=0.3,masspole=0.2", eval_lengths="0.3,1.25",
+                    eval_envs="length=0.4,masscart=2;force_mag=5", eval_episodes=1)
+    assert task.env_params == {"length": 0.3, "masspole": 0.2}
+    out = task.evaluate(task.initial_weights())
+    assert set(out) == {"return@0.3", "return@1.25", "return@length=0.4,masscart=2", "return@force_mag=5",
+                        "mean_return"}
+    assert all(1 <= v <= 500 for v in out.values())
