@@ -88,10 +88,11 @@ def aggregator(
     deadline: Annotated[float | None, typer.Option(help="Round deadline in seconds.")] = None,
     max_staleness: Annotated[int | None, typer.Option(help="Drop updates staler than this.")] = None,
     staleness_alpha: Annotated[float | None, typer.Option(help="Weight n_k (1+tau)^-alpha.")] = None,
-    policy: Annotated[str | None, typer.Option(help="fedavg | fedwb | fedwb-sinkhorn | hybrid")] = None,
+    policy: Annotated[str | None, typer.Option(help="fedavg | fedwb | fedwb-sinkhorn | fedwb-neurons | hybrid")] = None,
     switch_after: Annotated[int | None, typer.Option(help="hybrid: FedWB fusions before FedAvg.")] = None,
     dispersion_below: Annotated[float | None, typer.Option(help="hybrid: switch early below this.")] = None,
-    wb_method: Annotated[str | None, typer.Option(help="hybrid's FedWB phase: fedwb-sinkhorn | fedwb.")] = None,
+    wb_method: Annotated[str | None, typer.Option(help="hybrid's FedWB phase: fedwb-sinkhorn | fedwb | "
+                                                       "fedwb-neurons.")] = None,
     reg: Annotated[float | None, typer.Option(help="Entropic regularization (cost (i-j)^2).")] = None,
     max_iter: MaxIter = None, stop_threshold: StopThreshold = None, solver: Solver = None,
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda")] = None,

@@ -120,6 +120,7 @@ class Aggregator:
         self._fusing: asyncio.Task | None = None
         self._client: aiomqtt.Client | None = None
         self._warned: set[tuple[str, str]] = set()
+        self._chain: list | None = None
 
     # ------------------------------------------------------------------ state
     def _state(self) -> dict[str, Any]:
@@ -174,10 +175,18 @@ class Aggregator:
             from safetensors.torch import load_file
 
             return load_file(self.s.init)
+        return self._task().initial_weights()
+
+    def _task(self):  # noqa: ANN202 - a Task, imported lazily
         from edge_agent.tasks import get_task
 
-        task = get_task(self.s.task, seed=self.s.seed, **self.s.task_options)
-        return task.initial_weights()
+        return get_task(self.s.task, seed=self.s.seed, **self.s.task_options)
+
+    def _layer_chain(self) -> list | None:
+        """The task's layer chain (for fedwb-neurons); None with --init only or a task without one."""
+        if self._chain is None and self.s.task and not self.s.init:
+            self._chain = self._task().layer_chain() or []
+        return self._chain or None
 
     # ------------------------------------------------------------------ status
     def status(self, state: str = "running") -> AggregatorStatus:
@@ -327,10 +336,11 @@ class Aggregator:
         if needs_dispersion(self.policy, self.policy_state):
             disp = await asyncio.to_thread(dispersion, models, rnd.weights)
         choice = decide(self.policy, self.policy_state, disp)
+        extra = {"chain": await asyncio.to_thread(self._layer_chain)} if choice.method == "fedwb-neurons" else {}
         try:
             fused, report = await asyncio.to_thread(
                 fuse_with_report, models, rnd.weights, choice.method, device=self.device,
-                warn=False, **choice.options)
+                warn=False, **choice.options, **extra)
         except Exception:
             self._requeue(rnd)
             raise

@@ -230,6 +230,28 @@ def entropic(ks: list[int], iters: int, big_n: int, device: str, log_solver: boo
         "cuda_K10_s_max": 0.1, "cuda_K10_10x_iterations_s_max": 1.0}}
 
 
+def neurons(k: int = 10, repeats: int = 3) -> dict:
+    """fedwb-neurons on K MNIST MLPs from their own random inits (the case it exists for)."""
+    from edge_agent.tasks.mnist import MLP
+
+    chain = [("net.0.weight", "net.0.bias", 1), ("net.2.weight", "net.2.bias", 1), ("net.4.weight", "net.4.bias", 1)]
+    models = []
+    for seed in range(k):
+        torch.manual_seed(seed)
+        models.append({n: t.detach().clone() for n, t in MLP().state_dict().items()})
+    row: dict = {"K": k, "params": sum(t.numel() for t in models[0].values())}
+    for transport in ("exact", "entropic"):
+        secs = median_seconds(lambda transport=transport: fuse_with_report(
+            models, [1.0] * k, "fedwb-neurons", chain=chain, transport=transport), repeats)
+        _, rep = fuse_with_report(models, [1.0] * k, "fedwb-neurons", chain=chain, transport=transport)
+        row[f"{transport}_s"] = secs
+        row[f"{transport}_iterations"] = rep.model_level.get("iterations")
+    row["fedavg_s"] = median_seconds(lambda: fuse_with_report(models, [1.0] * k, "fedavg"), repeats)
+    row["goal_s_max"] = 1.0
+    progress(f"  fedwb-neurons K={k}: exact {row['exact_s']:.2f}s, entropic {row['entropic_s']:.2f}s")
+    return row
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", action="store_true", help="one-line JSON on stdout")
@@ -237,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=2, help="torch and numba CPU threads")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--only", choices=["entropic"], help="run one section only")
+    p.add_argument("--only", choices=["entropic", "neurons"], help="run one section only")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     try:
@@ -255,10 +277,16 @@ def main(argv: list[str] | None = None) -> None:
     progress("warming up (numba compile/cache load)")
     fuse_with_report(_models(2, 100, 0.1, "cpu"), [1, 1], "fedwb")
     fuse_with_report(_models(2, 100, 0.1, "cpu"), [1, 1], "fedwb-sinkhorn", max_iter=2, solver="plain", warn=False)
+    result = {"benchmark": "fusion", "machine": machine(), "device": args.device}
+    progress("fedwb-neurons (barycenter over hidden units), K=10 MNIST MLPs from their own inits")
+    result["neurons"] = neurons(10, 3 if not args.quick else 1)
+    if args.only == "neurons":
+        result["total_seconds"] = time.perf_counter() - t0
+        emit(result, args.json)
+        return
     progress("entropic FedWB (the paper's fusion), plain vs log domain")
-    result = {"benchmark": "fusion", "machine": machine(), "device": args.device,
-              "entropic": entropic([5, 10], 100 if args.quick else 1000, 10**5 if args.quick else 10**6,
-                                   args.device, log_solver=True)}
+    result["entropic"] = entropic([5, 10], 100 if args.quick else 1000, 10**5 if args.quick else 10**6,
+                                  args.device, log_solver=True)
     if args.only == "entropic":
         result["total_seconds"] = time.perf_counter() - t0
         emit(result, args.json)

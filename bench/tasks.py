@@ -34,8 +34,8 @@ def mnist(model: str, epochs: int) -> dict:
             "met": curve[-1] >= 0.94 and seconds < 30}
 
 
-def cartpole(steps: int, chunk: int, seed: int) -> dict:
-    task = get_task("cartpole", seed=seed, pole_length=0.5, eval_episodes=10, total_steps=steps)
+def cartpole(steps: int, chunk: int, seed: int, options: dict | None = None) -> dict:
+    task = get_task("cartpole", seed=seed, pole_length=0.5, eval_episodes=10, total_steps=steps, **(options or {}))
     w = task.initial_weights()
     t0 = time.perf_counter()
     curve = []
@@ -64,13 +64,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--only", choices=["mnist", "cartpole"])
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="cartpole task option, e.g. preset=paper or batch_size=128 (repeatable)")
     args = p.parse_args(argv)
+    try:
+        options = dict(item.split("=", 1) for item in args.option)
+    except ValueError:
+        p.error(f"--option takes KEY=VALUE, got {args.option!r}")
     torch.set_num_threads(args.threads)
     result = {"benchmark": "tasks", "machine": machine()}
     if args.only != "cartpole":
         result["mnist"] = [mnist("mlp", args.epochs), mnist("cnn", args.epochs)]
     if args.only != "mnist":
-        runs = [cartpole(args.steps, 2000, s) for s in range(args.seeds)]
+        runs = [cartpole(args.steps, 2000, s, options) for s in range(args.seeds)]
+        result["cartpole_options"] = options
         result["cartpole"] = runs
         result["cartpole_met_every_seed"] = all(r["met"] for r in runs)
     emit(result, args.json)

@@ -15,8 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 SCHEMA_VERSION = 1
 
-PolicyName = Literal["fedavg", "fedwb", "fedwb-sinkhorn", "hybrid"]
-FedWBMethod = Literal["fedwb", "fedwb-sinkhorn"]
+PolicyName = Literal["fedavg", "fedwb", "fedwb-sinkhorn", "fedwb-neurons", "hybrid"]
+FedWBMethod = Literal["fedwb", "fedwb-sinkhorn", "fedwb-neurons"]
 EntropicSolver = Literal["auto", "plain", "plain-torch", "log", "pot-plain"]
 PAPER_MAX_ITER = 10_000  # the authors' numItermax (their call: ot.bregman.barycenter, method "sinkhorn")
 

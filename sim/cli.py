@@ -32,9 +32,11 @@ def sim(
     task: Annotated[str, typer.Option(help="mnist | cartpole | noop")] = "mnist",
     agents: Annotated[int, typer.Option(help="Number of agents.")] = 5,
     rounds: Annotated[int, typer.Option(help="Global versions to produce.")] = 10,
-    policy: Annotated[str, typer.Option(help="fedavg | fedwb | fedwb-sinkhorn | hybrid")] = "fedavg",
+    policy: Annotated[str, typer.Option(help="fedavg | fedwb | fedwb-sinkhorn | fedwb-neurons | hybrid")] = "fedavg",
     switch_after: Annotated[int | None, typer.Option(help="hybrid: FedWB fusions before FedAvg.")] = None,
     reg: Annotated[float | None, typer.Option(help="Entropic regularization.")] = None,
+    wb_method: Annotated[str | None, typer.Option(help="hybrid's FedWB phase: fedwb-sinkhorn | fedwb | "
+                                                       "fedwb-neurons.")] = None,
     max_iter: Annotated[str | None, typer.Option(help="Entropic FedWB iterations ('paper': 10,000).")] = None,
     stop_threshold: Annotated[float | None, typer.Option(help="Entropic FedWB stopping error.")] = None,
     solver: Annotated[str | None, typer.Option(help="Entropic solver: auto | plain | log | pot-plain.")] = None,
@@ -61,7 +63,7 @@ def sim(
     from sim.runner import SimConfig, run_sim
 
     kwargs = dict(task=task, agents=agents, rounds=rounds, policy=policy, switch_after=switch_after, reg=reg,
-                  max_iter=max_iter, stop_threshold=stop_threshold, solver=solver,
+                  wb_method=wb_method, max_iter=max_iter, stop_threshold=stop_threshold, solver=solver,
                   quorum=quorum, deadline=deadline, stragglers=stragglers, broker=broker, job=job, out=out,
                   seed=seed, quick=quick, partition=partition, local_epochs=local_epochs,
                   local_steps=local_steps, model=model, preset=preset, timeout=timeout)

@@ -40,6 +40,7 @@ class SimConfig:
     policy: str = "fedavg"
     switch_after: int | None = None
     reg: float | None = None
+    wb_method: str | None = None  # hybrid's FedWB phase: fedwb-sinkhorn | fedwb | fedwb-neurons
     max_iter: str | None = None  # entropic FedWB iterations, or "paper"
     stop_threshold: float | None = None
     solver: str | None = None
@@ -136,8 +137,8 @@ def _aggregator_cmd(cfg: SimConfig, broker: str, job: str, state_dir: str) -> li
         cmd += ["--switch-after", str(cfg.switch_after)]
     if cfg.reg is not None:
         cmd += ["--reg", str(cfg.reg)]
-    for flag, value in (("--max-iter", cfg.max_iter), ("--stop-threshold", cfg.stop_threshold),
-                        ("--solver", cfg.solver)):
+    for flag, value in (("--wb-method", cfg.wb_method), ("--max-iter", cfg.max_iter),
+                        ("--stop-threshold", cfg.stop_threshold), ("--solver", cfg.solver)):
         if value is not None:
             cmd += [flag, str(value)]
     if cfg.deadline is not None:

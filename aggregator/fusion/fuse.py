@@ -53,11 +53,15 @@ import numpy as np
 import torch
 
 from aggregator.fusion import barycenter as _bary
+from aggregator.fusion import neurons as _neurons  # noqa: F401 - registers fedwb-neurons
+from aggregator.fusion import registry
 from aggregator.fusion import sinkhorn_fast as _fast
 from aggregator.fusion.fedavg import fedavg_tensor, normalize_weights
 from aggregator.fusion.sinkhorn import sinkhorn_barycenter_1d
 
-METHODS = ("fedavg", "fedwb", "fedwb-sinkhorn")
+PER_TENSOR = ("fedavg", "fedwb", "fedwb-sinkhorn")
+MODEL_LEVEL_OPTIONS = {"chain", "transport", "neuron_reg", "neuron_iters"}  # passed to registered methods
+METHODS = PER_TENSOR + registry.names()
 SOLVERS = ("auto", "plain", "plain-torch", "log", "pot-plain")
 POT_PLAIN_MAX_N = 8192  # POT needs the dense n x n cost matrix: 512 MiB at this size
 Model = Mapping[str, torch.Tensor]
@@ -74,6 +78,7 @@ class FusionReport:
     sinkhorn_error: float = 0.0
     sinkhorn_converged: bool = True
     sinkhorn_solver: str = ""
+    model_level: dict[str, Any] = field(default_factory=dict)  # what a model-level method reported
     sinkhorn_escaped: list[str] = field(default_factory=list)
     pot_plain_non_finite: list[str] = field(default_factory=list)
     device: str = "cpu"
@@ -81,6 +86,8 @@ class FusionReport:
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"method": self.method, "seconds": round(self.seconds, 6),
                                "rules": dict(self.rules), "device": self.device}
+        if self.model_level:
+            out[self.method] = dict(self.model_level)
         if self.method == "fedwb-sinkhorn":
             out.update(sinkhorn_iterations=self.sinkhorn_iterations,
                        sinkhorn_error=self.sinkhorn_error,
@@ -264,12 +271,15 @@ def fuse_with_report(models: Sequence[Model], weights: Sequence[float] | torch.T
                      max_iter: int = 1000, biases: Literal["fedwb", "fedavg"] = "fedwb",
                      newest: int | None = None, device: str | torch.device | None = None,
                      warn: bool = True, renormalize: bool = False, solver: str = "auto",
-                     ) -> tuple[dict[str, torch.Tensor], FusionReport]:
+                     **method_options: Any) -> tuple[dict[str, torch.Tensor], FusionReport]:
     """``fuse`` that also returns a ``FusionReport`` (rules used, solver iterations, time)."""
     if method not in METHODS:
         raise ValueError(f"unknown fusion method {method!r}: use one of {', '.join(METHODS)}")
     if biases not in ("fedwb", "fedavg"):
         raise ValueError(f"biases must be 'fedwb' or 'fedavg', got {biases!r}")
+    unknown = sorted(set(method_options) - MODEL_LEVEL_OPTIONS)
+    if unknown:
+        raise ValueError(f"unknown fusion option {unknown[0]!r}")
     if not (reg > 0 and math.isfinite(reg)):
         raise ValueError(f"reg must be positive and finite, got {reg!r}")
     keys = check_models(models)
@@ -286,6 +296,13 @@ def fuse_with_report(models: Sequence[Model], weights: Sequence[float] | torch.T
             "renormalize": renormalize, "solver": solver}
     start = time.perf_counter()
     report = FusionReport(method=method)
+    model_level = registry.get(method)
+    if model_level is not None:  # e.g. fedwb-neurons: the whole model at once
+        fused, info = model_level(models, lam, {**method_options, "newest": newest_idx})
+        report.model_level = info
+        report.rules = {"fedavg" if "fallback" in info else method: len(keys)}
+        report.seconds = time.perf_counter() - start
+        return fused, report
     out: dict[str, torch.Tensor] = {}
     pending: list[_Prepared] = []  # entropic tensors, solved together after the loop
     target = torch.device("cpu")

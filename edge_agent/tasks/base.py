@@ -51,5 +51,16 @@ class Task(ABC):
     def evaluate(self, weights: StateDict) -> dict[str, float]:
         """Metrics of ``weights`` (accuracy, returns per pole length, ...)."""
 
+    def layer_chain(self) -> list[tuple[str, str | None, int]] | None:
+        """The model's layers in order, for fusion over neurons: ``(weight, bias, in_block)`` each.
+
+        ``weight`` has units first; ``bias`` may be ``None``; ``in_block`` is how many inputs
+        of this layer each unit of the previous layer feeds (1 after a Linear, H*W after a
+        flattened Conv2d). The last entry is the output layer (never permuted). ``None``
+        (the default) means the model cannot be aligned unit by unit: such fusions fall
+        back to FedAvg and say so. Declare every float tensor of the model here.
+        """
+        return None
+
     def interrupt(self) -> None:  # noqa: B027 - optional hook
         """Ask a running ``train`` to stop at its next local boundary."""

@@ -268,6 +268,10 @@ class CartPoleTask(Task):
     def build_model(self) -> nn.Module:
         return QNetwork(hidden=self.cfg.hidden, bias=self.cfg.bias)
 
+    def layer_chain(self) -> list[tuple[str, str | None, int]]:
+        bias = self.cfg.bias
+        return [(f"net.{i}.weight", f"net.{i}.bias" if bias else None, 1) for i in (0, 2, 4)]
+
     def load_global(self, weights: StateDict) -> None:
         """A global model replaces the online and the target network; the buffer stays."""
         self.q.load_state_dict(weights)

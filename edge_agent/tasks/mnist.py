@@ -158,6 +158,13 @@ class MnistTask(Task):
     def build_model(self) -> nn.Module:
         return MLP() if self.model_name == "mlp" else CNN()
 
+    def layer_chain(self) -> list[tuple[str, str | None, int]]:
+        if self.model_name == "mlp":
+            return [("net.0.weight", "net.0.bias", 1), ("net.2.weight", "net.2.bias", 1),
+                    ("net.4.weight", "net.4.bias", 1)]
+        return [("features.0.weight", "features.0.bias", 1), ("features.3.weight", "features.3.bias", 1),
+                ("head.1.weight", "head.1.bias", 16), ("head.3.weight", "head.3.bias", 1)]
+
     def _load(self, weights: StateDict) -> nn.Module:
         model = self.build_model()
         model.load_state_dict(weights)
