@@ -58,6 +58,8 @@ class AgentSettings:
     drop: float = 0.0
     crash: float = 0.0
     rejoin_after: float = 2.0
+    init: str = "global"  # first round from: the global model | "own" (the task's init, this agent's seed) | a file
+    pretrain: int = 0  # with init own/file: extra local budget before the first update ("trained apart")
 
 
 class _Crash(Exception):
@@ -121,6 +123,24 @@ class Agent:
             await self._new_global.wait()
         return None
 
+    def _starting_point(self, g: GlobalModel) -> tuple[dict[str, Any], int]:
+        """The weights and budget of this round: the global model, except on the first round with --init."""
+        if self.rounds > 0 or self.s.init == "global":
+            return dict(g.weights), self.s.budget
+        if self.s.init == "own":
+            own = self.task.initial_weights()
+        else:
+            from safetensors.torch import load_file
+
+            own = load_file(self.s.init)
+        bad = sorted(n for n in g.weights if n not in own or own[n].shape != g.weights[n].shape)
+        if bad or set(own) != set(g.weights):
+            log.error("agent %s: --init %s does not match the job's model (%s); starting from the global model",
+                      self.s.agent_id, self.s.init, (bad or sorted(set(own) ^ set(g.weights)))[:3])
+            return dict(g.weights), self.s.budget
+        log.info("agent %s: first round from %s (+%d pretraining)", self.s.agent_id, self.s.init, self.s.pretrain)
+        return own, self.s.budget + self.s.pretrain
+
     async def _train_round(self) -> None:
         g = await self._next_global()
         if g is None:
@@ -131,7 +151,8 @@ class Agent:
         t0 = time.monotonic()
         # The decoded tensors already own their memory (the codec copies out of the payload) and this
         # version is never trained again, so the task gets them without another 4 bytes/param copy.
-        result = await asyncio.to_thread(self.task.train, dict(g.weights), self.s.budget)
+        weights, budget = self._starting_point(g)
+        result = await asyncio.to_thread(self.task.train, weights, budget)
         spent = time.monotonic() - t0
         if self.s.slowdown > 1.0:
             await self._pause(spent * (self.s.slowdown - 1.0))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -30,6 +31,10 @@ def agent(
     partition: Annotated[str | None, typer.Option(help="mnist: iid | dirichlet:ALPHA")] = None,
     shard: Annotated[str | None, typer.Option(help="mnist: this agent's shard i/N.")] = None,
     task_option: Annotated[list[str] | None, typer.Option(help="Other task option KEY=VALUE.")] = None,
+    init: Annotated[str, typer.Option(help="First round from: global (the job's model) | own (this agent's own "
+                                           "random init) | FILE.safetensors (a model trained elsewhere).")] = "global",
+    pretrain: Annotated[int, typer.Option(help="With --init own/FILE: extra local budget before the first "
+                                               "update (agents that trained apart).")] = 0,
     slowdown: Annotated[float, typer.Option(help="Simulate a device this many times slower.")] = 1.0,
     delay: Annotated[str | None, typer.Option(help="Simulated network delay, e.g. lognormal:-1.5:0.5.")] = None,
     drop: Annotated[float, typer.Option(help="Probability to skip publishing a round.")] = 0.0,
@@ -55,6 +60,15 @@ def agent(
             opts[key] = value
     if download:
         opts["download"] = True
+    if init not in ("global", "own") and not init.endswith(".safetensors"):
+        typer.echo(f"error: --init must be global, own or a .safetensors file, got {init!r}", err=True)
+        raise typer.Exit(2)
+    if init.endswith(".safetensors") and not Path(init).is_file():
+        typer.echo(f"error: --init file {init} does not exist", err=True)
+        raise typer.Exit(2)
+    if pretrain < 0:
+        typer.echo(f"error: --pretrain must be >= 0, got {pretrain}", err=True)
+        raise typer.Exit(2)
     if device == "auto":
         import torch
 
@@ -64,7 +78,8 @@ def agent(
         settings = AgentSettings(broker=broker, job=job, agent_id=agent_id, task=task, task_options=opts,
                                  budget=budget, max_rounds=max_rounds, seed=seed, device=device,
                                  username=username, password=password, tls_ca=tls_ca, tls_cert=tls_cert,
-                                 tls_key=tls_key, slowdown=slowdown, delay=sampler, drop=drop, crash=crash)
+                                 tls_key=tls_key, slowdown=slowdown, delay=sampler, drop=drop, crash=crash,
+                                 init=init, pretrain=pretrain)
         code = run_agent(settings)
     except (ValueError, FileNotFoundError) as exc:
         typer.echo(f"error: {exc}", err=True)

@@ -55,6 +55,10 @@ def sim(
     local_epochs: Annotated[int | None, typer.Option(help="mnist: local epochs per round.")] = None,
     local_steps: Annotated[int | None, typer.Option(help="cartpole: env steps per round.")] = None,
     model: Annotated[str, typer.Option(help="mnist: mlp | cnn")] = "mlp",
+    init: Annotated[str, typer.Option(help="Agents' first round: global | own (each from its own random init).")
+                    ] = "global",
+    pretrain: Annotated[int, typer.Option(help="With --init own: extra local budget before the first update "
+                                               "(cartpole: steps each agent trains alone).")] = 0,
     preset: Annotated[str, typer.Option(help="cartpole: stable (default recipe) | paper (the authors' protocol: "
                                              "10 agents' lengths, 100 steps a round)")] = "stable",
     timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 1800.0,
@@ -66,7 +70,8 @@ def sim(
                   wb_method=wb_method, max_iter=max_iter, stop_threshold=stop_threshold, solver=solver,
                   quorum=quorum, deadline=deadline, stragglers=stragglers, broker=broker, job=job, out=out,
                   seed=seed, quick=quick, partition=partition, local_epochs=local_epochs,
-                  local_steps=local_steps, model=model, preset=preset, timeout=timeout)
+                  local_steps=local_steps, model=model, preset=preset, init=init, pretrain=pretrain,
+                  timeout=timeout)
     if pole_lengths:
         kwargs["pole_lengths"] = _floats(pole_lengths)
     if held_out:

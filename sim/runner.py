@@ -60,6 +60,8 @@ class SimConfig:
     local_steps: int | None = None
     model: str = "mlp"
     preset: str = "stable"  # cartpole recipe: stable | paper
+    init: str = "global"  # agents' first round: global | own (each its own random init)
+    pretrain: int = 0  # with init own: extra local budget first (cartpole: steps alone, "trained apart")
     device: str = "cpu"
     timeout: float = 1800.0
     live: bool = True
@@ -71,6 +73,8 @@ class SimConfig:
             raise ValueError(f"--quorum must be between 1 and --agents ({self.agents})")
         if self.task not in ("mnist", "cartpole", "noop"):
             raise ValueError(f"unknown task {self.task!r}: use mnist, cartpole or noop")
+        if self.init not in ("global", "own"):
+            raise ValueError(f"--init must be global or own, got {self.init!r}")
         if self.preset not in ("stable", "paper"):
             raise ValueError(f"unknown cartpole preset {self.preset!r}: use stable or paper")
         parse_stragglers(self.stragglers)
@@ -108,6 +112,8 @@ def _agent_cmd(cfg: SimConfig, broker: str, job: str, i: int) -> list[str]:
                 "--task-option", f"total_steps={steps * cfg.rounds}"]  # the schedules span the whole run
     else:
         cmd += ["--task-option", "shapes=[[100, 100]]"]
+    if cfg.init != "global":
+        cmd += ["--init", cfg.init, "--pretrain", str(cfg.pretrain)]
     knobs = parse_stragglers(cfg.stragglers).agent_knobs(i, cfg.agents)
     if knobs["slowdown"] != 1.0:
         cmd += ["--slowdown", str(knobs["slowdown"])]

@@ -105,3 +105,26 @@ def test_the_tasks_declare_chains_that_cover_their_models() -> None:
                        ("mnist", {"model": "cnn"})]:
         task = get_task(name, seed=0, **opts)
         assert chain_problem(task.initial_weights(), chain_from_spec(task.layer_chain())) is None, (name, opts)
+
+
+def test_agent_first_round_from_its_own_init_or_a_file(tmp_path) -> None:
+    """--init own: the first round trains from the task's own init (this agent's seed), later ones from the global."""
+    from safetensors.torch import save_file
+
+    from edge_agent.agent import Agent, AgentSettings
+    from schemas import GlobalModel
+
+    glob = GlobalModel(job="j", version=0, policy="init", weights={"t0": torch.zeros(3, 3)})
+    own = Agent(AgentSettings(task="noop", task_options={"shapes": "3x3"}, seed=7, init="own", pretrain=5))
+    weights, budget = own._starting_point(glob)
+    assert not torch.equal(weights["t0"], glob.weights["t0"]) and budget == 1 + 5
+    assert torch.equal(weights["t0"], own.task.initial_weights()["t0"])
+    own.rounds = 1
+    assert own._starting_point(glob)[0]["t0"].abs().sum() == 0  # later rounds: the global model
+    path = tmp_path / "mine.safetensors"
+    save_file({"t0": torch.ones(3, 3)}, str(path))
+    weights, _ = Agent(AgentSettings(task="noop", task_options={"shapes": "3x3"}, init=str(path)))._starting_point(glob)
+    assert torch.equal(weights["t0"], torch.ones(3, 3))
+    save_file({"t0": torch.ones(2, 2)}, str(path))  # wrong shape: said in the log, the global model is used
+    weights, _ = Agent(AgentSettings(task="noop", task_options={"shapes": "3x3"}, init=str(path)))._starting_point(glob)
+    assert torch.equal(weights["t0"], glob.weights["t0"])
