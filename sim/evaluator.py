@@ -30,6 +30,21 @@ def headline(metrics: dict[str, float]) -> tuple[str, float | None]:
     return "", None
 
 
+def training_metrics(agent_metrics: dict[str, dict[str, float]]) -> dict[str, float]:
+    """The agents' own training figures, averaged over this version's contributors.
+
+    For cartpole this includes the paper's metric: the length of each agent's last
+    epsilon-greedy training episode (``last_episode_return``) and its 50-episode moving
+    average (``episode_return_ma50``), averaged over agents.
+    """
+    out: dict[str, float] = {}
+    for key in ("last_episode_return", "episode_return_ma50", "episode_return", "td_loss", "train_seconds"):
+        values = [m[key] for m in agent_metrics.values() if isinstance(m.get(key), (int, float))]
+        if values:
+            out[key] = sum(values) / len(values)
+    return out
+
+
 class Evaluator:
     """Evaluate each global version of ``job`` once, in version order, newest first when behind."""
 
@@ -83,6 +98,8 @@ class Evaluator:
                 "sinkhorn_iterations": info.get("report", {}).get("sinkhorn_iterations"),
                 "sinkhorn_error": info.get("report", {}).get("sinkhorn_error"),
                 "wall_seconds": round(arrived - self.started, 3), "eval": metrics,
+                "training": training_metrics(info.get("agent_metrics", {})),
+                "fusion_report": info.get("report"),
             }
             self.evaluated[g.version] = record
             self.on_record(record)

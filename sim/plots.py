@@ -26,7 +26,11 @@ def plot_run(rounds: list[dict[str, Any]], out: Path, title: str) -> list[Path]:
     """Metric against round and against wall time; staleness and quorum wait."""
     key, xs, ts, ys = _series(rounds)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    axes[0].plot(xs, ys, marker="o")
+    axes[0].plot(xs, ys, marker="o", label=f"global model, {key}")
+    ma = [r.get("training", {}).get("episode_return_ma50", float("nan")) for r in rounds]
+    if any(np.isfinite(ma)):  # cartpole: the paper's metric (agents' training episodes, 50-episode average)
+        axes[0].plot(xs, ma, "--", label="agents' training episodes (MA 50, the paper's metric)")
+        axes[0].legend()
     axes[0].set(xlabel="global version", ylabel=key, title=f"{title}: {key} by round")
     axes[1].plot(ts, ys, marker="o")
     axes[1].set(xlabel="wall time (s)", ylabel=key, title="by wall time")

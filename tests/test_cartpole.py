@@ -67,3 +67,14 @@ def test_evaluation_covers_trained_and_held_out_settings() -> None:
     assert set(out) == {"return@0.3", "return@1.25", "return@length=0.4,masscart=2", "return@force_mag=5",
                         "mean_return"}
     assert all(1 <= v <= 500 for v in out.values())
+
+
+def test_the_papers_metric_is_recorded_from_the_agents_training() -> None:
+    from sim.evaluator import training_metrics
+
+    task = get_task("cartpole", seed=0, learning_starts=10_000)  # no learning: episodes end fast
+    res = task.train(task.initial_weights(), 300)
+    assert res.metrics["last_episode_return"] >= 1 and res.metrics["episode_return_ma50"] >= 1
+    got = training_metrics({"a": {"episode_return_ma50": 20.0, "last_episode_return": 10.0},
+                            "b": {"episode_return_ma50": 40.0, "last_episode_return": 30.0}, "c": {}})
+    assert got == {"episode_return_ma50": 30.0, "last_episode_return": 20.0}

@@ -19,6 +19,12 @@ Methods
     is not renormalized unless ``renormalize=True``) and shifting every model by c
     shifts the result by c.
 
+``fedwb-sinkhorn`` is solved for all tensors of a model together (``solver``: ``auto`` =
+the compiled plain-domain solver on CPU, ``plain-torch`` elsewhere; ``log`` the
+log-domain one; ``pot-plain`` the authors' dense POT call), see ``sinkhorn_fast``.
+Model-level methods (``fedwb-neurons``) come from ``registry``; their options
+(``chain``, ``transport``, ``neuron_reg``, ``neuron_iters``) pass through.
+
 What each rule does to a model: the barycenter transports mass between *index
 positions*, which are unrelated weights. The exact barycenter therefore moves mass
 between neighbouring weights and can land far from every client (43-94 % from FedAvg

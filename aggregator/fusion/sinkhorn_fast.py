@@ -13,21 +13,28 @@ the grid (the Gibbs kernel of the cost :math:`(i-j)^2`, truncated where the left
 is below :math:`e^{-40}` relative to the kept diagonal term; :math:`D` is sized from the
 spread :math:`\log(\max x / \min x)` of the stencil's input, as in the log-domain solver,
 so it widens by itself when mass must travel far). Per grid point and iteration this is
-two short stencils, two divisions and one logarithm (a vectorizable one, below) instead of
-the log domain's 2(2D+1) exponentials; the exponential of :math:`\log b` is shared by the
-K rows. Every tensor of a model is one *segment* of a (K, N) array, and one compiled,
-parallel pass per iteration updates all of them (tiles of a segment recompute the D-wide
-halo of :math:`u` they need instead of waiting for their neighbours).
+two short stencils, two divisions and, per group of rows with equal weight, one
+logarithm of the product of their mantissas (a vectorizable log, below), instead of the
+log domain's 2(2D+1) exponentials; the exponential of :math:`\log b` is shared by the K
+rows. Every tensor of a model is one *segment* of a (K, N) array, cut into tiles.
+
+Blocks (overlapped tiling): a tile copies its v and a with a halo of ``nsteps (Dv + Du)``
+points and runs up to 10 iterations privately, each shrinking its exact region by the two
+bands, so no tile waits for another and a, v cross memory once per block instead of once
+per iteration. The bands of a block are sized for v staying within ``MARGIN`` binary
+orders of its range at the block's start; every tile checks that promise (integer min/max
+of float exponents); a block that breaks it is redone one iteration at a time, with bands
+from the actual range. Blocks end at POT's check iterations.
 
 Stopping is POT's: every 10th iteration (``ii % 10 == 1``) the error
 :math:`\sum_i \mathrm{std}_k(v_{ki} (K u_k)_i)` of a segment is compared with
 ``stop_threshold``; a segment that stops keeps the :math:`b` of that iteration.
 
-Range: the plain domain is exact only while every :math:`u, v, Ku` stays inside
-``[1e-100, 1e100]`` (so the band bound holds and nothing is subnormal). A segment whose
-values leave that range at iteration ``ii`` is handed back, with its last good
-:math:`v`, so the caller continues it in the log domain from the same iterate
-(``escaped`` in the result): same numbers, slower.
+Range: the plain domain is used while every v stays inside ``[1e-100, 1e100]`` (then u
+and K u stay far from under- and overflow too, and nothing is subnormal). A segment whose
+values leave that range at iteration ``ii`` is handed back with its last good v, and the
+caller continues it in the log domain from the same iterate (``escaped_at``): same
+numbers, slower.
 """
 
 from __future__ import annotations
