@@ -337,8 +337,9 @@ if numba is not None:
         Each segment advances in blocks of up to ``block`` iterations that end at POT's check
         iterations (``ii % 10 == 1``), with the band sized for v staying within ``margin``
         binary orders of its range at the block's start. A block that breaks that promise is
-        redone one iteration at a time (band from the actual range); a segment whose values
-        leave the plain range then is handed back (``out_escaped``) with its last good v.
+        redone with a 4x wider margin (a slightly wider band), and once the margin spans the
+        whole plain range, one iteration at a time (band from the actual range); a segment whose
+        values leave the plain range then is handed back (``out_escaped``) with its last good v.
         """
         log_wsum = math.log(w.sum() * 2.0 - 1.0)  # log of the kernel's total weight, sum_d w_|d|
         ln2 = math.log(2.0)
@@ -352,6 +353,7 @@ if numba is not None:
         active = np.ones(n_seg, np.bool_)
         stepwise = np.zeros(n_seg, np.bool_)
         stepwise_until = np.zeros(n_seg, np.int64)
+        seg_margin = np.full(n_seg, margin)  # widened (x4) for a segment whose v moves faster
         ii = np.zeros(n_seg, np.int64)
         v_lo = np.full(n_seg, 1023)  # biased exponents of min v and max v (v = 1 at the start)
         v_hi = np.full(n_seg, 1023)
@@ -386,7 +388,7 @@ if numba is not None:
                     a_lo[s], a_hi[s] = EXP_LO, EXP_HI
                     steps = 1
                 else:
-                    lo_e, hi_e = max(EXP_LO, v_lo[s] - margin), min(EXP_HI, v_hi[s] + margin)
+                    lo_e, hi_e = max(EXP_LO, v_lo[s] - seg_margin[s]), min(EXP_HI, v_hi[s] + seg_margin[s])
                     a_lo[s], a_hi[s] = lo_e, hi_e
                     steps = min(end - ii[s], block, max_iter - ii[s])
                 spread_v = (hi_e - lo_e + 1) * ln2  # >= log(max v / min v) over the block
@@ -445,7 +447,9 @@ if numba is not None:
                         active[s] = False
                         out_escaped[s] = ii[s]
                         out_iter[s] = ii[s]
-                    else:  # the band's promise broke: redo up to the next check one iteration at a time
+                    elif seg_margin[s] < EXP_HI - EXP_LO:  # the band's promise broke: redo with a wider one
+                        seg_margin[s] *= 4
+                    else:  # even the whole plain range was not enough: one iteration at a time up to the check
                         stepwise[s] = True
                         stepwise_until[s] = ii[s] + nsteps[s]
                     continue
