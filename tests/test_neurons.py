@@ -128,3 +128,17 @@ def test_agent_first_round_from_its_own_init_or_a_file(tmp_path) -> None:
     save_file({"t0": torch.ones(2, 2)}, str(path))  # wrong shape: said in the log, the global model is used
     weights, _ = Agent(AgentSettings(task="noop", task_options={"shapes": "3x3"}, init=str(path)))._starting_point(glob)
     assert torch.equal(weights["t0"], glob.weights["t0"])
+
+
+@pytest.mark.parametrize("args,msg", [(["--init", "mine.pt"], "--init must be global, own or a .safetensors file"),
+                                      (["--init", "missing.safetensors"], "does not exist"),
+                                      (["--init", "own", "--pretrain", "-1"], "--pretrain must be >= 0")])
+def test_agent_cli_rejects_bad_init_in_one_line(args: list[str], msg: str) -> None:
+    import subprocess
+
+    from fedwb import executable
+
+    result = subprocess.run([executable(), "agent", "--task", "noop", *args], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2 and msg in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
