@@ -45,6 +45,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from aggregator.fusion.sinkhorn import band_halfwidth  # the same bound, one definition
+
 try:
     import numba
     from llvmlite import ir
@@ -81,12 +83,6 @@ class SegmentResult:
     converged: bool
     band: int
     escaped_at: int  # -1, or the iteration at which values left the plain range
-
-
-def band_halfwidth(reg: float, spread: float, n: int) -> int:
-    """Half-width D with :math:`(D+1)^2 \\ge \\varepsilon(\\text{spread} + \\log 2n + 40)` (at most n-1)."""
-    need = reg * (max(spread, 0.0) + math.log(2 * n) + 40.0)
-    return int(min(n - 1, max(0, math.ceil(math.sqrt(need)) - 1)))
 
 
 if numba is not None:
