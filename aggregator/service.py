@@ -175,7 +175,9 @@ class Aggregator:
             from safetensors.torch import load_file
 
             return load_file(self.s.init)
-        return self._task().initial_weights()
+        task = self._task()
+        self._chain = task.layer_chain() or []  # kept: building a task again (MNIST loads its data) is slow
+        return task.initial_weights()
 
     def _task(self):  # noqa: ANN202 - a Task, imported lazily
         from edge_agent.tasks import get_task
