@@ -7,15 +7,21 @@ raw little-endian bytes, never pickle.
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field_validator, model_validator
 
 SCHEMA_VERSION = 1
+MAX_WIRE_INT = 2**53  # the largest integer every JSON/float64 consumer reads exactly
+MAX_METRICS = 64  # metrics entries one update may carry
+ID_PATTERN = r"^[^+#/\x00]{1,128}$"  # job and agent ids are MQTT topic levels: no wildcards, no /
+WireInt = Annotated[StrictInt, Field(ge=0, le=MAX_WIRE_INT)]  # no bool, no str, no float, bounded
 
-PolicyName = Literal["fedavg", "fedwb", "fedwb-sinkhorn", "fedwb-neurons", "hybrid"]
+PolicyName = Literal["fedavg", "fedwb", "fedwb-sinkhorn", "fedwb-neurons", "hybrid", "median", "trimmed-mean",
+                     "krum"]
 FedWBMethod = Literal["fedwb", "fedwb-sinkhorn", "fedwb-neurons"]
 EntropicSolver = Literal["auto", "plain", "plain-torch", "log", "pot-plain"]
 PAPER_MAX_ITER = 10_000  # the authors' numItermax (their call: ot.bregman.barycenter, method "sinkhorn")
@@ -54,11 +60,13 @@ class PolicySpec(BaseModel):
     switch_after: int | None = Field(default=None, ge=0)
     dispersion_below: float | None = Field(default=None, gt=0)
     wb_method: FedWBMethod = "fedwb-sinkhorn"
-    reg: float = Field(default=0.1, gt=0)
-    stop_threshold: float = Field(default=1e-4, gt=0)
+    reg: float = Field(default=0.1, gt=0, le=1e4)
+    stop_threshold: float = Field(default=1e-4, gt=0, lt=1)
     max_iter: int = Field(default=1000, ge=1, le=1_000_000)
     solver: EntropicSolver = "auto"
     biases: Literal["fedwb", "fedavg"] = "fedwb"
+    trim_ratio: float = Field(default=0.2, ge=0, lt=0.5)  # trimmed-mean: fraction dropped at each end
+    byzantine: int | None = Field(default=None, ge=0)  # krum: assumed attackers f (default (K-3)//2)
 
     @model_validator(mode="after")
     def _hybrid_needs_a_switch(self) -> PolicySpec:
@@ -79,29 +87,44 @@ class PolicySpec(BaseModel):
 
 
 class ModelUpdate(_Message):
-    """An agent's locally trained weights, published on ``fedwb/J/update/{agent_id}``."""
+    """An agent's locally trained weights, published on ``fedwb/J/update/{agent_id}``.
 
-    job: str = Field(min_length=1)
-    agent_id: str = Field(min_length=1)
-    base_version: int = Field(ge=0)
-    num_samples: int = Field(gt=0)
+    Strict wire types: integers are integers (no ``True``, ``"7"`` or ``3.0``) within
+    ``[0, 2**53]``, floats are finite, ids are topic-safe, at most ``MAX_METRICS`` metrics.
+    ``sent_at`` is informational: the aggregator orders updates by arrival and
+    ``base_version``, and rejects a ``sent_at`` beyond its clock-skew tolerance.
+    """
+
+    job: str = Field(pattern=ID_PATTERN)
+    agent_id: str = Field(pattern=ID_PATTERN)
+    base_version: WireInt
+    num_samples: Annotated[StrictInt, Field(gt=0, le=MAX_WIRE_INT)]
     weights: dict[str, Any]
-    metrics: dict[str, float] = Field(default_factory=dict)
-    sent_at: float = Field(default_factory=_now)
+    metrics: dict[str, StrictFloat] = Field(default_factory=dict, max_length=MAX_METRICS)
+    sent_at: StrictFloat = Field(default_factory=_now, allow_inf_nan=False, ge=0)
     update_id: str = Field(default_factory=_new_id, pattern=r"^[A-Za-z0-9_.-]{1,128}$")
+
+    @field_validator("metrics")
+    @classmethod
+    def _finite_metrics(cls, value: dict[str, float]) -> dict[str, float]:
+        bad = [k for k, v in value.items() if not math.isfinite(v) or len(k) > 64]
+        if bad:
+            raise ValueError(f"metric {bad[0][:64]!r} has a non-finite value or a name over 64 characters")
+        return value
 
 
 class GlobalModel(_Message):
     """The fused model, published retained on ``fedwb/J/global``."""
 
     job: str = Field(min_length=1)
-    version: int = Field(ge=0)
+    version: WireInt
     policy: str  # the rule family this version was fused with: "fedavg" or "fedwb" ("init" for v0)
     method: str = ""  # the exact method: fedavg | fedwb | fedwb-sinkhorn
     weights: dict[str, Any]
     contributors: list[str] = Field(default_factory=list)
     created_at: float = Field(default_factory=_now)
     info: dict[str, Any] = Field(default_factory=dict)
+    signature: str = Field(default="", max_length=256)  # hex Ed25519 signature (schemas.signing), "" unsigned
 
 
 class PolicyCommand(_Message):
@@ -142,6 +165,7 @@ class AggregatorStatus(_Message):
     stale: int = 0
     duplicate: int = 0
     replaced: int = 0
+    bounded: dict[str, int] = Field(default_factory=dict)  # shares_capped, norms_clipped, samples_capped
     last_fusion_seconds: float | None = None
     last_quorum_wait_seconds: float | None = None
     last_quorum_at: float | None = None  # wall clock (Unix s) when the round fused into ``version`` was complete
