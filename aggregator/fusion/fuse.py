@@ -61,12 +61,14 @@ import torch
 from aggregator.fusion import barycenter as _bary
 from aggregator.fusion import neurons as _neurons  # noqa: F401 - registers fedwb-neurons
 from aggregator.fusion import registry
+from aggregator.fusion import robust as _robust  # noqa: F401 - registers median, trimmed-mean, krum
 from aggregator.fusion import sinkhorn_fast as _fast
 from aggregator.fusion.fedavg import fedavg_tensor, normalize_weights
 from aggregator.fusion.sinkhorn import sinkhorn_barycenter_1d
 
 PER_TENSOR = ("fedavg", "fedwb", "fedwb-sinkhorn")
-MODEL_LEVEL_OPTIONS = {"chain", "transport", "neuron_reg", "neuron_iters"}  # passed to registered methods
+# passed to registered (model-level) methods
+MODEL_LEVEL_OPTIONS = {"chain", "transport", "neuron_reg", "neuron_iters", "trim_ratio", "byzantine"}
 METHODS = PER_TENSOR + registry.names()
 SOLVERS = ("auto", "plain", "plain-torch", "log", "pot-plain")
 POT_PLAIN_MAX_N = 8192  # POT needs the dense n x n cost matrix: 512 MiB at this size

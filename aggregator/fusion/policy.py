@@ -38,8 +38,8 @@ class Choice:
 
     @property
     def family(self) -> str:
-        """``fedwb`` for either barycentric method, else ``fedavg``."""
-        return "fedavg" if self.method == "fedavg" else "fedwb"
+        """``fedwb`` for any barycentric method, else the method itself (``fedavg``, ``median``, ...)."""
+        return "fedwb" if self.method.startswith("fedwb") else self.method
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,8 @@ def dispersion(models: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[f
 def method_options(spec: PolicySpec) -> dict[str, Any]:
     """The ``fuse`` options a policy implies."""
     return {"reg": spec.reg, "stop_threshold": spec.stop_threshold, "max_iter": spec.max_iter,
-            "solver": spec.solver, "biases": spec.biases}
+            "solver": spec.solver, "biases": spec.biases, "trim_ratio": spec.trim_ratio,
+            "byzantine": spec.byzantine}
 
 
 def decide(spec: PolicySpec, state: PolicyState, dispersion_value: float | None = None) -> Choice:
