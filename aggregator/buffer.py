@@ -7,12 +7,15 @@ version :math:`v_k` has staleness :math:`\tau_k = v - v_k`; updates with
 .. math::
     \lambda_k \propto n_k (1 + \tau_k)^{-\alpha}
 
-(``num_samples`` :math:`n_k`, ``staleness_alpha`` :math:`\alpha`; FedAsync-style).
+(``num_samples`` :math:`n_k`, ``staleness_alpha`` :math:`\alpha`; FedAsync-style), where
+:math:`n_k` is first capped at ``max_num_samples`` (or the agent's own cap from the agents
+file). Order and freshness are the server's: a newer arrival replaces the buffered update
+of the same agent unless it starts from an older ``base_version``; a client's ``sent_at``
+only counts to reject clocks more than ``max_clock_skew`` seconds ahead.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -20,6 +23,7 @@ from enum import StrEnum
 
 import torch
 
+from aggregator.fusion.robust import delta_norm as update_norm
 from schemas import ModelUpdate
 
 
@@ -59,6 +63,7 @@ class Round:
     weights: list[float]
     staleness: list[int]
     version: int
+    samples_capped: list[str] = field(default_factory=list)  # agents whose num_samples hit the cap
 
 
 @dataclass
@@ -71,6 +76,9 @@ class UpdateBuffer:
     remember: int = 100_000  # how many recent update ids are kept for duplicate detection
     rate_limit: float | None = None  # most updates per agent per minute (None: no limit)
     max_update_norm: float | None = None  # reject ||W_k - W_global|| above this (None: off)
+    max_num_samples: int | None = None  # cap on any update's num_samples (None: no cap)
+    agent_caps: dict[str, int | None] | None = None  # the agents file: allowed ids and their own caps
+    max_clock_skew: float | None = 300.0  # reject sent_at further ahead of our clock (None: off)
     items: dict[str, Buffered] = field(default_factory=dict)
     _seen: OrderedDict[str, None] = field(default_factory=OrderedDict)
     _recent: dict[str, deque] = field(default_factory=dict)
@@ -118,6 +126,8 @@ class UpdateBuffer:
         if self.rate_limit is not None and not self._within_rate(update.agent_id):
             return Admission(Outcome.REJECTED, "rate_limited",
                              f"more than {self.rate_limit:g} updates per minute from {update.agent_id}")
+        if self.agent_caps is not None and update.agent_id not in self.agent_caps:
+            return Admission(Outcome.REJECTED, "unknown_agent", f"agent {update.agent_id!r} is not in the agents file")
         if update.job != self.job:
             return Admission(Outcome.REJECTED, "wrong_job", f"job {update.job!r} is not {self.job!r}")
         if topic_agent is not None and update.agent_id != topic_agent:
@@ -137,12 +147,22 @@ class UpdateBuffer:
             if norm > self.max_update_norm:
                 return Admission(Outcome.REJECTED, "norm_bound",
                                  f"||update - global|| = {norm:.4g} > {self.max_update_norm:g}")
+        if self.max_clock_skew is not None and update.sent_at > time.time() + self.max_clock_skew:
+            return Admission(Outcome.REJECTED, "clock_skew",
+                             f"sent_at is {update.sent_at - time.time():.0f}s ahead of the aggregator's clock "
+                             f"(tolerance {self.max_clock_skew:g}s)")
         held = self.items.get(update.agent_id)
-        if held is not None and (held.update.base_version, held.update.sent_at) > (
-                update.base_version, update.sent_at):
+        if held is not None and held.update.base_version > update.base_version:
             return Admission(Outcome.REJECTED, "older_than_buffered",
-                             "an update from a newer base version of this agent is buffered")
+                             f"an update from base version {held.update.base_version} of this agent is buffered")
         return None
+
+    def sample_cap(self, agent: str) -> int | None:
+        """The most ``num_samples`` counted for ``agent``: its own cap, else the global one."""
+        own = (self.agent_caps or {}).get(agent)
+        if own is not None and self.max_num_samples is not None:
+            return min(own, self.max_num_samples)
+        return own if own is not None else self.max_num_samples
 
     def _within_rate(self, agent: str, now: float | None = None) -> bool:
         """Sliding one-minute window of this agent's arrivals (checked ones count too)."""
@@ -156,14 +176,29 @@ class UpdateBuffer:
         return True
 
     def take(self, version: int) -> Round:
-        """Empty the buffer into a ``Round`` with staleness weights at ``version``."""
+        """Empty the buffer into a ``Round`` with staleness weights at ``version``.
+
+        The round is built first and the buffer emptied last, so a failure here loses nothing.
+        """
         items = sorted(self.items.values(), key=lambda b: b.arrived)  # arrival order: newest last
-        self.items = {}
         updates = [b.update for b in items]
         staleness = [max(0, version - u.base_version) for u in updates]
-        weights = [u.num_samples * (1.0 + t) ** -self.staleness_alpha
-                   for u, t in zip(updates, staleness, strict=True)]
-        return Round(updates, weights, staleness, version)
+        counted, capped = [], []
+        for u in updates:
+            cap = self.sample_cap(u.agent_id)
+            counted.append(u.num_samples if cap is None else min(u.num_samples, cap))
+            if counted[-1] < u.num_samples:
+                capped.append(u.agent_id)
+        weights = [float(n) * (1.0 + t) ** -self.staleness_alpha for n, t in zip(counted, staleness, strict=True)]
+        rnd = Round(updates, weights, staleness, version, capped)
+        self.items = {}
+        return rnd
+
+    def restore(self, rnd: Round, now: float) -> None:
+        """Put a round's updates back after a failed fusion (a newer update of an agent stays)."""
+        for u in rnd.updates:
+            if u.agent_id not in self.items:
+                self.items[u.agent_id] = Buffered(u, now)
 
     def oldest_arrival(self) -> float | None:
         return min((b.arrived for b in self.items.values()), default=None)
@@ -181,12 +216,3 @@ def shape_mismatch(weights: dict[str, torch.Tensor], reference: dict[str, torch.
             return (f"{name}: {t.dtype}{list(t.shape)} does not match the global model's "
                     f"{ref.dtype}{list(ref.shape)}")
     return ""
-
-
-def update_norm(weights: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
-    """Euclidean norm of the update over all float tensors: ||W_k - W_global||."""
-    total = 0.0
-    for name, ref in reference.items():
-        if ref.is_floating_point():
-            total += float(((weights[name].double() - ref.double()) ** 2).sum())
-    return math.sqrt(total)

@@ -52,8 +52,14 @@ class Checkpoint:
     def __init__(self, state_dir: str | Path, fsync_inbox: bool = False) -> None:
         self.fsync_inbox = fsync_inbox
         self.dir = Path(state_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / INBOX).mkdir(exist_ok=True)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            (self.dir / INBOX).mkdir(exist_ok=True)
+            probe = self.dir / ".write-test"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise ValueError(f"--state-dir {state_dir}: {exc.strerror or exc}") from None
 
     def model_path(self, version: int) -> Path:
         return self.dir / f"model-{version}.safetensors"

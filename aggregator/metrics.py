@@ -28,7 +28,10 @@ class Metrics:
         if self.port is not None and self._server is None:
             from prometheus_client import start_http_server
 
-            self._server, _thread = start_http_server(self.port, registry=self.registry)
+            try:
+                self._server, _thread = start_http_server(self.port, registry=self.registry)
+            except OSError as exc:
+                raise ValueError(f"--metrics-port {self.port}: {exc.strerror or exc}") from None
 
     def stop(self) -> None:
         if self._server is not None:

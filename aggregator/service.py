@@ -13,6 +13,7 @@ import contextlib
 import logging
 import random
 import signal
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -24,6 +25,7 @@ import schemas
 from aggregator.buffer import Admission, Outcome, Round, UpdateBuffer
 from aggregator.checkpoint import Checkpoint
 from aggregator.fusion import PolicyState, decide, dispersion, fuse_with_report, needs_dispersion
+from aggregator.fusion.robust import bound_influence
 from aggregator.metrics import Metrics
 from aggregator.settings import AggregatorSettings
 from schemas import (
@@ -37,6 +39,7 @@ from schemas import (
     Topics,
     WireError,
 )
+from schemas.signing import load_private_key, sign
 
 log = logging.getLogger("fedwb.aggregator")
 HISTORY_LIMIT = 10_000
@@ -45,8 +48,9 @@ HISTORY_LIMIT = 10_000
 def wire_reason(exc: WireError) -> str:
     """A counter key for a codec error."""
     text = str(exc)
-    for key, reason in (("NaN", "non_finite"), ("exceeds the limit", "oversize"),
-                        ("schema version", "schema_version"), ("needs", "shape_bytes"),
+    for key, reason in (("invalid ModelUpdate", "invalid_field"), ("NaN", "non_finite"),
+                        ("exceeds the limit", "oversize"), ("schema version", "schema_version"),
+                        ("needs", "shape_bytes"),
                         ("msgpack", "not_msgpack"), ("dtype", "dtype")):
         if key in text:
             return reason
@@ -61,6 +65,30 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def load_agents_file(path: str | None) -> dict[str, int | None] | None:
+    """The agents file: ``{agent_id: {"max_num_samples": N | null}}`` (or a list of ids); None without one."""
+    if path is None:
+        return None
+    import json
+    from pathlib import Path
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"agents file {path}: {exc}") from None
+    if isinstance(data, list):
+        data = {str(a): {} for a in data}
+    if not isinstance(data, dict):
+        raise ValueError(f"agents file {path}: expected a JSON object of agent ids")
+    caps: dict[str, int | None] = {}
+    for agent, entry in data.items():
+        cap = entry.get("max_num_samples") if isinstance(entry, dict) else None
+        if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap < 1):
+            raise ValueError(f"agents file {path}: {agent}: max_num_samples must be a positive integer, got {cap!r}")
+        caps[str(agent)] = cap
+    return caps
+
+
 @dataclass
 class Counters:
     accepted: int = 0
@@ -68,6 +96,7 @@ class Counters:
     duplicate: int = 0
     stale: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
+    bounded: dict[str, int] = field(default_factory=dict)  # updates whose influence a default bound limited
 
     def count(self, adm: Admission) -> None:
         if adm.outcome == Outcome.ACCEPTED:
@@ -99,7 +128,10 @@ class Aggregator:
         self.device = resolve_device(settings.device)
         self.checkpoint = Checkpoint(settings.state_dir, settings.fsync_inbox) if settings.state_dir else None
         self.buffer = UpdateBuffer(settings.job, settings.max_staleness, settings.staleness_alpha,
-                                   rate_limit=settings.rate_limit, max_update_norm=settings.max_update_norm)
+                                   rate_limit=settings.rate_limit, max_update_norm=settings.max_update_norm,
+                                   max_num_samples=settings.max_num_samples,
+                                   agent_caps=load_agents_file(settings.agents_file),
+                                   max_clock_skew=settings.max_clock_skew)
         self.counters = Counters()
         self.metrics = Metrics(settings.metrics_port)
         self.version = 0
@@ -121,6 +153,10 @@ class Aggregator:
         self._client: aiomqtt.Client | None = None
         self._warned: set[tuple[str, str]] = set()
         self._chain: list | None = None
+        self._clip_reference: float | None = None  # the last round's median delta norm
+        self._prepared = False
+        self.reconnects = 0  # sessions lost (a kick by another client with our id would count here)
+        self._signing_key = load_private_key(settings.signing_key) if settings.signing_key else None
 
     # ------------------------------------------------------------------ state
     def _state(self) -> dict[str, Any]:
@@ -130,7 +166,7 @@ class Aggregator:
             "applied_command": self.applied_command,
             "counters": asdict(self.counters),
             "history": self.history[-HISTORY_LIMIT:],
-            "seen_ids": self.buffer.seen_ids()[-20_000:],
+            "seen_ids": self.buffer.seen_ids()[-20_000:], "clip_reference": self._clip_reference,
         }
 
     def _restore(self) -> None:
@@ -151,7 +187,9 @@ class Aggregator:
         self.policy_state = PolicyState(ps.get("fusions", 0), ps.get("switched", False))
         self.applied_command = st.get("applied_command")
         c = st.get("counters", {})
-        self.counters = Counters(**{**c, "rejected": dict(c.get("rejected", {}))})
+        self.counters = Counters(**{**c, "rejected": dict(c.get("rejected", {})),
+                                    "bounded": dict(c.get("bounded", {}))})
+        self._clip_reference = st.get("clip_reference")
         self.history = list(st.get("history", []))
         for uid in st.get("seen_ids", []):
             self.buffer.mark_seen(uid)
@@ -166,7 +204,10 @@ class Aggregator:
             except WireError:
                 self.checkpoint.inbox_drop([uid])
                 continue
-            restored += self.buffer.readmit(upd, self.version, self.weights, time.monotonic()).kept
+            adm = self.buffer.readmit(upd, self.version, self.weights, time.monotonic())
+            restored += adm.outcome == Outcome.ACCEPTED  # a replacement keeps the agent's count
+            drop = [adm.replaced_id] if adm.replaced_id else [] if adm.kept else [uid]
+            self.checkpoint.inbox_drop(drop)  # a replaced or no longer admissible update never comes back
         self.log.info("job %s: resumed at version %d (policy %s), %d buffered updates restored",
                       self.s.job, self.version, self.policy.describe(), restored)
 
@@ -200,7 +241,7 @@ class Aggregator:
             last_choice_reason=self.last_choice[1] if self.last_choice else None,
             buffer_fill=len(self.buffer), quorum=self.s.quorum, accepted=self.counters.accepted,
             rejected=dict(self.counters.rejected), stale=self.counters.stale,
-            duplicate=self.counters.duplicate, replaced=self.counters.replaced,
+            duplicate=self.counters.duplicate, replaced=self.counters.replaced, bounded=dict(self.counters.bounded),
             last_fusion_seconds=self.last_fusion_seconds,
             last_quorum_wait_seconds=self.last_quorum_wait, last_quorum_at=self.last_quorum_at,
             last_command=self.last_command)
@@ -220,6 +261,8 @@ class Aggregator:
                           method=last.get("method", "init"), weights=self.weights,
                           contributors=last.get("contributors", []),
                           info={k: v for k, v in last.items() if k not in ("update_ids",)})
+        if self._signing_key is not None:
+            msg = await asyncio.to_thread(sign, msg, self._signing_key)
         payload = await asyncio.to_thread(schemas.pack, msg)
         await self._client.publish(self.topics.global_model, payload, qos=1, retain=True)
         self.published_version = self.version
@@ -322,68 +365,104 @@ class Aggregator:
         self._maybe_fuse()
 
     async def _fuse_round(self) -> None:
+        """One round. Everything that can fail runs before the commit; on failure the round's
+        updates go back into the buffer (and stay in the inbox), so nothing is lost."""
         started, quorum_at = time.monotonic(), time.time()
         quorum_wait = started - self.round_started
-        if self.pending is not None:
-            self.policy, self.policy_state = self.pending.policy, PolicyState()
-            self.applied_command = self.pending.command_id
-            self.last_command = self.last_command.model_copy(update={"applied_at_version": self.version + 1}) \
-                if self.last_command and self.last_command.command_id == self.pending.command_id \
-                else CommandAck(command_id=self.pending.command_id, accepted=True,
-                                applied_at_version=self.version + 1)
-            self.pending = None
+        pending = self.pending
+        policy, policy_state = (pending.policy, PolicyState()) if pending else (self.policy, self.policy_state)
         rnd = self.buffer.take(self.version)
-        models = [u.weights for u in rnd.updates]
-        disp = None
-        if needs_dispersion(self.policy, self.policy_state):
-            disp = await asyncio.to_thread(dispersion, models, rnd.weights)
-        choice = decide(self.policy, self.policy_state, disp)
-        extra = {"chain": await asyncio.to_thread(self._layer_chain)} if choice.method == "fedwb-neurons" else {}
         try:
-            fused, report = await asyncio.to_thread(
-                fuse_with_report, models, rnd.weights, choice.method, device=self.device,
-                warn=False, **choice.options, **extra)
-        except Exception:
-            self._requeue(rnd)
+            record, fused, choice, report, clip_ref = await self._compute_round(rnd, policy, policy_state)
+            record.update(quorum_wait_seconds=round(quorum_wait, 4), quorum_at=quorum_at,
+                          fusion_seconds=round(time.monotonic() - started, 4))
+            new_state = policy_state.after_fusion(choice, policy)
+            if self.checkpoint is not None:
+                state = self._state()
+                state.update(policy=policy.model_dump(), applied_command=pending.command_id if pending
+                             else self.applied_command, history=(self.history + [record])[-HISTORY_LIMIT:],
+                             policy_state={"fusions": new_state.fusions, "switched": new_state.switched},
+                             clip_reference=clip_ref)
+                await asyncio.to_thread(self.checkpoint.save, self.version + 1, fused, state)
+        except BaseException:
+            self.buffer.restore(rnd, time.monotonic())
             raise
-        self.policy_state = self.policy_state.after_fusion(choice, self.policy)
-        fusion_seconds = time.monotonic() - started
-        record = {
-            "version": self.version + 1, "policy": choice.family, "method": choice.method,
-            "reason": choice.reason, "contributors": [u.agent_id for u in rnd.updates],
-            "base_versions": [u.base_version for u in rnd.updates], "staleness": rnd.staleness,
-            "weights": [round(w, 6) for w in rnd.weights], "quorum_wait_seconds": round(quorum_wait, 4),
-            "fusion_seconds": round(fusion_seconds, 4), "quorum_at": quorum_at, "dispersion": disp,
-            "report": report.as_dict(),
-            "created_at": time.time(), "update_ids": [u.update_id for u in rnd.updates],
-            "agent_metrics": {u.agent_id: u.metrics for u in rnd.updates},
-        }
-        self.weights = fused
-        self.version += 1
-        self.history.append(record)
-        self.last_choice = (choice.method, choice.reason)
-        self.last_fusion_seconds = fusion_seconds
-        self.last_quorum_wait = quorum_wait
-        self.last_quorum_at = quorum_at
-        if self.checkpoint is not None:
-            await asyncio.to_thread(self.checkpoint.save, self.version, self.weights, self._state())
-        self.round_started = time.monotonic()
-        self.metrics.fused(self.version, fusion_seconds)
-        extra = ""
-        if report.method == "fedwb-sinkhorn":
-            extra = f" sinkhorn {report.sinkhorn_iterations} it, err {report.sinkhorn_error:.2g}"
-        self.log.info("v%d %s (%s) from %d updates [%s] staleness %s, quorum wait %.2fs, fused in %.3fs%s",
-                      self.version, choice.method, choice.reason, len(rnd.updates),
-                      ",".join(record["contributors"]), rnd.staleness, quorum_wait, fusion_seconds, extra)
-        with contextlib.suppress(aiomqtt.MqttError):
-            await self._publish_global()
+        self._commit(rnd, record, fused, choice, report, policy, new_state, pending, clip_ref)
+        await self._publish_after_fusion()
         if self.checkpoint is not None:
             self.checkpoint.inbox_drop(record["update_ids"])
 
-    def _requeue(self, rnd: Round) -> None:
-        for u in rnd.updates:
-            if u.agent_id not in self.buffer.items:
-                self.buffer.readmit(u, self.version, self.weights, time.monotonic())
+    async def _compute_round(self, rnd: Round, policy: PolicySpec, policy_state: PolicyState) -> tuple:
+        """Bound each update's influence, pick the method, fuse (off the loop); returns the round record."""
+        models, lam, bounds = await asyncio.to_thread(
+            bound_influence, [u.weights for u in rnd.updates], rnd.weights, self.weights,
+            share_cap=self.s.share_cap, clip_factor=self.s.clip_factor, previous=self._clip_reference)
+        disp = None
+        if needs_dispersion(policy, policy_state):
+            disp = await asyncio.to_thread(dispersion, models, lam)
+        choice = decide(policy, policy_state, disp)
+        extra = {"chain": await asyncio.to_thread(self._layer_chain)} if choice.method == "fedwb-neurons" else {}
+        fused, report = await asyncio.to_thread(
+            fuse_with_report, models, lam, choice.method, device=self.device, warn=False, **choice.options, **extra)
+        agents = [u.agent_id for u in rnd.updates]
+        defense = {"share_cap": bounds["share_cap"], "shares_capped": [agents[i] for i in bounds["capped"]],
+                   "norms_clipped": [agents[i] for i in bounds.get("clipped", [])],
+                   "samples_capped": list(rnd.samples_capped)}
+        if "clip_bound" in bounds:
+            defense.update(clip_reference=bounds["clip_reference"], clip_bound=bounds["clip_bound"])
+        record = {
+            "version": self.version + 1, "policy": choice.family, "method": choice.method,
+            "reason": choice.reason, "contributors": agents,
+            "base_versions": [u.base_version for u in rnd.updates], "staleness": rnd.staleness,
+            "weights": [round(w, 6) for w in lam], "dispersion": disp, "defense": defense,
+            "report": report.as_dict(), "created_at": time.time(), "update_ids": [u.update_id for u in rnd.updates],
+            "agent_metrics": {u.agent_id: u.metrics for u in rnd.updates},
+        }
+        return record, fused, choice, report, bounds.get("clip_reference", self._clip_reference)
+
+    def _commit(self, rnd: Round, record: dict, fused: dict, choice: Any, report: Any, policy: PolicySpec,
+                policy_state: PolicyState, pending: PolicyCommand | None, clip_ref: float | None) -> None:
+        """Make the fused round the current state (no I/O, cannot fail halfway)."""
+        if pending is not None:
+            self.applied_command = pending.command_id
+            self.last_command = self.last_command.model_copy(update={"applied_at_version": self.version + 1}) \
+                if self.last_command and self.last_command.command_id == pending.command_id \
+                else CommandAck(command_id=pending.command_id, accepted=True, applied_at_version=self.version + 1)
+            if self.pending is pending:
+                self.pending = None
+        self.policy, self.policy_state, self._clip_reference = policy, policy_state, clip_ref
+        self.weights = fused
+        self.version += 1
+        self.history.append(record)
+        defense = record["defense"]
+        for key in ("shares_capped", "norms_clipped", "samples_capped"):
+            if defense[key]:
+                self.counters.bounded[key] = self.counters.bounded.get(key, 0) + len(defense[key])
+        self.last_choice = (choice.method, choice.reason)
+        self.last_fusion_seconds = record["fusion_seconds"]
+        self.last_quorum_wait = record["quorum_wait_seconds"]
+        self.last_quorum_at = record["quorum_at"]
+        self.round_started = time.monotonic()
+        self.metrics.fused(self.version, record["fusion_seconds"])
+        extra = ""
+        if report.method == "fedwb-sinkhorn":
+            extra = f" sinkhorn {report.sinkhorn_iterations} it, err {report.sinkhorn_error:.2g}"
+        bounded = {k: v for k, v in defense.items() if k.endswith("capped") or k == "norms_clipped"}
+        if any(bounded.values()):
+            extra += " bounded " + ", ".join(f"{k}={v}" for k, v in bounded.items() if v)
+        self.log.info("v%d %s (%s) from %d updates [%s] staleness %s, quorum wait %.2fs, fused in %.3fs%s",
+                      self.version, choice.method, choice.reason, len(rnd.updates),
+                      ",".join(record["contributors"]), rnd.staleness, self.last_quorum_wait,
+                      self.last_fusion_seconds, extra)
+
+    async def _publish_after_fusion(self) -> None:
+        """Publish the new global model; a failure is logged in one line, the model is kept and retried."""
+        try:
+            await self._publish_global()
+        except aiomqtt.MqttError:
+            pass  # published after the reconnect (``_session`` publishes the current version)
+        except (ValueError, OSError) as exc:
+            self.log.error("could not publish global v%d: %s", self.version, exc)
 
     # ------------------------------------------------------------------ loop
     def stop(self) -> None:
@@ -437,10 +516,17 @@ class Aggregator:
         async for message in client.messages:
             await self._on_message(message)
 
+    def prepare(self) -> None:
+        """Load or create the state and open the metrics port (idempotent; errors are the operator's)."""
+        if self._prepared:
+            return
+        self._restore()
+        self.metrics.start()
+        self._prepared = True
+
     async def run(self) -> None:
         """Connect (reconnecting with backoff), serve until stopped, then disconnect cleanly."""
-        await asyncio.to_thread(self._restore)
-        self.metrics.start()
+        await asyncio.to_thread(self.prepare)
         backoff = 0.5
         while not self._stopping.is_set():
             try:
@@ -449,6 +535,7 @@ class Aggregator:
             except aiomqtt.MqttError as exc:
                 if self._stopping.is_set():
                     break
+                self.reconnects += 1
                 delay = backoff * (1 + random.random())
                 self.log.warning("MQTT connection lost (%s); reconnecting in %.1fs", exc, delay)
                 with contextlib.suppress(TimeoutError):
@@ -461,8 +548,15 @@ class Aggregator:
 def run_service(settings: AggregatorSettings) -> int:
     """Run until SIGINT/SIGTERM or ``max_rounds``; returns the exit code."""
 
-    async def main() -> None:
+    try:
         agg = Aggregator(settings)
+        agg.prepare()
+    except Exception as exc:  # noqa: BLE001 - a setup error is the operator's: one line, exit 2
+        detail = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+        sys.stderr.write(f"error: {detail}\n")
+        return 2
+
+    async def main() -> None:
         loop = asyncio.get_running_loop()
 
         def on_signal(sig: signal.Signals) -> None:

@@ -23,7 +23,7 @@ class AggregatorSettings(BaseSettings):
     tls_key: str | None = None
     job: str = "default"
     prefix: str = "fedwb"
-    task: str | None = "mnist"
+    task: str | None = None  # required unless init is given
     task_options: dict = Field(default_factory=dict)
     init: str | None = None  # a .safetensors file for version 0 (instead of the task's model)
     quorum: int = Field(default=3, ge=1)
@@ -35,7 +35,15 @@ class AggregatorSettings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     state_dir: str | None = None
     rate_limit: float | None = Field(default=None, gt=0)  # updates per agent per minute
-    max_update_norm: float | None = Field(default=None, gt=0)  # outlier defense, off by default
+    max_update_norm: float | None = Field(default=None, gt=0)  # absolute outlier bound, off by default
+    # Bounded influence, on by default (aggregator.fusion.robust): weight-share cap (None: 2/quorum),
+    # norm clipping at clip_factor x the round's median delta norm (0: off), num_samples cap.
+    max_share: float | None = Field(default=None, gt=0, le=1)
+    clip_factor: float = Field(default=3.0, ge=0, le=1e6)
+    max_num_samples: int | None = Field(default=10_000_000, ge=1)
+    agents_file: str | None = None  # JSON: {agent_id: {"max_num_samples": N | null}}; others are rejected
+    signing_key: str | None = None  # Ed25519 private key (PEM): sign every global model
+    max_clock_skew: float | None = Field(default=300.0, ge=0)  # reject sent_at further ahead (s)
     fsync_inbox: bool = False  # also fsync each accepted update (survives power loss; slower ingest)
     max_rounds: int | None = Field(default=None, ge=1)
     max_payload_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
@@ -52,6 +60,11 @@ class AggregatorSettings(BaseSettings):
         if self.task is None and self.init is None:
             raise ValueError("give --task or --init to build version 0")
         return self
+
+    @property
+    def share_cap(self) -> float:
+        """The weight-share cap in force: ``max_share``, else 2/quorum (1 for a quorum of 1 or 2)."""
+        return self.max_share if self.max_share is not None else min(1.0, 2.0 / self.quorum)
 
     @property
     def identifier(self) -> str:

@@ -27,8 +27,10 @@ SHAPES = [[20, 10], [10]]
 
 
 def settings(b: BrokerProcess, job: str, **kw) -> AggregatorSettings:
+    """These tests check the fusion arithmetic: the default influence bounds are off unless asked for
+    (tests/test_trust.py tests them)."""
     base = dict(broker=b.url, job=job, task="noop", task_options={"shapes": SHAPES}, quorum=3,
-                status_interval=0.2, device="cpu")
+                status_interval=0.2, device="cpu", clip_factor=0.0, max_share=1.0)
     base.update(kw)
     return AggregatorSettings(**base)
 
