@@ -24,26 +24,95 @@ def mosquitto_hash(password: str, salt: bytes | None = None, iterations: int = P
     return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
 
 
-def gen_credentials(out: Path, agents: int, prefix: str = "agent-", use_binary: bool = True) -> dict[str, str]:
-    """Write ``passwd``, ``acl`` and ``credentials.json`` (mode 600) for N agents, aggregator, operator."""
+def job_acl(job: str, agents: list[str], prefix: str = "fedwb") -> str:
+    """Mosquitto ACL lines for one job: every identity is pinned to ``prefix/job/...``.
+
+    An agent may publish only its own update and status topic of this job and read the
+    job's global model and statuses; ``aggregator-<job>`` reads the job's updates and
+    control and publishes its global model and status; ``operator-<job>`` alone publishes
+    control. Nothing reaches another job (no ``+`` in a job level), and since the broker
+    sets client id = username (``use_username_as_clientid``), no identity can take over
+    another's session.
+    """
+    base = f"{prefix}/{job}"
+    lines = [f"# job {job}"]
+    for agent in agents:
+        lines += [f"user {agent}", f"topic write {base}/update/{agent}", f"topic write {base}/status/agent/{agent}",
+                  f"topic read {base}/global", f"topic read {base}/status/#", ""]
+    lines += [f"user aggregator-{job}", f"topic read {base}/update/+", f"topic read {base}/control",
+              f"topic readwrite {base}/global", f"topic readwrite {base}/status/aggregator", "",
+              f"user operator-{job}", f"topic readwrite {base}/control", f"topic read {base}/status/#",
+              f"topic read {base}/global", ""]
+    return "\n".join(lines) + "\n"
+
+
+def _check_name(kind: str, value: str) -> str:
+    if not value or any(c in value for c in "+#/\0 :\n"):
+        raise ValueError(f"{kind} {value!r} cannot be a broker user / topic level (no + # / : space)")
+    return value
+
+
+def gen_credentials(out: Path, agents: int, prefix: str = "agent-", use_binary: bool = True,
+                    job: str = "default", append: bool = False) -> dict[str, str]:
+    """Passwords and the per-job ACL for N agents, ``aggregator-<job>`` and ``operator-<job>``.
+
+    Writes ``passwd`` (mosquitto format), ``acl`` (``job_acl``), ``credentials.json`` and
+    ``agents.json`` (the aggregator's ``--agents-file``: the job's agent ids, each with an
+    optional ``max_num_samples``), all mode 600. ``append`` adds a job to a directory that
+    already holds others (user names must not clash). Returns the new users' passwords.
+    """
+    _check_name("job", job)
     out.mkdir(parents=True, exist_ok=True)
-    users = {f"{prefix}{i}": secrets.token_urlsafe(18) for i in range(agents)}
-    users["aggregator"] = secrets.token_urlsafe(18)
-    users["operator"] = secrets.token_urlsafe(18)
+    creds_path = out / "credentials.json"
+    known: dict[str, str] = json.loads(creds_path.read_text()) if append and creds_path.exists() else {}
+    names = [_check_name("agent id", f"{prefix}{i}") for i in range(agents)]
+    users = {name: secrets.token_urlsafe(18) for name in names}
+    users[f"aggregator-{job}"] = secrets.token_urlsafe(18)
+    users[f"operator-{job}"] = secrets.token_urlsafe(18)
+    clash = sorted(set(users) & set(known))
+    if clash:
+        raise ValueError(f"user {clash[0]!r} already exists in {creds_path}; use another --prefix or job")
     passwd = out / "passwd"
+    if not (append and passwd.exists()):
+        passwd.write_text("")
     binary = shutil.which("mosquitto_passwd") if use_binary else None
     if binary:
-        passwd.write_text("")
         for user, pw in users.items():
             subprocess.run([binary, "-b", str(passwd), user, pw], check=True, capture_output=True)
     else:
-        passwd.write_text("".join(f"{u}:{mosquitto_hash(p)}\n" for u, p in users.items()))
+        with passwd.open("a") as f:
+            f.write("".join(f"{u}:{mosquitto_hash(p)}\n" for u, p in users.items()))
     os.chmod(passwd, 0o600)
-    (out / "acl").write_text(resources.files("broker").joinpath("fedwb.acl").read_text())
-    creds = out / "credentials.json"
-    creds.write_text(json.dumps(users, indent=1))
-    os.chmod(creds, 0o600)
+    acl = out / "acl"
+    head = "# fedwb ACL: one block per job (fedwb broker gen-credentials)\n"
+    if append and acl.exists():
+        head = acl.read_text()
+    acl.write_text(head + job_acl(job, names))
+    os.chmod(acl, 0o600)
+    creds_path.write_text(json.dumps({**known, **users}, indent=1))
+    os.chmod(creds_path, 0o600)
+    if not (out / "global-signing.key").exists():
+        gen_signing_key(out)
+    agents_path = out / (f"agents-{job}.json" if append else "agents.json")
+    agents_path.write_text(json.dumps({name: {"max_num_samples": None} for name in names}, indent=1))
+    os.chmod(agents_path, 0o600)
     return users
+
+
+def gen_signing_key(out: Path) -> tuple[Path, Path]:
+    """The global-model signing pair: ``global-signing.key`` (mode 600, the aggregator's
+    ``--signing-key``) and ``global-signing.pub`` (the agents' ``--verify-key``), Ed25519 PEM."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = Ed25519PrivateKey.generate()
+    priv, pub = out / "global-signing.key", out / "global-signing.pub"
+    priv.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+    os.chmod(priv, 0o600)
+    pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                  serialization.PublicFormat.SubjectPublicKeyInfo))
+    return priv, pub
 
 
 def _key():

@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from fedwb import __version__
+from fedwb.errors import fail
 
 app = typer.Typer(
     name="fedwb",
@@ -41,16 +42,24 @@ app.add_typer(broker_app, name="broker")
 
 @broker_app.command("gen-credentials")
 def gen_credentials(
-    agents: Annotated[int, typer.Option(help="Number of agent users (agent-0 .. agent-N-1).")] = 3,
-    out: Annotated[str, typer.Option(help="Directory for passwd, acl and credentials.json.")] = "secrets",
+    agents: Annotated[int, typer.Option(min=0, max=100_000, help="Number of agent users (agent-0 .. agent-N-1).")] = 3,
+    out: Annotated[str, typer.Option(help="Directory for passwd, acl, credentials.json and agents.json.")] = "secrets",
+    job: Annotated[str, typer.Option(help="The job these identities may use (the ACL pins every topic to it).")]
+    = "default",
+    prefix: Annotated[str, typer.Option(help="Agent user names are PREFIX0 .. PREFIX(N-1).")] = "agent-",
+    append: Annotated[bool, typer.Option(help="Add this job to a directory that holds other jobs.")] = False,
 ) -> None:
-    """Passwords for N agents, the aggregator and the operator; mosquitto password file and ACL."""
+    """Passwords and a per-job ACL for N agents, aggregator-JOB and operator-JOB (mosquitto format)."""
     from pathlib import Path
 
     from broker.security import gen_credentials as gen
 
-    users = gen(Path(out), agents)
-    typer.echo(f"wrote {out}/passwd, {out}/acl and {out}/credentials.json ({len(users)} users, mode 600)")
+    try:
+        users = gen(Path(out), agents, prefix=prefix, job=job, append=append)
+    except (ValueError, OSError) as exc:
+        fail(str(exc))
+    typer.echo(f"wrote {out}/passwd, {out}/acl, {out}/credentials.json and the agents file for job {job} "
+               f"({len(users)} users: {agents} agents, aggregator-{job}, operator-{job}; mode 600)")
 
 
 @broker_app.command("gen-tls")
@@ -85,8 +94,17 @@ def broker(
 
     if ctx.invoked_subcommand is not None:
         return
+    import ipaddress
+
     from broker import start_broker
 
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        fail(f"--host {host!r} is not an IP address or localhost")
+    if not secure and not loopback:
+        fail(f"--host {host}: the broker without --secure has no authentication and listens on loopback only; "
+             "make credentials (fedwb broker gen-credentials) and pass --secure DIR for remote agents")
     kind = "embedded" if embedded else "auto"
     stop = {"sig": None}
 
@@ -99,6 +117,8 @@ def broker(
                      data_dir=Path(data_dir) if data_dir else None,
                      secure_dir=Path(secure) if secure else None, tls_port=tls_port if secure else None)
     typer.echo(f"fedwb broker ({b.kind}) listening on {b.url}  (Ctrl-C to stop)")
+    if not secure:
+        typer.echo("no authentication: for local use on this machine only (see docs/security.md)")
     sys.stdout.flush()
     try:
         while stop["sig"] is None and b.proc.poll() is None:
@@ -123,8 +143,19 @@ def _register_subcommands() -> None:
 
 
 def main() -> None:
+    """The entry point. An unexpected error is one line on stderr (exit 1); FEDWB_DEBUG=1 shows the traceback."""
+    import os
+
     _register_subcommands()
-    app()
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence against a raw traceback
+        if os.environ.get("FEDWB_DEBUG"):
+            raise
+        typer.echo(f"error: {type(exc).__name__}: {exc} (FEDWB_DEBUG=1 shows the traceback)", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

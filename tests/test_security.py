@@ -23,10 +23,10 @@ pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture
-def secure(tmp_path: Path):
+def secure(tmp_path: Path, job: str):
     require_mosquitto()
     conf = tmp_path / "secrets"
-    users = gen_credentials(conf, agents=2)
+    users = gen_credentials(conf, agents=2, job=job)
     gen_tls(conf / "tls", clients=["agent-0"])
     with start_broker(kind="mosquitto", secure_dir=conf, data_dir=tmp_path / "data") as b:
         yield b, users, conf
@@ -39,10 +39,10 @@ def creds(users: dict, name: str) -> dict:
 async def test_acl_blocks_impersonation_global_and_control(secure, job: str) -> None:
     b, users, _ = secure
     topics = Topics(job)
-    agg = creds(users, "aggregator")
+    agg = creds(users, f"aggregator-{job}")
     s = AggregatorSettings(broker=b.url, job=job, task="noop", task_options={"shapes": [[4, 4]]}, quorum=1,
                            status_interval=0.2, device="cpu", **agg)
-    async with Watcher(b, job, **creds(users, "operator")) as w, running(s):
+    async with Watcher(b, job, **creds(users, f"operator-{job}")) as w, running(s):
         g0 = await w.version(0)
         w_up = {k: v + 1 for k, v in g0.weights.items()}
         async with client(b, "a0", **creds(users, "agent-0")) as a0:
