@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
+from fedwb.errors import fail
 from schemas import PolicySpec
 from schemas.messages import PAPER_MAX_ITER
 
@@ -29,6 +30,16 @@ Password = Annotated[str | None, typer.Option("--password", envvar="FEDWB_PASSWO
 TlsCa = Annotated[str | None, typer.Option("--tls-ca", envvar="FEDWB_TLS_CA", help="CA certificate (turns TLS on).")]
 TlsCert = Annotated[str | None, typer.Option("--tls-cert", envvar="FEDWB_TLS_CERT", help="Client certificate.")]
 TlsKey = Annotated[str | None, typer.Option("--tls-key", envvar="FEDWB_TLS_KEY", help="Client key.")]
+
+
+def check_broker_url(url: str) -> None:
+    """Exit 2 naming the URL unless it is mqtt://HOST[:PORT] or mqtts://HOST[:PORT]."""
+    from schemas import BrokerAddress
+
+    try:
+        BrokerAddress.parse(url)
+    except ValueError as exc:
+        fail(f"--broker: {exc}")
 
 
 def parse_task_options(items: list[str] | None) -> dict[str, Any]:
@@ -102,6 +113,16 @@ def aggregator(
     rate_limit: Annotated[float | None, typer.Option(help="Most updates per agent per minute (off).")] = None,
     max_update_norm: Annotated[float | None, typer.Option(help="Reject updates farther than this from the "
                                                                 "global model (off).")] = None,
+    max_share: Annotated[float | None, typer.Option(help="Most weight share of one update in a round "
+                                                         "[default: 2/quorum].")] = None,
+    clip_factor: Annotated[float | None, typer.Option(help="Clip update deltas at this many times the round's "
+                                                           "median delta norm; 0 turns it off [default: 3].")] = None,
+    max_num_samples: Annotated[int | None, typer.Option(help="Cap on an update's num_samples "
+                                                             "[default: 10,000,000].")] = None,
+    agents_file: Annotated[str | None, typer.Option(help="JSON of the job's agent ids (and per-agent "
+                                                         "max_num_samples); other ids are rejected.")] = None,
+    signing_key: Annotated[str | None, typer.Option(help="Ed25519 key (PEM) that signs every global model "
+                                                         "(from gen-credentials).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of version 0.")] = None,
     config: Annotated[Path | None, typer.Option(help="JSON or TOML file with these settings.")] = None,
     username: User = None, password: Password = None, tls_ca: TlsCa = None, tls_cert: TlsCert = None,
@@ -119,25 +140,26 @@ def aggregator(
 
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    base: dict[str, Any] = {}
-    if config is not None:
-        text = config.read_text()
-        base = tomllib.loads(text) if config.suffix == ".toml" else json.loads(text)
+    base = read_config(config)
     given = {
         "broker": broker, "job": job, "task": task, "init": init, "quorum": quorum,
         "min_updates": min_updates, "deadline": deadline, "max_staleness": max_staleness,
         "staleness_alpha": staleness_alpha, "device": device, "state_dir": state_dir,
         "max_rounds": max_rounds, "metrics_port": metrics_port, "seed": seed, "username": username,
-        "rate_limit": rate_limit, "max_update_norm": max_update_norm,
+        "rate_limit": rate_limit, "max_update_norm": max_update_norm, "max_share": max_share,
+        "clip_factor": clip_factor, "max_num_samples": max_num_samples, "agents_file": agents_file,
+        "signing_key": signing_key,
         "password": password, "tls_ca": tls_ca, "tls_cert": tls_cert, "tls_key": tls_key,
     }
     base.update({k: v for k, v in given.items() if v is not None})
     if task_option:
         base["task_options"] = parse_task_options(task_option)
-    if init is not None and task is None:
-        base["task"] = None
-    elif "task" not in base and "init" not in base:
-        base["task"] = "mnist"
+    if not base.get("task") and not base.get("init"):
+        fail("give --task (mnist, cartpole, noop) or --init MODEL.safetensors to build version 0")
+    check_task(base.get("task"))
+    for key in ("init", "agents_file", "signing_key"):
+        if base.get(key) is not None and not Path(base[key]).is_file():
+            fail(f"--{key.replace('_', '-')} {base[key]}: no such file")
     wb_opts = {"max_iter": max_iter, "stop_threshold": stop_threshold, "solver": solver}
     if policy is not None or any(v is not None for v in (switch_after, dispersion_below, wb_method, reg,
                                                          *wb_opts.values())):
@@ -151,6 +173,42 @@ def aggregator(
             typer.echo(f"error: {'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg']}", err=True)
         raise typer.Exit(2) from None
     raise typer.Exit(run_service(settings))
+
+
+def read_config(path: Path | None) -> dict[str, Any]:
+    """Settings from a JSON or TOML file; a missing or malformed file is one clear error line."""
+    if path is None:
+        return {}
+    try:
+        text = path.read_text()
+        data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except OSError as exc:
+        fail(f"--config {path}: {exc.strerror or exc}")
+    except (ValueError, tomllib.TOMLDecodeError) as exc:
+        fail(f"--config {path}: not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: {exc}")
+    if not isinstance(data, dict):
+        fail(f"--config {path}: expected a table of settings")
+    return data
+
+
+def check_task(name: str | None) -> None:
+    """Exit 2 with the known task names when ``name`` is not one."""
+    from edge_agent.tasks import TASKS
+
+    if name is not None and name not in TASKS:
+        fail(f"--task {name!r} is not a known task: use one of {', '.join(TASKS)}")
+
+
+def broker_call(url: str, coro: Any) -> Any:
+    """Run an operator's broker round trip; an unreachable broker or a bad URL is one line, exit 2."""
+    import aiomqtt
+
+    try:
+        return asyncio.run(coro)
+    except aiomqtt.MqttError as exc:
+        fail(f"cannot reach the broker at {url}: {exc}")
+    except (OSError, ValueError) as exc:
+        fail(str(exc))
 
 
 @policy_app.command("set")
@@ -171,15 +229,19 @@ def policy_set(
 
     Exit code 0: accepted; 1: rejected; 2: no acknowledgment within --wait seconds.
     """
-    from aggregator.control import send_policy
+    from aggregator.control import NoAggregator, send_policy
 
     spec = policy_spec(name, switch_after, dispersion_below, wb_method, reg, max_iter=max_iter,
                        stop_threshold=stop_threshold, solver=solver)
-    ack = asyncio.run(send_policy(broker, job, spec, wait, username=username, password=password,
-                                  tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key))
+    check_broker_url(broker)
+    try:
+        ack = broker_call(broker, send_policy(broker, job, spec, wait, username=username, password=password,
+                                              tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key))
+    except NoAggregator as exc:
+        fail(str(exc))
     if ack is None:
-        typer.echo(f"published {spec.describe()} for job {job}; no acknowledgment within {wait:g}s "
-                   "(is the aggregator running?)")
+        typer.echo(f"no acknowledgment of {spec.describe()} for job {job} within {wait:g}s; the retained "
+                   "command was cleared", err=True)
         raise typer.Exit(2)
     if not ack.accepted:
         typer.echo(f"rejected: {ack.reason}", err=True)
@@ -199,8 +261,9 @@ def policy_show(
     """Print the aggregator's current policy and status."""
     from aggregator.control import read_status
 
-    st = asyncio.run(read_status(broker, job, wait, username=username, password=password,
-                                 tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key))
+    check_broker_url(broker)
+    st = broker_call(broker, read_status(broker, job, wait, username=username, password=password,
+                                         tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key))
     if st is None:
         typer.echo(f"no aggregator status for job {job} within {wait:g}s", err=True)
         raise typer.Exit(2)

@@ -60,6 +60,7 @@ class AgentSettings:
     rejoin_after: float = 2.0
     init: str = "global"  # first round from: the global model | "own" (the task's init, this agent's seed) | a file
     pretrain: int = 0  # with init own/file: extra local budget before the first update ("trained apart")
+    verify_key: str | None = None  # Ed25519 public key (PEM): accept only global models the aggregator signed
 
 
 class _Crash(Exception):
@@ -94,6 +95,13 @@ class Agent:
         self._trainer_running = True
         self.state = "online"
         self.reconnects = 0
+        self.refused: dict[str, int] = {}  # global models refused, by reason
+        self._shapes = {n: (tuple(t.shape), t.dtype) for n, t in task.initial_weights().items()}
+        self._verify_key = None
+        if settings.verify_key:
+            from schemas.signing import load_public_key
+
+            self._verify_key = load_public_key(settings.verify_key)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -111,9 +119,37 @@ class Agent:
             except WireError as exc:
                 log.warning("%s: ignored a malformed global model: %s", self.s.agent_id, exc)
                 continue
-            if g.job == self.s.job and (self.latest is None or g.version > self.latest.version):
-                self.latest = g  # only the newest is kept: bounded memory
-                self._new_global.set()
+            if self.latest is not None and g.version <= self.latest.version and g.job == self.s.job:
+                continue  # a redelivery or an older version: nothing new
+            problem = await asyncio.to_thread(self._refusal, g)
+            if problem:
+                self._refuse(g, *problem)
+                continue
+            self.latest = g  # only the newest is kept: bounded memory
+            self._new_global.set()
+
+    def _refusal(self, g: GlobalModel) -> tuple[str, str] | None:
+        """Why ``g`` is not a global model of this job to train from: (reason, detail), or None."""
+        if g.job != self.s.job:
+            return "wrong_job", f"job {g.job!r}"
+        shapes = {n: (tuple(t.shape), t.dtype) for n, t in g.weights.items()}
+        if shapes != self._shapes:
+            bad = sorted(n for n in set(shapes) | set(self._shapes) if shapes.get(n) != self._shapes.get(n))
+            return "shape_mismatch", f"tensors {bad[:3]} differ from this task's model"
+        if self._verify_key is not None:
+            from schemas.signing import verify
+
+            if not g.signature:
+                return "unsigned", "no signature (this agent has --verify-key)"
+            if not verify(g, self._verify_key):
+                return "bad_signature", "the signature does not match the aggregator's key"
+        return None
+
+    def _refuse(self, g: GlobalModel, reason: str, detail: str) -> None:
+        self.refused[reason] = self.refused.get(reason, 0) + 1
+        if self.refused[reason] == 1 or self.refused[reason] % 100 == 0:
+            log.warning("%s: refused global model v%d: %s (%s; %d refused for this reason)", self.s.agent_id,
+                        g.version, reason, detail, self.refused[reason])
 
     async def _next_global(self) -> GlobalModel | None:
         while not self._stopping.is_set():

@@ -35,6 +35,9 @@ def agent(
                                            "random init) | FILE.safetensors (a model trained elsewhere).")] = "global",
     pretrain: Annotated[int, typer.Option(help="With --init own/FILE: extra local budget before the first "
                                                "update (agents that trained apart).")] = 0,
+    verify_key: Annotated[str | None, typer.Option(help="Accept only global models signed with this Ed25519 "
+                                                        "public key (global-signing.pub from gen-credentials).")]
+    = None,
     slowdown: Annotated[float, typer.Option(help="Simulate a device this many times slower.")] = 1.0,
     delay: Annotated[str | None, typer.Option(help="Simulated network delay, e.g. lognormal:-1.5:0.5.")] = None,
     drop: Annotated[float, typer.Option(help="Probability to skip publishing a round.")] = 0.0,
@@ -66,6 +69,9 @@ def agent(
     if init.endswith(".safetensors") and not Path(init).is_file():
         typer.echo(f"error: --init file {init} does not exist", err=True)
         raise typer.Exit(2)
+    if verify_key is not None and not Path(verify_key).is_file():
+        typer.echo(f"error: --verify-key {verify_key}: no such file", err=True)
+        raise typer.Exit(2)
     if pretrain < 0:
         typer.echo(f"error: --pretrain must be >= 0, got {pretrain}", err=True)
         raise typer.Exit(2)
@@ -79,7 +85,7 @@ def agent(
                                  budget=budget, max_rounds=max_rounds, seed=seed, device=device,
                                  username=username, password=password, tls_ca=tls_ca, tls_cert=tls_cert,
                                  tls_key=tls_key, slowdown=slowdown, delay=sampler, drop=drop, crash=crash,
-                                 init=init, pretrain=pretrain)
+                                 init=init, pretrain=pretrain, verify_key=verify_key)
         code = run_agent(settings)
     except (ValueError, FileNotFoundError) as exc:
         typer.echo(f"error: {exc}", err=True)

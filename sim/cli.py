@@ -40,6 +40,10 @@ def sim(
     max_iter: Annotated[str | None, typer.Option(help="Entropic FedWB iterations ('paper': 10,000).")] = None,
     stop_threshold: Annotated[float | None, typer.Option(help="Entropic FedWB stopping error.")] = None,
     solver: Annotated[str | None, typer.Option(help="Entropic solver: auto | plain | log | pot-plain.")] = None,
+    clip_factor: Annotated[float | None, typer.Option(help="Aggregator's norm clipping (x median; 0 off) "
+                                                           "[default: 3].")] = None,
+    max_share: Annotated[float | None, typer.Option(help="Aggregator's weight-share cap [default: 2/quorum].")]
+    = None,
     quorum: Annotated[int | None, typer.Option(help="Quorum (default: all agents).")] = None,
     deadline: Annotated[float | None, typer.Option(help="Round deadline in seconds.")] = None,
     stragglers: Annotated[str | None, typer.Option(help="e.g. slow=0.3x4,delay=lognormal:-1.5:0.5,"
@@ -68,7 +72,8 @@ def sim(
 
     kwargs = dict(task=task, agents=agents, rounds=rounds, policy=policy, switch_after=switch_after, reg=reg,
                   wb_method=wb_method, max_iter=max_iter, stop_threshold=stop_threshold, solver=solver,
-                  quorum=quorum, deadline=deadline, stragglers=stragglers, broker=broker, job=job, out=out,
+                  clip_factor=clip_factor, max_share=max_share, quorum=quorum, deadline=deadline,
+                  stragglers=stragglers, broker=broker, job=job, out=out,
                   seed=seed, quick=quick, partition=partition, local_epochs=local_epochs,
                   local_steps=local_steps, model=model, preset=preset, init=init, pretrain=pretrain,
                   timeout=timeout)

@@ -44,6 +44,8 @@ class SimConfig:
     max_iter: str | None = None  # entropic FedWB iterations, or "paper"
     stop_threshold: float | None = None
     solver: str | None = None
+    clip_factor: float | None = None  # influence bounds (None: the aggregator's defaults)
+    max_share: float | None = None
     quorum: int | None = None
     deadline: float | None = None
     max_staleness: int = 10
@@ -144,7 +146,8 @@ def _aggregator_cmd(cfg: SimConfig, broker: str, job: str, state_dir: str) -> li
     if cfg.reg is not None:
         cmd += ["--reg", str(cfg.reg)]
     for flag, value in (("--wb-method", cfg.wb_method), ("--max-iter", cfg.max_iter),
-                        ("--stop-threshold", cfg.stop_threshold), ("--solver", cfg.solver)):
+                        ("--stop-threshold", cfg.stop_threshold), ("--solver", cfg.solver),
+                        ("--clip-factor", cfg.clip_factor), ("--max-share", cfg.max_share)):
         if value is not None:
             cmd += [flag, str(value)]
     if cfg.deadline is not None:

@@ -1,0 +1,89 @@
+"""Operator errors (issue 15): one clear line naming the bad value, exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from broker import BrokerProcess, free_port
+from fedwb import executable
+from schemas import Topics
+from tests.mqtt_helpers import client
+
+pytestmark = pytest.mark.timeout(240)
+FEDWB = executable()
+
+
+def _other_jobs_state(path: Path) -> Path:
+    path.mkdir()
+    save_file({"w": torch.zeros(2)}, str(path / "model-0.safetensors"))
+    (path / "state.json").write_text(json.dumps({"job": "someone-else", "version": 0, "model": "model-0.safetensors"}))
+    return path
+
+
+def _run(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([FEDWB, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_bad_invocations_are_one_line_and_exit_2(tmp_path: Path) -> None:
+    closed = f"mqtt://127.0.0.1:{free_port()}"
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    agg = ["aggregator", "--broker", closed, "--task", "noop"]
+    cases: dict[str, tuple[list[str], str]] = {
+        "policy set, broker down": (["policy", "set", "fedavg", "--broker", closed], "cannot reach the broker"),
+        "policy show, broker down": (["policy", "show", "--broker", closed], "cannot reach the broker"),
+        "policy show, http url": (["policy", "show", "--broker", "http://127.0.0.1:1883"], "'http'"),
+        "unknown task": (["aggregator", "--broker", closed, "--task", "bogus"], "'bogus'"),
+        "no task": (["aggregator", "--broker", closed], "--task"),
+        "missing init": (["aggregator", "--broker", closed, "--init", str(tmp_path / "nope.safetensors")],
+                         "nope.safetensors"),
+        "missing config": ([*agg, "--config", str(tmp_path / "nope.toml")], "nope.toml"),
+        "bad config": ([*agg, "--config", str(tmp_path / "bad.toml")], "bad.toml"),
+        "other job's state": ([*agg, "--state-dir", str(_other_jobs_state(tmp_path / "other"))], "someone-else"),
+        "unwritable state": ([*agg, "--state-dir", "/proc/fedwb-state"], "/proc/fedwb-state"),
+        "busy metrics port": ([*agg, "--metrics-port", str(port)], str(port)),
+        "http url": (["aggregator", "--broker", "http://127.0.0.1:1883", "--task", "noop"], "'http'"),
+        "huge reg": ([*agg, "--policy", "fedwb-sinkhorn", "--reg", "1e6"], "reg"),
+        "quorum 0": ([*agg, "--quorum", "0"], "quorum"),
+        "agent unknown task": (["agent", "--broker", closed, "--task", "bogus"], "'bogus'"),
+        "agent http url": (["agent", "--broker", "http://x:1", "--task", "noop"], "'http'"),
+        "public no-auth broker": (["broker", "--host", "0.0.0.0", "--port", str(free_port())], "--secure"),
+        "bad credentials job": (["broker", "gen-credentials", "--job", "a/b", "--out", str(tmp_path / "s")], "a/b"),
+    }
+    if not torch.cuda.is_available():
+        cases["cuda without a GPU"] = ([*agg, "--device", "cuda"], "cuda")
+    (tmp_path / "bad.toml").write_text("quorum = [")
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            results = dict(zip(cases, pool.map(_run, [args for args, _ in cases.values()]), strict=True))
+    finally:
+        busy.close()
+    for name, (_, needle) in cases.items():
+        r = results[name]
+        out = r.stdout + r.stderr
+        last = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else ""
+        assert r.returncode == 2, f"{name}: exit {r.returncode}\n{out}"
+        assert "Traceback" not in out, f"{name}: traceback\n{out}"
+        assert last.startswith("error:") and needle in last, f"{name}: {last!r}"
+
+
+async def test_policy_set_without_an_aggregator_publishes_nothing(mosquitto: BrokerProcess, job: str) -> None:
+    r = await asyncio.to_thread(_run, ["policy", "set", "fedavg", "--broker", mosquitto.url, "--job", job])
+    assert r.returncode == 2 and "no running aggregator" in r.stderr and "Traceback" not in r.stderr
+    async with client(mosquitto, "probe") as c:  # no retained command was left behind
+        await c.subscribe(Topics(job).control, qos=1)
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(1.0):
+                async for m in c.messages:
+                    pytest.fail(f"retained command left on the control topic: {m.payload!r}")
