@@ -37,24 +37,34 @@ from schemas import (
     PolicyCommand,
     PolicySpec,
     Topics,
+    UpdateAck,
     WireError,
 )
+from schemas.codec import MQTT_MAX_PACKET
 from schemas.signing import load_private_key, sign
 
 log = logging.getLogger("fedwb.aggregator")
 HISTORY_LIMIT = 10_000
+WARN_PER_MINUTE = 20  # rejection warnings logged per minute at most (the counters see everything)
+INLINE_DECODE_BYTES = 256 * 1024  # smaller payloads decode on the loop (a thread hop costs more)
 
 
 def wire_reason(exc: WireError) -> str:
     """A counter key for a codec error."""
     text = str(exc)
-    for key, reason in (("invalid ModelUpdate", "invalid_field"), ("NaN", "non_finite"),
+    for key, reason in (("invalid ModelUpdate", "invalid_field"), ("tensors, ", "tensor_count"), ("NaN", "non_finite"),
                         ("exceeds the limit", "oversize"), ("schema version", "schema_version"),
                         ("needs", "shape_bytes"),
                         ("msgpack", "not_msgpack"), ("dtype", "dtype")):
         if key in text:
             return reason
     return "malformed"
+
+
+def too_big(what: str, version: int, size: int) -> str:
+    """The one-line error for a model that one MQTT packet cannot carry."""
+    return (f"{what} (v{version}) is {size:,} bytes: over MQTT's limit of {MQTT_MAX_PACKET:,} bytes per packet; "
+            "models this large need chunked transfer, which fedwb does not have yet")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -152,6 +162,9 @@ class Aggregator:
         self._fusing: asyncio.Task | None = None
         self._client: aiomqtt.Client | None = None
         self._warned: set[tuple[str, str]] = set()
+        self._warn_window: list = [time.monotonic(), 0, 0]  # window start, warnings, suppressed
+        self._acks: dict[str, UpdateAck] = {}
+        self._ack_ready = asyncio.Event()
         self._chain: list | None = None
         self._clip_reference: float | None = None  # the last round's median delta norm
         self._prepared = False
@@ -167,6 +180,7 @@ class Aggregator:
             "counters": asdict(self.counters),
             "history": self.history[-HISTORY_LIMIT:],
             "seen_ids": self.buffer.seen_ids()[-20_000:], "clip_reference": self._clip_reference,
+            "buffered_ids": [b.update.update_id for b in self.buffer.items.values()],  # counted as accepted
         }
 
     def _restore(self) -> None:
@@ -194,6 +208,7 @@ class Aggregator:
         for uid in st.get("seen_ids", []):
             self.buffer.mark_seen(uid)
         fused = {uid for h in self.history[-50:] for uid in h.get("update_ids", [])}
+        counted = set(st.get("buffered_ids", []))
         restored = 0
         for uid, payload in self.checkpoint.inbox():
             if uid in fused:
@@ -206,6 +221,8 @@ class Aggregator:
                 continue
             adm = self.buffer.readmit(upd, self.version, self.weights, time.monotonic())
             restored += adm.outcome == Outcome.ACCEPTED  # a replacement keeps the agent's count
+            if adm.kept and uid not in counted:  # accepted after the last checkpoint: count it now (crash-safe)
+                self.counters.accepted += 1
             drop = [adm.replaced_id] if adm.replaced_id else [] if adm.kept else [uid]
             self.checkpoint.inbox_drop(drop)  # a replaced or no longer admissible update never comes back
         self.log.info("job %s: resumed at version %d (policy %s), %d buffered updates restored",
@@ -264,6 +281,8 @@ class Aggregator:
         if self._signing_key is not None:
             msg = await asyncio.to_thread(sign, msg, self._signing_key)
         payload = await asyncio.to_thread(schemas.pack, msg)
+        if len(payload) > MQTT_MAX_PACKET:
+            raise ValueError(too_big("global model", self.version, len(payload)))
         await self._client.publish(self.topics.global_model, payload, qos=1, retain=True)
         self.published_version = self.version
 
@@ -285,14 +304,31 @@ class Aggregator:
             self._client._client.ack(message.mid, message.qos)
 
     def _warn_once(self, agent: str, reason: str, detail: str) -> None:
-        if (agent, reason) not in self._warned:
-            self._warned.add((agent, reason))
-            self.log.warning("rejected update from %s: %s (%s)", agent, reason, detail)
+        """Warn once per (agent, reason), and at most ``WARN_PER_MINUTE`` times a minute in all (floods)."""
+        if (agent, reason) in self._warned:
+            return
+        now = time.monotonic()
+        if now - self._warn_window[0] > 60.0:
+            if self._warn_window[2]:
+                self.log.warning("%d more rejection warnings suppressed in the last minute (see the status "
+                                 "counters)", self._warn_window[2])
+            self._warn_window = [now, 0, 0]
+        if self._warn_window[1] >= WARN_PER_MINUTE or len(self._warned) >= 10_000:
+            self._warn_window[2] += 1
+            return
+        self._warn_window[1] += 1
+        self._warned.add((agent, reason))
+        self.log.warning("rejected update from %s: %s (%s)", agent, reason, detail)
+
+    def _decode(self, payload: bytes) -> ModelUpdate:
+        return schemas.unpack(payload, ModelUpdate, max_bytes=self.s.max_payload_bytes,
+                              tensors=len(self.weights) or None)
 
     async def _on_update(self, topic: str, payload: bytes) -> None:
         agent = self.topics.agent_of(topic) or "?"
-        try:
-            update = schemas.unpack(payload, ModelUpdate, max_bytes=self.s.max_payload_bytes)
+        try:  # cheap envelope checks first (size, tensor count); big payloads decode off the event loop
+            update = self._decode(payload) if len(payload) < INLINE_DECODE_BYTES else \
+                await asyncio.to_thread(self._decode, payload)
         except WireError as exc:
             reason = wire_reason(exc)
             self.counters.reject(reason)
@@ -308,21 +344,37 @@ class Aggregator:
                 self.checkpoint.inbox_drop([adm.replaced_id])
         self.counters.count(adm)
         self.metrics.update(adm.reason or adm.outcome.value)
+        if agent == update.agent_id:  # confirm to the publisher (durable by now), never to a third party
+            self._queue_ack(UpdateAck(job=self.s.job, agent_id=agent, update_id=update.update_id,
+                                      outcome=adm.outcome.value, reason=adm.reason, version=self.version))
         if adm.outcome == Outcome.REJECTED:
             self._warn_once(agent, adm.reason, adm.detail)
         elif adm.outcome == Outcome.STALE:
             self.log.info("dropped stale update from %s: %s", agent, adm.detail)
+
+    def _queue_ack(self, ack: UpdateAck) -> None:
+        """Acks are coalesced per agent (retained: the latest is what counts) and sent by ``_acker``."""
+        self._acks[ack.agent_id] = ack
+        self._ack_ready.set()
+
+    async def _acker(self, client: aiomqtt.Client) -> None:
+        """Publish queued acks without holding up the message loop."""
+        while True:
+            await self._ack_ready.wait()
+            self._ack_ready.clear()
+            batch, self._acks = self._acks, {}
+            for agent, ack in batch.items():
+                await client.publish(self.topics.ack(agent), schemas.pack(ack), qos=1, retain=True)
 
     async def _on_control(self, payload: bytes) -> None:
         if not payload:
             return  # a cleared retained command
         try:
             cmd = schemas.unpack(payload, PolicyCommand)
-        except WireError as exc:
+        except WireError as exc:  # counted; logged once per reason and minute budget; the ticker publishes it
             self.counters.reject("bad_command")
-            self.last_command = CommandAck(command_id="?", accepted=False, reason=str(exc))
-            self.log.warning("rejected policy command: %s", exc)
-            await self._publish_status()
+            self.last_command = CommandAck(command_id="?", accepted=False, reason=str(exc)[:500])
+            self._warn_once("control", wire_reason(exc), str(exc)[:500])
             return
         if cmd.command_id == self.applied_command:
             return  # the retained command we already applied (seen again after a restart)
@@ -491,6 +543,7 @@ class Aggregator:
             self._client = client
             try:
                 await client.subscribe([(self.topics.updates, 1), (self.topics.control, 1)])
+                self.published_version = -1  # the broker may have lost the retained global: publish it again
                 await self._publish_global()
                 await self._publish_status()
                 self.log.info("connected to %s as %s; job %s at version %d, policy %s, quorum %d",
@@ -499,8 +552,9 @@ class Aggregator:
                 ticker = asyncio.create_task(self._ticker())
                 messages = asyncio.create_task(self._consume(client))
                 stopper = asyncio.create_task(self._stopping.wait())
-                done, _ = await asyncio.wait({ticker, messages, stopper}, return_when=asyncio.FIRST_COMPLETED)
-                for t in (ticker, messages, stopper):
+                acker = asyncio.create_task(self._acker(client))
+                done, _ = await asyncio.wait({ticker, messages, stopper, acker}, return_when=asyncio.FIRST_COMPLETED)
+                for t in (ticker, messages, stopper, acker):
                     t.cancel()
                 for t in done:
                     if t is not stopper and t.exception() is not None:
@@ -508,6 +562,10 @@ class Aggregator:
                 if self._fusing is not None:
                     with contextlib.suppress(asyncio.CancelledError, Exception):
                         await asyncio.wait_for(asyncio.shield(self._fusing), 600)
+                with contextlib.suppress(aiomqtt.MqttError):  # confirm what was admitted before leaving
+                    for agent, ack in self._acks.items():
+                        await client.publish(self.topics.ack(agent), schemas.pack(ack), qos=1, retain=True)
+                    self._acks = {}
                 await self._publish_status("stopped")
             finally:
                 self._client = None
@@ -521,6 +579,9 @@ class Aggregator:
         if self._prepared:
             return
         self._restore()
+        size = sum(t.numel() * t.element_size() for t in self.weights.values())
+        if size > MQTT_MAX_PACKET:
+            raise ValueError(too_big("the model", self.version, size))
         self.metrics.start()
         self._prepared = True
 

@@ -38,9 +38,10 @@ def job_acl(job: str, agents: list[str], prefix: str = "fedwb") -> str:
     lines = [f"# job {job}"]
     for agent in agents:
         lines += [f"user {agent}", f"topic write {base}/update/{agent}", f"topic write {base}/status/agent/{agent}",
-                  f"topic read {base}/global", f"topic read {base}/status/#", ""]
+                  f"topic read {base}/global", f"topic read {base}/status/#", f"topic read {base}/ack/{agent}", ""]
     lines += [f"user aggregator-{job}", f"topic read {base}/update/+", f"topic read {base}/control",
-              f"topic readwrite {base}/global", f"topic readwrite {base}/status/aggregator", "",
+              f"topic readwrite {base}/global", f"topic readwrite {base}/status/aggregator",
+              f"topic write {base}/ack/+", "",
               f"user operator-{job}", f"topic readwrite {base}/control", f"topic read {base}/status/#",
               f"topic read {base}/global", ""]
     return "\n".join(lines) + "\n"

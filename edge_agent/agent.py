@@ -30,7 +30,8 @@ import aiomqtt
 import torch
 
 import schemas
-from schemas import AgentStatus, BrokerAddress, GlobalModel, ModelUpdate, Topics, WireError
+from schemas import AgentStatus, BrokerAddress, GlobalModel, ModelUpdate, Topics, UpdateAck, WireError
+from schemas.codec import MQTT_MAX_PACKET
 
 log = logging.getLogger("fedwb.agent")
 
@@ -61,6 +62,8 @@ class AgentSettings:
     init: str = "global"  # first round from: the global model | "own" (the task's init, this agent's seed) | a file
     pretrain: int = 0  # with init own/file: extra local budget before the first update ("trained apart")
     verify_key: str | None = None  # Ed25519 public key (PEM): accept only global models the aggregator signed
+    confirm_timeout: float = 60.0  # resend an update the aggregator has not confirmed after this many seconds
+    exit_wait: float = 30.0  # at the natural end (max_rounds), wait this long for the last confirmation
 
 
 class _Crash(Exception):
@@ -86,7 +89,11 @@ class Agent:
         self._new_global = asyncio.Event()
         self.trained_from = -1
         self.rounds = 0
-        self.pending: bytes | None = None  # an update not yet published (kept across reconnects)
+        self.pending: tuple[str, bytes] | None = None  # (update_id, payload) not yet published
+        self.unconfirmed: tuple[str, bytes] | None = None  # published, not yet confirmed by the aggregator
+        self._published_at = 0.0
+        self.resends = 0
+        self.verdicts: dict[str, int] = {}  # the aggregator's acks by outcome
         self._stopping = asyncio.Event()
         self._wake = asyncio.Event()  # the session has something to do
         self._sent = asyncio.Event()
@@ -114,6 +121,9 @@ class Agent:
 
     async def _consume(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
+            if str(message.topic) == self.topics.ack(self.s.agent_id):
+                self._on_ack(bytes(message.payload))
+                continue
             try:
                 g = schemas.unpack(bytes(message.payload), GlobalModel, max_bytes=self.s.max_payload_bytes)
             except WireError as exc:
@@ -127,6 +137,23 @@ class Agent:
                 continue
             self.latest = g  # only the newest is kept: bounded memory
             self._new_global.set()
+
+    def _on_ack(self, payload: bytes) -> None:
+        """The aggregator confirmed an update: stop keeping it (any verdict ends the resends)."""
+        try:
+            ack = schemas.unpack(payload, UpdateAck)
+        except WireError:
+            return
+        if self.unconfirmed is None or ack.update_id != self.unconfirmed[0]:
+            return  # an older update's ack (retained), or one we already saw
+        self.unconfirmed = None
+        self.verdicts[ack.outcome] = self.verdicts.get(ack.outcome, 0) + 1
+        if ack.outcome in ("rejected", "stale"):
+            log.warning("%s: the aggregator did not take update %s: %s %s", self.s.agent_id, ack.update_id,
+                        ack.outcome, ack.reason)
+        if self.pending is None:
+            self._sent.set()
+        self._wake.set()
 
     def _refusal(self, g: GlobalModel) -> tuple[str, str] | None:
         """Why ``g`` is not a global model of this job to train from: (reason, detail), or None."""
@@ -206,9 +233,14 @@ class Agent:
                              num_samples=result.num_samples, weights=result.weights,
                              metrics={**result.metrics, "train_seconds": spent})
         payload = await asyncio.to_thread(schemas.pack, update)
+        if len(payload) > MQTT_MAX_PACKET:
+            log.error("%s: update of round %d is %s bytes, over MQTT's limit of %s bytes per packet; not sent",
+                      self.s.agent_id, self.rounds, f"{len(payload):,}", f"{MQTT_MAX_PACKET:,}")
+            return
         if self.s.delay is not None:
             await self._pause(self.s.delay(self.rng))
-        self.pending = payload  # the outbox holds one update: a newer one replaces an unsent older one
+        self.pending = (update.update_id, payload)  # one slot: a newer update replaces an unsent older one
+        self.unconfirmed = None  # and supersedes an unconfirmed one (the aggregator keeps the newest anyway)
         self._sent.clear()
         self._wake.set()
         log.info("%s: round %d from v%d ready (%d samples, %.2fs) %s", self.s.agent_id, self.rounds,
@@ -225,7 +257,8 @@ class Agent:
         """Train round after round, independent of the connection; hand updates to the outbox."""
         while not self._done():
             await self._train_round()
-        await self._sent.wait()  # the last update is out before we leave
+        with contextlib.suppress(TimeoutError):  # the last update is confirmed (or we gave up) before we leave
+            await asyncio.wait_for(self._sent.wait(), self.s.exit_wait)
         self.stop()
 
     async def _session(self) -> None:
@@ -233,7 +266,10 @@ class Agent:
         will = aiomqtt.Will(self.topics.agent_status(self.s.agent_id), self._status("offline"), qos=1, retain=True)
         async with aiomqtt.Client(**self.address.client_kwargs(), identifier=f"fedwb-agent-{self.s.job}-"
                                   f"{self.s.agent_id}", will=will, keepalive=30) as client:
-            await client.subscribe(self.topics.global_model, qos=1)
+            await client.subscribe([(self.topics.global_model, 1), (self.topics.ack(self.s.agent_id), 1)])
+            if self.unconfirmed is not None and self.pending is None:
+                self.pending, self.unconfirmed = self.unconfirmed, None  # a new session: resend what is unconfirmed
+                self.resends += 1
             consumer = asyncio.create_task(self._consume(client))
             published_state = None
             try:
@@ -248,14 +284,22 @@ class Agent:
                                              qos=1, retain=True)
                         published_state = self.state
                     if self.pending is not None:
-                        payload = self.pending
-                        await client.publish(self.topics.update(self.s.agent_id), payload, qos=1)
-                        if self.pending is payload:
-                            self.pending = None
-                            self._sent.set()
+                        item = self.pending
+                        await client.publish(self.topics.update(self.s.agent_id), item[1], qos=1)
+                        if self.pending is item:
+                            self.pending, self.unconfirmed = None, item
+                            self._published_at = time.monotonic()
                         continue
+                    wait = None
+                    if self.unconfirmed is not None:
+                        wait = self._published_at + self.s.confirm_timeout - time.monotonic()
+                        if wait <= 0:  # no confirmation in time: resend (a duplicate is dropped and confirmed)
+                            self.pending, self.unconfirmed = self.unconfirmed, None
+                            self.resends += 1
+                            continue
                     waker = asyncio.create_task(self._wake.wait())
-                    done, _ = await asyncio.wait({waker, consumer}, return_when=asyncio.FIRST_COMPLETED)
+                    done, _ = await asyncio.wait({waker, consumer}, timeout=wait,
+                                                 return_when=asyncio.FIRST_COMPLETED)
                     waker.cancel()
                     if consumer in done:
                         consumer.result()  # raises the MqttError that ended the session
@@ -282,7 +326,7 @@ class Agent:
                 await asyncio.sleep(delay)
                 backoff = min(backoff * 2, 30.0)
                 if self._stopping.is_set() and not self._trainer_running:
-                    self.pending = None  # stopping for good: give up on an unsent update
+                    self.pending = self.unconfirmed = None  # stopping for good: give up on an unsent update
                     self._sent.set()
 
     async def run(self) -> int:

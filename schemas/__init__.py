@@ -7,6 +7,7 @@ from schemas.codec import (
     decode_tensor,
     encode_tensor,
     pack,
+    tensor_count,
     unpack,
 )
 from schemas.connection import BrokerAddress
@@ -19,6 +20,7 @@ from schemas.messages import (
     ModelUpdate,
     PolicyCommand,
     PolicySpec,
+    UpdateAck,
 )
 from schemas.topics import Topics
 
@@ -35,9 +37,11 @@ __all__ = [
     "PolicyCommand",
     "PolicySpec",
     "Topics",
+    "UpdateAck",
     "WireError",
     "decode_tensor",
     "encode_tensor",
     "pack",
+    "tensor_count",
     "unpack",
 ]

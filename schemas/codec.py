@@ -22,6 +22,8 @@ from pydantic import BaseModel, ValidationError
 from schemas.messages import SCHEMA_VERSION
 
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
+DEFAULT_MAX_TENSORS = 100_000  # a model with more named tensors than this is not one we federate
+MQTT_MAX_PACKET = 268_435_455  # the most bytes one MQTT packet can carry (its remaining-length field)
 
 DTYPES: dict[str, torch.dtype] = {
     "float64": torch.float64,
@@ -130,9 +132,43 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def tensor_count(data: bytes | bytearray | memoryview) -> int | None:
+    """How many tensors a payload's ``weights`` map holds, read from its header without decoding
+    anything else; None when there is no such map (the full decoder then names the problem)."""
+    import io
+
+    try:
+        unpacker = msgpack.Unpacker(io.BytesIO(data), raw=False, strict_map_key=True, read_size=1 << 16,
+                                    max_buffer_size=max(1 << 20, len(data)))
+        fields = unpacker.read_map_header()
+    except Exception:  # noqa: BLE001 - not a map: the full decoder says what it is
+        return None
+    try:
+        for _ in range(fields):
+            if unpacker.unpack() == "weights":
+                return unpacker.read_map_header()
+            unpacker.skip()
+    except Exception:  # noqa: BLE001 - weights not a map, truncation: the full decoder names it
+        return None
+    return None
+
+
 def unpack(data: bytes | bytearray | memoryview, cls: type[M], *,
-           max_bytes: int = DEFAULT_MAX_BYTES) -> M:
-    """Decode ``data`` into an instance of ``cls``; every failure is a ``WireError``."""
+           max_bytes: int = DEFAULT_MAX_BYTES, tensors: int | None = None,
+           max_tensors: int = DEFAULT_MAX_TENSORS) -> M:
+    """Decode ``data`` into an instance of ``cls``; every failure is a ``WireError``.
+
+    Cheap checks run before any tensor is decoded: the size, and the number of tensors in
+    the ``weights`` map (at most ``max_tensors``; exactly ``tensors`` when given, e.g. the
+    reference model's count), so a payload of millions of tiny tensors is refused in
+    milliseconds instead of being parsed.
+    """
+    if isinstance(data, bytes | bytearray | memoryview) and len(data) <= max_bytes and "weights" in cls.model_fields:
+        count = tensor_count(data)
+        if count is not None and count > max_tensors:
+            raise WireError(f"weights has {count} tensors, more than the limit of {max_tensors}")
+        if count is not None and tensors is not None and count != tensors:
+            raise WireError(f"weights has {count} tensors, the global model has {tensors} (tensor count)")
     try:
         return _unpack(data, cls, max_bytes)
     except WireError:

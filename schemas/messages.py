@@ -173,6 +173,22 @@ class AggregatorStatus(_Message):
     updated_at: float = Field(default_factory=_now)
 
 
+class UpdateAck(_Message):
+    """The aggregator's verdict on one update, retained on ``fedwb/J/ack/{agent_id}`` (the latest per agent).
+
+    Published once the update is durable (in the inbox when there is a state dir). An agent
+    keeps an update until it sees its ``update_id`` here, and resends it after a reconnect or
+    a timeout; resends are dropped as duplicates (and acknowledged again).
+    """
+
+    job: str
+    agent_id: str
+    update_id: str
+    outcome: Literal["accepted", "replaced", "duplicate", "stale", "rejected"]
+    reason: str = ""
+    version: int = 0  # the aggregator's version when it decided
+
+
 class AgentStatus(_Message):
     """Retained on ``fedwb/J/status/agent/{agent_id}``; the last will says offline."""
 

@@ -40,6 +40,10 @@ class Topics:
     def aggregator_status(self) -> str:
         return f"{self.base}/status/aggregator"
 
+    def ack(self, agent_id: str) -> str:
+        """Where the aggregator confirms ``agent_id``'s latest update (retained ``UpdateAck``)."""
+        return f"{self.base}/ack/{agent_id}"
+
     def agent_status(self, agent_id: str) -> str:
         return f"{self.base}/status/agent/{agent_id}"
 
