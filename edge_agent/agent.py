@@ -148,6 +148,7 @@ class Agent:
             return  # an older update's ack (retained), or one we already saw
         self.unconfirmed = None
         self.verdicts[ack.outcome] = self.verdicts.get(ack.outcome, 0) + 1
+        log.info("%s: update %s confirmed: %s at v%d", self.s.agent_id, ack.update_id, ack.outcome, ack.version)
         if ack.outcome in ("rejected", "stale"):
             log.warning("%s: the aggregator did not take update %s: %s %s", self.s.agent_id, ack.update_id,
                         ack.outcome, ack.reason)
@@ -243,8 +244,9 @@ class Agent:
         self.unconfirmed = None  # and supersedes an unconfirmed one (the aggregator keeps the newest anyway)
         self._sent.clear()
         self._wake.set()
-        log.info("%s: round %d from v%d ready (%d samples, %.2fs) %s", self.s.agent_id, self.rounds,
-                 g.version, result.num_samples, spent, {k: round(v, 4) for k, v in result.metrics.items()})
+        log.info("%s: round %d from v%d ready as update %s (%d samples, %.2fs) %s", self.s.agent_id, self.rounds,
+                 g.version, update.update_id, result.num_samples, spent,
+                 {k: round(v, 4) for k, v in result.metrics.items()})
 
     async def _pause(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
