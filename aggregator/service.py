@@ -168,6 +168,7 @@ class Aggregator:
         self._chain: list | None = None
         self._clip_reference: float | None = None  # the last round's median delta norm
         self._prepared = False
+        self._connected = False  # a session came up since the last connection error
         self.reconnects = 0  # sessions lost (a kick by another client with our id would count here)
         self._signing_key = load_private_key(settings.signing_key) if settings.signing_key else None
 
@@ -541,6 +542,7 @@ class Aggregator:
         client._client.manual_ack_set(True)
         async with client:
             self._client = client
+            self._connected = True
             try:
                 await client.subscribe([(self.topics.updates, 1), (self.topics.control, 1)])
                 self.published_version = -1  # the broker may have lost the retained global: publish it again
@@ -597,6 +599,8 @@ class Aggregator:
                 if self._stopping.is_set():
                     break
                 self.reconnects += 1
+                if self._connected:  # the session was up: a fresh outage starts the backoff again
+                    backoff, self._connected = 0.5, False
                 delay = backoff * (1 + random.random())
                 self.log.warning("MQTT connection lost (%s); reconnecting in %.1fs", exc, delay)
                 with contextlib.suppress(TimeoutError):

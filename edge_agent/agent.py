@@ -93,6 +93,7 @@ class Agent:
         self.unconfirmed: tuple[str, bytes] | None = None  # published, not yet confirmed by the aggregator
         self._published_at = 0.0
         self.resends = 0
+        self._connected = False  # a session came up since the last connection error
         self.verdicts: dict[str, int] = {}  # the aggregator's acks by outcome
         self._stopping = asyncio.Event()
         self._wake = asyncio.Event()  # the session has something to do
@@ -268,6 +269,7 @@ class Agent:
         will = aiomqtt.Will(self.topics.agent_status(self.s.agent_id), self._status("offline"), qos=1, retain=True)
         async with aiomqtt.Client(**self.address.client_kwargs(), identifier=f"fedwb-agent-{self.s.job}-"
                                   f"{self.s.agent_id}", will=will, keepalive=30) as client:
+            self._connected = True
             await client.subscribe([(self.topics.global_model, 1), (self.topics.ack(self.s.agent_id), 1)])
             if self.unconfirmed is not None and self.pending is None:
                 self.pending, self.unconfirmed = self.unconfirmed, None  # a new session: resend what is unconfirmed
@@ -323,6 +325,8 @@ class Agent:
                 self._crash.clear()
             except aiomqtt.MqttError as exc:
                 self.reconnects += 1
+                if self._connected:  # the session was up: a fresh outage starts the backoff again
+                    backoff, self._connected = 0.5, False
                 delay = backoff * (0.5 + self.rng.random())
                 log.warning("%s: connection lost (%s); reconnecting in %.1fs", self.s.agent_id, exc, delay)
                 await asyncio.sleep(delay)
