@@ -10,7 +10,7 @@ COPY broker broker
 COPY sim sim
 COPY bench bench
 COPY fedwb fedwb
-RUN pip install --no-cache-dir .
+RUN pip install --no-cache-dir '.[all]'
 USER 65534
 ENTRYPOINT []
 CMD ["fedwb", "--help"]

@@ -193,10 +193,13 @@ def read_config(path: Path | None) -> dict[str, Any]:
 
 def check_task(name: str | None) -> None:
     """Exit 2 with the known task names when ``name`` is not one."""
-    from edge_agent.tasks import TASKS
+    from edge_agent.tasks import resolve
 
-    if name is not None and name not in TASKS:
-        fail(f"--task {name!r} is not a known task: use one of {', '.join(TASKS)}")
+    if name is not None:
+        try:
+            resolve(name)
+        except ValueError as exc:
+            fail(str(exc))
 
 
 def broker_call(url: str, coro: Any) -> Any:

@@ -62,6 +62,8 @@ class AgentSettings:
     init: str = "global"  # first round from: the global model | "own" (the task's init, this agent's seed) | a file
     pretrain: int = 0  # with init own/file: extra local budget before the first update ("trained apart")
     verify_key: str | None = None  # Ed25519 public key (PEM): accept only global models the aggregator signed
+    threads: int | None = None  # torch threads for local training (default: at most 2)
+    max_memory_mb: float | None = None  # memory guard: leave (exit 3) when the RSS passes this after a round
     confirm_timeout: float = 60.0  # resend an update the aggregator has not confirmed after this many seconds
     exit_wait: float = 30.0  # at the natural end (max_rounds), wait this long for the last confirmation
 
@@ -93,6 +95,9 @@ class Agent:
         self.unconfirmed: tuple[str, bytes] | None = None  # published, not yet confirmed by the aggregator
         self._published_at = 0.0
         self.resends = 0
+        self.started = time.monotonic()
+        self.over_memory = False
+        self.last_error: str | None = None
         self._connected = False  # a session came up since the last connection error
         self.verdicts: dict[str, int] = {}  # the aggregator's acks by outcome
         self._stopping = asyncio.Event()
@@ -117,8 +122,12 @@ class Agent:
         self._wake.set()
 
     def _status(self, state: str) -> bytes:
+        """The retained health record: state, versions seen and trained from, rounds, uptime, last error."""
         return schemas.pack(AgentStatus(job=self.s.job, agent_id=self.s.agent_id, state=state,
-                                        version_seen=self.latest.version if self.latest else None))
+                                        version_seen=self.latest.version if self.latest else None,
+                                        trained_from=self.trained_from if self.trained_from >= 0 else None,
+                                        rounds=self.rounds, uptime_seconds=round(time.monotonic() - self.started, 1),
+                                        last_error=self.last_error))
 
     async def _consume(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
@@ -176,6 +185,7 @@ class Agent:
 
     def _refuse(self, g: GlobalModel, reason: str, detail: str) -> None:
         self.refused[reason] = self.refused.get(reason, 0) + 1
+        self.last_error = f"refused global v{g.version}: {reason}"
         if self.refused[reason] == 1 or self.refused[reason] % 100 == 0:
             log.warning("%s: refused global model v%d: %s (%s; %d refused for this reason)", self.s.agent_id,
                         g.version, reason, detail, self.refused[reason])
@@ -223,6 +233,14 @@ class Agent:
             await self._pause(spent * (self.s.slowdown - 1.0))
         self.rounds += 1
         self.state = "online"
+        rss = rss_mb()
+        if self.s.max_memory_mb is not None and rss > self.s.max_memory_mb:
+            self.last_error = f"memory guard: RSS {rss:.0f} MB > {self.s.max_memory_mb:g} MB"
+            log.error("%s: %s after round %d; leaving (exit 3) so the service manager restarts it",
+                      self.s.agent_id, self.last_error, self.rounds)
+            self.over_memory = True
+            self.stop()
+            return
         if self.s.crash and self.rng.random() < self.s.crash:
             self._crash.set()
             self._wake.set()
@@ -283,10 +301,11 @@ class Agent:
                     self._wake.clear()
                     if self._crash.is_set():
                         raise _Crash()
-                    if published_state != self.state:
+                    health = (self.state, self.rounds, self.last_error)
+                    if published_state != health:
                         await client.publish(self.topics.agent_status(self.s.agent_id), self._status(self.state),
                                              qos=1, retain=True)
-                        published_state = self.state
+                        published_state = health
                     if self.pending is not None:
                         item = self.pending
                         await client.publish(self.topics.update(self.s.agent_id), item[1], qos=1)
@@ -325,6 +344,7 @@ class Agent:
                 self._crash.clear()
             except aiomqtt.MqttError as exc:
                 self.reconnects += 1
+                self.last_error = f"connection lost: {exc}"
                 if self._connected:  # the session was up: a fresh outage starts the backoff again
                     backoff, self._connected = 0.5, False
                 delay = backoff * (0.5 + self.rng.random())
@@ -352,11 +372,24 @@ class Agent:
         stopper.cancel()
         if trainer.done() and not trainer.cancelled() and trainer.exception() is not None:
             raise trainer.exception()
-        return 0
+        return 3 if self.over_memory else 0
+
+
+def rss_mb() -> float:
+    """This process's resident memory in MB (Linux /proc; the peak from getrusage elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            import os
+
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_agent(settings: AgentSettings) -> int:
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    torch.set_num_threads(settings.threads or max(1, min(2, torch.get_num_threads())))
 
     async def main() -> int:
         agent = Agent(settings)

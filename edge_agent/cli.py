@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -13,9 +13,14 @@ from aggregator.cli import Password, TlsCa, TlsCert, TlsKey, User, parse_task_op
 
 
 def agent(
-    broker: Annotated[str, typer.Option(help="Broker URL.")] = "mqtt://127.0.0.1:1883",
-    job: Annotated[str, typer.Option(help="Job name.")] = "default",
-    agent_id: Annotated[str, typer.Option(help="This device's id (its update topic).")] = "agent-0",
+    ctx: typer.Context,
+    config: Annotated[Path | None, typer.Option(help="TOML or JSON file with any of these options (names with _ or "
+                                                     "-); the command line wins.", envvar="FEDWB_AGENT_CONFIG")]
+    = None,
+    broker: Annotated[str, typer.Option(help="Broker URL.", envvar="FEDWB_BROKER")] = "mqtt://127.0.0.1:1883",
+    job: Annotated[str, typer.Option(help="Job name.", envvar="FEDWB_JOB")] = "default",
+    agent_id: Annotated[str, typer.Option(help="This device's id (its update topic).", envvar="FEDWB_AGENT_ID")]
+    = "agent-0",
     task: Annotated[str, typer.Option(help="mnist | cartpole | noop")] = "mnist",
     local_epochs: Annotated[int | None, typer.Option(help="mnist: local epochs per round.")] = None,
     local_steps: Annotated[int | None, typer.Option(help="cartpole/noop: env steps per round.")] = None,
@@ -44,50 +49,115 @@ def agent(
     crash: Annotated[float, typer.Option(help="Probability per round to crash and rejoin.")] = 0.0,
     username: User = None, password: Password = None, tls_ca: TlsCa = None, tls_cert: TlsCert = None,
     tls_key: TlsKey = None,
+    password_file: Annotated[Path | None, typer.Option(help="Read the broker password from this file (first line).",
+                                                       envvar="FEDWB_PASSWORD_FILE")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, max=1024, help="Torch threads for local training "
+                                                                      "[default: at most 2].")] = None,
+    max_memory_mb: Annotated[float | None, typer.Option(min=1, help="Memory guard: exit 3 when the RSS passes this "
+                                                                    "after a round (a service manager restarts).")]
+    = None,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
 ) -> None:
-    """Run an edge agent: wait for the global model, train locally, publish, repeat."""
+    """Run an edge agent: wait for the global model, train locally, publish, repeat.
+
+    Every option can come from --config FILE (TOML/JSON, the same names); secrets from files
+    (--password-file) or FEDWB_* variables. Exit codes: 0 done, 2 bad configuration, 3 memory guard.
+    """
+    o = dict(locals())
+    o.pop("ctx")
+    if config is not None:
+        o = merge_config(ctx, config, o)
+    raise typer.Exit(start_agent(o))
+
+
+def start_agent(o: dict[str, Any]) -> int:
+    """Validate the merged options ``o`` (one line and exit 2 on anything wrong) and run the agent."""
+    import os
+
     from edge_agent.agent import AgentSettings, run_agent
     from edge_agent.stragglers import parse_delay
+    from fedwb.errors import fail
 
-    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if local_epochs is not None and local_steps is not None:
-        raise typer.BadParameter("give --local-epochs or --local-steps, not both")
-    default_budget = {"mnist": 1, "cartpole": 1000, "noop": 1}.get(task, 1)
-    budget = local_epochs if local_epochs is not None else (local_steps or default_budget)
-    opts = parse_task_options(task_option)
-    for key, value in (("pole_length", pole_length), ("eval_lengths", eval_lengths), ("source", source),
-                       ("data_root", data_root), ("model", model), ("partition", partition), ("shard", shard)):
-        if value is not None:
-            opts[key] = value
-    if download:
+    journal = bool(os.environ.get("JOURNAL_STREAM"))  # under systemd: the journal adds the time itself
+    logging.basicConfig(level=str(o["log_level"]).upper(), stream=sys.stderr,
+                        format=("" if journal else "%(asctime)s ") + "%(levelname)s %(name)s: %(message)s")
+    if o["password_file"] is not None:
+        o["password"] = read_secret(Path(o["password_file"]))
+    if o["local_epochs"] is not None and o["local_steps"] is not None:
+        fail("give --local-epochs or --local-steps, not both")
+    default_budget = {"mnist": 1, "cartpole": 1000, "noop": 1}.get(o["task"], 1)
+    budget = o["local_epochs"] if o["local_epochs"] is not None else (o["local_steps"] or default_budget)
+    opts = parse_task_options(o["task_option"])
+    for key in ("pole_length", "eval_lengths", "source", "data_root", "model", "partition", "shard"):
+        if o[key] is not None:
+            opts[key] = o[key]
+    if o["download"]:
         opts["download"] = True
+    init = str(o["init"])
     if init not in ("global", "own") and not init.endswith(".safetensors"):
-        typer.echo(f"error: --init must be global, own or a .safetensors file, got {init!r}", err=True)
-        raise typer.Exit(2)
+        fail(f"--init must be global, own or a .safetensors file, got {init!r}")
     if init.endswith(".safetensors") and not Path(init).is_file():
-        typer.echo(f"error: --init file {init} does not exist", err=True)
-        raise typer.Exit(2)
-    if verify_key is not None and not Path(verify_key).is_file():
-        typer.echo(f"error: --verify-key {verify_key}: no such file", err=True)
-        raise typer.Exit(2)
-    if pretrain < 0:
-        typer.echo(f"error: --pretrain must be >= 0, got {pretrain}", err=True)
-        raise typer.Exit(2)
+        fail(f"--init file {init} does not exist")
+    if o["verify_key"] is not None and not Path(o["verify_key"]).is_file():
+        fail(f"--verify-key {o['verify_key']}: no such file")
+    if o["pretrain"] < 0:
+        fail(f"--pretrain must be >= 0, got {o['pretrain']}")
+    device = o["device"]
     if device == "auto":
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        sampler = parse_delay(delay) if delay else None
-        settings = AgentSettings(broker=broker, job=job, agent_id=agent_id, task=task, task_options=opts,
-                                 budget=budget, max_rounds=max_rounds, seed=seed, device=device,
-                                 username=username, password=password, tls_ca=tls_ca, tls_cert=tls_cert,
-                                 tls_key=tls_key, slowdown=slowdown, delay=sampler, drop=drop, crash=crash,
-                                 init=init, pretrain=pretrain, verify_key=verify_key)
-        code = run_agent(settings)
+        settings = AgentSettings(
+            broker=o["broker"], job=o["job"], agent_id=o["agent_id"], task=o["task"], task_options=opts,
+            budget=budget, max_rounds=o["max_rounds"], seed=o["seed"], device=device, username=o["username"],
+            password=o["password"], tls_ca=o["tls_ca"], tls_cert=o["tls_cert"], tls_key=o["tls_key"],
+            slowdown=o["slowdown"], delay=parse_delay(o["delay"]) if o["delay"] else None, drop=o["drop"],
+            crash=o["crash"], init=init, pretrain=o["pretrain"], verify_key=o["verify_key"], threads=o["threads"],
+            max_memory_mb=o["max_memory_mb"])
+        return run_agent(settings)
     except (ValueError, FileNotFoundError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
-    raise typer.Exit(code)
+        fail(str(exc))
+
+
+def merge_config(ctx: typer.Context, path: Path, given: dict[str, Any]) -> dict[str, Any]:
+    """Options from ``path`` wherever the command line (or an env var) did not set them; exit 2 on a bad file."""
+    import json
+    import tomllib
+
+    from fedwb.errors import fail
+
+    try:
+        text = path.read_text()
+        data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except OSError as exc:
+        fail(f"--config {path}: {exc.strerror or exc}")
+    except ValueError as exc:  # tomllib.TOMLDecodeError and json.JSONDecodeError are ValueErrors
+        fail(f"--config {path}: not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: {exc}")
+    if not isinstance(data, dict):
+        fail(f"--config {path}: expected a table of options")
+    known = {p.name for p in ctx.command.params} - {"config"}
+    merged = dict(given)
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            fail(f"--config {path}: unknown option {key!r}")
+        source = ctx.get_parameter_source(name)  # an enum of typer's (vendored) click: compare by name
+        if source is None or source.name in ("DEFAULT", "DEFAULT_MAP"):
+            if name in ("config", "password_file", "verify_key", "tls_ca", "tls_cert", "tls_key") and value:
+                value = str(value)
+            merged[name] = Path(value) if name == "password_file" and value else value
+    return merged
+
+
+def read_secret(path: Path) -> str:
+    """The first line of a secret file; exit 2 naming the file when it cannot be read or is empty."""
+    from fedwb.errors import fail
+
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        fail(f"--password-file {path}: {exc.strerror or exc}")
+    if not lines or not lines[0].strip():
+        fail(f"--password-file {path}: empty")
+    return lines[0].strip()

@@ -196,4 +196,8 @@ class AgentStatus(_Message):
     agent_id: str
     state: Literal["online", "offline", "training"] = "online"
     version_seen: int | None = None
+    trained_from: int | None = None  # the global version of the last round trained
+    rounds: int = 0
+    uptime_seconds: float = 0.0
+    last_error: str | None = None  # the last thing that went wrong (connection, refused model, memory guard)
     updated_at: float = Field(default_factory=_now)

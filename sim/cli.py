@@ -29,7 +29,8 @@ def _floats(text: str | None) -> list[float] | None:
 @sim_app.callback()
 def sim(
     ctx: typer.Context,
-    task: Annotated[str, typer.Option(help="mnist | cartpole | noop")] = "mnist",
+    task: Annotated[str, typer.Option(help="mnist | cartpole | noop | a plugin (fedwb tasks list) | "
+                                                      "package.module:Class")] = "mnist",
     agents: Annotated[int, typer.Option(help="Number of agents.")] = 5,
     rounds: Annotated[int, typer.Option(help="Global versions to produce.")] = 10,
     policy: Annotated[str, typer.Option(help="fedavg | fedwb | fedwb-sinkhorn | fedwb-neurons | hybrid")] = "fedavg",
@@ -121,7 +122,8 @@ def compare(
 def evaluate(
     broker: Annotated[str, typer.Option(help="Broker URL.")] = "mqtt://127.0.0.1:1883",
     job: Annotated[str, typer.Option(help="Job name.")] = "default",
-    task: Annotated[str, typer.Option(help="mnist | cartpole | noop")] = "mnist",
+    task: Annotated[str, typer.Option(help="mnist | cartpole | noop | a plugin (fedwb tasks list) | "
+                                                      "package.module:Class")] = "mnist",
     task_option: Annotated[list[str] | None, typer.Option(help="Task option KEY=VALUE.")] = None,
     out: Annotated[str | None, typer.Option(help="Append records to this JSONL file.")] = None,
 ) -> None:

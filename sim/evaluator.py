@@ -23,11 +23,12 @@ log = logging.getLogger("fedwb.evaluate")
 
 
 def headline(metrics: dict[str, float]) -> tuple[str, float | None]:
-    """The metric that summarizes a version: accuracy (mnist) or mean return (cartpole)."""
+    """The metric that summarizes a version: accuracy (mnist), mean return (cartpole), else a plugin
+    task's first metric (in the order its ``evaluate`` returns them)."""
     for key in ("accuracy", "mean_return", "mean_abs_weight"):
         if key in metrics:
             return key, metrics[key]
-    return "", None
+    return next(iter(metrics.items()), ("", None))
 
 
 def training_metrics(agent_metrics: dict[str, dict[str, float]]) -> dict[str, float]:

@@ -73,8 +73,9 @@ class SimConfig:
             raise ValueError("--agents and --rounds must be >= 1")
         if self.quorum is not None and not 1 <= self.quorum <= self.agents:
             raise ValueError(f"--quorum must be between 1 and --agents ({self.agents})")
-        if self.task not in ("mnist", "cartpole", "noop"):
-            raise ValueError(f"unknown task {self.task!r}: use mnist, cartpole or noop")
+        from edge_agent.tasks import resolve
+
+        resolve(self.task)  # a built-in, an installed plugin or package.module:Class (ValueError names it)
         if self.init not in ("global", "own"):
             raise ValueError(f"--init must be global or own, got {self.init!r}")
         if self.preset not in ("stable", "paper"):
@@ -112,8 +113,11 @@ def _agent_cmd(cfg: SimConfig, broker: str, job: str, i: int) -> list[str]:
         cmd += ["--pole-length", str(pole_lengths_for(cfg)[i]), "--local-steps", str(steps),
                 "--task-option", f"preset={cfg.preset}",
                 "--task-option", f"total_steps={steps * cfg.rounds}"]  # the schedules span the whole run
-    else:
+    elif cfg.task == "noop":
         cmd += ["--task-option", "shapes=[[100, 100]]"]
+    elif cfg.local_epochs or cfg.local_steps:  # a plugin task: its budget as given, its own defaults otherwise
+        budget = ["--local-epochs", str(cfg.local_epochs)] if cfg.local_epochs else []
+        cmd += budget or ["--local-steps", str(cfg.local_steps)]
     if cfg.init != "global":
         cmd += ["--init", cfg.init, "--pretrain", str(cfg.pretrain)]
     knobs = parse_stragglers(cfg.stragglers).agent_knobs(i, cfg.agents)
@@ -161,7 +165,7 @@ def _eval_options(cfg: SimConfig) -> dict[str, Any]:
     if cfg.task == "cartpole":
         lengths = sorted(set(cfg.pole_lengths[: cfg.agents]) | set(cfg.held_out_lengths))
         return {"eval_lengths": lengths, "eval_episodes": 2 if cfg.quick else 5, "preset": cfg.preset}
-    return {"shapes": [[100, 100]]}
+    return {"shapes": [[100, 100]]} if cfg.task == "noop" else {}
 
 
 class Processes:
