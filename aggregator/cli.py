@@ -48,7 +48,7 @@ def parse_task_options(items: list[str] | None) -> dict[str, Any]:
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise typer.BadParameter(f"task option {item!r} is not KEY=VALUE")
+            fail(f"--task-option {item!r} is not KEY=VALUE")
         try:
             out[key.replace("-", "_")] = json.loads(value)
         except json.JSONDecodeError:

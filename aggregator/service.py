@@ -135,6 +135,7 @@ class Aggregator:
         self.address = BrokerAddress.parse(settings.broker, username=settings.username,
                                            password=settings.password, tls_ca=settings.tls_ca,
                                            tls_cert=settings.tls_cert, tls_key=settings.tls_key)
+        self.address.client_kwargs()  # TLS files that do not load fail here, not in the reconnect loop
         self.device = resolve_device(settings.device)
         self.checkpoint = Checkpoint(settings.state_dir, settings.fsync_inbox) if settings.state_dir else None
         self.buffer = UpdateBuffer(settings.job, settings.max_staleness, settings.staleness_alpha,

@@ -81,6 +81,7 @@ class Agent:
         self.address = BrokerAddress.parse(settings.broker, username=settings.username,
                                            password=settings.password, tls_ca=settings.tls_ca,
                                            tls_cert=settings.tls_cert, tls_key=settings.tls_key)
+        self.address.client_kwargs()  # TLS files that do not load fail here, not in the reconnect loop
         if task is None:
             from edge_agent.tasks import get_task
 

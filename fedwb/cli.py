@@ -80,14 +80,14 @@ def gen_tls(
 @broker_app.callback()
 def broker(
     ctx: typer.Context,
-    port: Annotated[int, typer.Option(help="TCP port to listen on.")] = 1883,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port to listen on.")] = 1883,
     host: Annotated[str, typer.Option(help="Address to bind (loopback by default).")] = "127.0.0.1",
     embedded: Annotated[bool, typer.Option(help="Use the embedded amqtt broker even if "
                                                  "mosquitto is installed.")] = False,
     data_dir: Annotated[str | None, typer.Option(help="Persistence directory (mosquitto).")] = None,
     secure: Annotated[str | None, typer.Option(help="Directory from gen-credentials (+ tls/ from gen-tls): "
                                                     "authenticated, ACL, TLS listener.")] = None,
-    tls_port: Annotated[int, typer.Option(help="TLS listener port with --secure.")] = 8883,
+    tls_port: Annotated[int, typer.Option(min=1, max=65535, help="TLS listener port with --secure.")] = 8883,
 ) -> None:
     """Start an MQTT broker: mosquitto with broker/mosquitto.conf, else the embedded one."""
     from pathlib import Path
@@ -113,9 +113,12 @@ def broker(
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    b = start_broker(port, kind="mosquitto" if secure else kind, host=host, quiet=True,
-                     data_dir=Path(data_dir) if data_dir else None,
-                     secure_dir=Path(secure) if secure else None, tls_port=tls_port if secure else None)
+    try:
+        b = start_broker(port, kind="mosquitto" if secure else kind, host=host, quiet=True,
+                         data_dir=Path(data_dir) if data_dir else None,
+                         secure_dir=Path(secure) if secure else None, tls_port=tls_port if secure else None)
+    except (RuntimeError, TimeoutError, OSError, ValueError) as exc:
+        fail(f"the broker did not start on {host}:{port}: {exc} (port in use? --secure files missing?)")
     typer.echo(f"fedwb broker ({b.kind}) listening on {b.url}  (Ctrl-C to stop)")
     if not secure:
         typer.echo("no authentication: for local use on this machine only (see docs/security.md)")

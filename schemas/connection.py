@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from urllib.parse import unquote, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -43,6 +44,10 @@ class BrokerAddress(BaseModel):
             "password": unquote(parts.password) if parts.password else None,
         }
         fields.update({k: v for k, v in overrides.items() if v is not None})
+        for key in ("tls_ca", "tls_cert", "tls_key"):
+            path = fields.get(key)
+            if path is not None and not os.path.isfile(str(path)):
+                raise ValueError(f"--{key.replace('_', '-')} {path}: no such file")
         if fields.get("tls_ca") or fields.get("tls_cert"):
             fields["tls"] = True
         return cls(**fields)
@@ -60,8 +65,11 @@ class BrokerAddress(BaseModel):
         if self.tls:
             import ssl
 
-            ctx = ssl.create_default_context(cafile=self.tls_ca)
-            if self.tls_cert:
-                ctx.load_cert_chain(self.tls_cert, self.tls_key)
+            try:
+                ctx = ssl.create_default_context(cafile=self.tls_ca)
+                if self.tls_cert:
+                    ctx.load_cert_chain(self.tls_cert, self.tls_key)
+            except (OSError, ssl.SSLError) as exc:  # a file that is not a certificate or key
+                raise ValueError(f"TLS files ({self.tls_ca}, {self.tls_cert}, {self.tls_key}): {exc}") from None
             kwargs["tls_context"] = ctx
         return kwargs

@@ -143,6 +143,11 @@ def evaluate(
             with open(out, "a") as f:
                 f.write(line + "\n")
 
+    from aggregator.cli import check_broker_url, check_task
+
+    check_task(task)
+    check_broker_url(broker)
+
     async def main() -> None:
         ev = Evaluator(broker, job, task, parse_task_options(task_option), record)
         loop = asyncio.get_running_loop()

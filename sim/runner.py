@@ -73,6 +73,8 @@ class SimConfig:
             raise ValueError("--agents and --rounds must be >= 1")
         if self.quorum is not None and not 1 <= self.quorum <= self.agents:
             raise ValueError(f"--quorum must be between 1 and --agents ({self.agents})")
+        if self.broker not in ("auto", "embedded", "mosquitto") and not self.broker.startswith(("mqtt://", "mqtts://")):
+            raise ValueError(f"--broker {self.broker!r}: use auto, embedded, mosquitto or mqtt://HOST:PORT")
         from edge_agent.tasks import resolve
 
         resolve(self.task)  # a built-in, an installed plugin or package.module:Class (ValueError names it)

@@ -60,6 +60,13 @@ def test_bad_invocations_are_one_line_and_exit_2(tmp_path: Path) -> None:
         "agent http url": (["agent", "--broker", "http://x:1", "--task", "noop"], "'http'"),
         "public no-auth broker": (["broker", "--host", "0.0.0.0", "--port", str(free_port())], "--secure"),
         "bad credentials job": (["broker", "gen-credentials", "--job", "a/b", "--out", str(tmp_path / "s")], "a/b"),
+        "evaluate unknown task": (["evaluate", "--broker", closed, "--task", "bogus"], "'bogus'"),
+        "missing tls ca": ([*agg, "--tls-ca", str(tmp_path / "ca.pem")], "ca.pem"),
+        "agent tls ca not a cert": (["agent", "--broker", closed, "--task", "noop", "--tls-ca",
+                                     str(tmp_path / "bad.toml")], "TLS files"),
+        "bad task option": ([*agg, "--task-option", "novalue"], "novalue"),
+        "signing key not a key": ([*agg, "--signing-key", str(tmp_path / "bad.toml")], "bad.toml"),
+        "sim http broker": (["sim", "--task", "noop", "--broker", "http://x"], "http://x"),
     }
     if not torch.cuda.is_available():
         cases["cuda without a GPU"] = ([*agg, "--device", "cuda"], "cuda")
