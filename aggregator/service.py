@@ -46,7 +46,7 @@ from schemas.signing import load_private_key, sign
 log = logging.getLogger("fedwb.aggregator")
 HISTORY_LIMIT = 10_000
 WARN_PER_MINUTE = 20  # rejection warnings logged per minute at most (the counters see everything)
-INLINE_DECODE_BYTES = 256 * 1024  # smaller payloads decode on the loop (a thread hop costs more)
+INLINE_DECODE_BYTES = 4 * 1024 * 1024  # smaller payloads decode on the loop (~0.6 ms at 4 MB; a thread hop costs more)
 
 
 def wire_reason(exc: WireError) -> str:
