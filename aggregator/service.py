@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import signal
 import sys
@@ -22,7 +23,7 @@ import aiomqtt
 import torch
 
 import schemas
-from aggregator.buffer import Admission, Outcome, Round, UpdateBuffer
+from aggregator.buffer import Admission, Outcome, Round, UpdateBuffer, shape_mismatch
 from aggregator.checkpoint import Checkpoint
 from aggregator.fusion import PolicyState, decide, dispersion, fuse_with_report, needs_dispersion
 from aggregator.fusion.robust import bound_influence
@@ -42,6 +43,7 @@ from schemas import (
 )
 from schemas.codec import MQTT_MAX_PACKET
 from schemas.signing import load_private_key, sign
+from schemas.topics import UPSTREAM_PREFIX
 
 log = logging.getLogger("fedwb.aggregator")
 HISTORY_LIMIT = 10_000
@@ -132,6 +134,8 @@ class Aggregator:
         self.s = settings
         self.log = logger or log
         self.topics = Topics(settings.job, settings.prefix)
+        self.up_topics = Topics(settings.job, UPSTREAM_PREFIX) if settings.upstream else None
+        self._awaiting_central = False  # a site aggregator sent its partial and waits for the center's global
         self.address = BrokerAddress.parse(settings.broker, username=settings.username,
                                            password=settings.password, tls_ca=settings.tls_ca,
                                            tls_cert=settings.tls_cert, tls_key=settings.tls_key)
@@ -295,6 +299,8 @@ class Aggregator:
         try:
             if topic == self.topics.control:
                 await self._on_control(bytes(payload))
+            elif self.up_topics is not None and topic == self.up_topics.global_model:
+                await self._on_central_global(bytes(payload))
             else:
                 await self._on_update(topic, bytes(payload))
         finally:
@@ -394,7 +400,7 @@ class Aggregator:
     # ------------------------------------------------------------------ fusion
     def _ready(self) -> bool:
         n = len(self.buffer)
-        if n == 0 or self._fusing is not None or self._stopping.is_set():
+        if n == 0 or self._fusing is not None or self._stopping.is_set() or self._awaiting_central:
             return False
         if n >= self.s.quorum:
             return True
@@ -438,9 +444,18 @@ class Aggregator:
                              policy_state={"fusions": new_state.fusions, "switched": new_state.switched},
                              clip_reference=clip_ref)
                 await asyncio.to_thread(self.checkpoint.save, self.version + 1, fused, state)
+            if self.up_topics is not None:  # a site: the fused model goes up as one update, nothing is committed
+                await self._send_partial(rnd, record, fused)
         except BaseException:
             self.buffer.restore(rnd, time.monotonic())
             raise
+        if self.up_topics is not None:
+            self.history.append({**record, "version": self.version, "partial": True})
+            self.policy, self.policy_state, self._clip_reference = policy, new_state, clip_ref
+            self.round_started = time.monotonic()
+            if self.checkpoint is not None:
+                self.checkpoint.inbox_drop(record["update_ids"])
+            return
         self._commit(rnd, record, fused, choice, report, policy, new_state, pending, clip_ref)
         await self._publish_after_fusion()
         if self.checkpoint is not None:
@@ -473,6 +488,54 @@ class Aggregator:
             "agent_metrics": {u.agent_id: u.metrics for u in rnd.updates},
         }
         return record, fused, choice, report, bounds.get("clip_reference", self._clip_reference)
+
+    async def _send_partial(self, rnd: Round, record: dict, fused: dict) -> None:
+        """Publish the site's fused model as one update for the center, weighted by its contributors'.
+
+        Its ``num_samples`` is the sum of the round's weights (``n_k (1+tau_k)^-alpha``), so the
+        center's FedAvg of the sites' partials equals the flat FedAvg of all updates. Then the
+        site waits for the center's next global model before it fuses again: two partials from
+        one site for one central version would replace each other there.
+        """
+        if self._client is None:
+            raise aiomqtt.MqttError("not connected: the partial aggregate is kept for the next try")
+        weight = max(1, round(math.fsum(rnd.weights)))
+        partial = ModelUpdate(job=self.s.job, agent_id=self.s.site, base_version=self.version, num_samples=weight,
+                              weights=fused, metrics={"contributors": float(len(rnd.updates))})
+        payload = await asyncio.to_thread(schemas.pack, partial)
+        await self._client.publish(self.up_topics.update(self.s.site), payload, qos=1)
+        self._awaiting_central = True
+        record.update(partial_update_id=partial.update_id, partial_weight=weight)
+        self.log.info("site %s: partial of %d updates [%s] sent upstream (weight %d) for central v%d", self.s.site,
+                      len(rnd.updates), ",".join(record["contributors"]), weight, self.version)
+
+    async def _on_central_global(self, payload: bytes) -> None:
+        """A site adopts the center's global model (same version number) and relays it to its agents."""
+        try:
+            g = schemas.unpack(payload, GlobalModel, max_bytes=self.s.max_payload_bytes)
+        except WireError as exc:
+            self._warn_once("upstream", wire_reason(exc), str(exc))
+            return
+        if g.job != self.s.job or g.version <= self.version:
+            return
+        mismatch = shape_mismatch(g.weights, self.weights)
+        if mismatch:
+            self._warn_once("upstream", "shape_mismatch", mismatch)
+            return
+        record = {"version": g.version, "policy": g.policy, "method": g.method, "reason": "central global",
+                  "contributors": list(g.contributors), "update_ids": [], "created_at": time.time(),
+                  "fusion_seconds": 0.0, "quorum_wait_seconds": 0.0, "quorum_at": time.time()}
+        if self.checkpoint is not None:
+            state = self._state()
+            state.update(history=(self.history + [record])[-HISTORY_LIMIT:])
+            await asyncio.to_thread(self.checkpoint.save, g.version, g.weights, state)
+        self.weights, self.version, self._awaiting_central = g.weights, g.version, False
+        self.history.append(record)
+        self.round_started = time.monotonic()
+        self.log.info("site %s: central v%d adopted (%s from %s)", self.s.site, g.version, g.method,
+                      ",".join(g.contributors))
+        await self._publish_after_fusion()
+        self._maybe_fuse()
 
     def _commit(self, rnd: Round, record: dict, fused: dict, choice: Any, report: Any, policy: PolicySpec,
                 policy_state: PolicyState, pending: PolicyCommand | None, clip_ref: float | None) -> None:
@@ -545,7 +608,10 @@ class Aggregator:
             self._client = client
             self._connected = True
             try:
-                await client.subscribe([(self.topics.updates, 1), (self.topics.control, 1)])
+                subs = [(self.topics.updates, 1), (self.topics.control, 1)]
+                if self.up_topics is not None:
+                    subs.append((self.up_topics.global_model, 1))
+                await client.subscribe(subs)
                 self.published_version = -1  # the broker may have lost the retained global: publish it again
                 await self._publish_global()
                 await self._publish_status()

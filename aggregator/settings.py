@@ -42,6 +42,8 @@ class AggregatorSettings(BaseSettings):
     clip_factor: float = Field(default=3.0, ge=0, le=1e6)
     max_num_samples: int | None = Field(default=10_000_000, ge=1)
     agents_file: str | None = None  # JSON: {agent_id: {"max_num_samples": N | null}}; others are rejected
+    upstream: Literal["bridge"] | None = None  # a site aggregator: partials go up through its broker's bridge
+    site: str | None = Field(default=None, pattern=r"^[^+#/\x00]{1,128}$")  # its id at the center
     signing_key: str | None = None  # Ed25519 private key (PEM): sign every global model
     max_clock_skew: float | None = Field(default=300.0, ge=0)  # reject sent_at further ahead (s)
     fsync_inbox: bool = False  # also fsync each accepted update (survives power loss; slower ingest)
@@ -59,6 +61,8 @@ class AggregatorSettings(BaseSettings):
             raise ValueError(f"min_updates ({self.min_updates}) cannot exceed quorum ({self.quorum})")
         if self.task is None and self.init is None:
             raise ValueError("give --task or --init to build version 0")
+        if self.upstream and not self.site:
+            raise ValueError("a site aggregator (--upstream bridge) needs --site NAME, its id at the center")
         return self
 
     @property

@@ -70,6 +70,7 @@ class BrokerProcess:
     _tmp: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
     secure_dir: Path | None = None
     tls_port: int | None = None
+    bridge: Bridge | None = None
 
     @property
     def url(self) -> str:
@@ -93,7 +94,7 @@ class BrokerProcess:
         """Stop and start again on the same port with the same data (persistence)."""
         self.stop()
         fresh = start_broker(self.port, kind=self.kind, host=self.host, data_dir=self.data_dir,
-                             secure_dir=self.secure_dir, tls_port=self.tls_port)
+                             secure_dir=self.secure_dir, tls_port=self.tls_port, bridge=self.bridge)
         self.proc = fresh.proc
 
     def close(self) -> None:
@@ -108,10 +109,54 @@ class BrokerProcess:
         self.close()
 
 
+# A site's topics that the bridge carries to and from the central broker; the same value as
+# schemas.topics.UPSTREAM_PREFIX (broker/ imports nothing of ours; tests/test_sites.py checks they agree).
+UPSTREAM_PREFIX = "fedwbup"
+
+
+@dataclass(frozen=True)
+class Bridge:
+    """A site broker's bridge to the central one (mosquitto's own bridge, not our code).
+
+    On the site broker ``fedwbup/J/update/<site>`` (the site aggregator's partial aggregate)
+    goes out as the center's ``fedwb/J/update/<site>``, and the center's ``fedwb/J/global``
+    comes in as ``fedwbup/J/global``: the site's agents and the site aggregator keep the
+    plain ``fedwb/J/...`` topics, and nothing else crosses. QoS 1, a persistent bridge
+    session (``cleansession false``), so the site's queue survives an outage of either side.
+    """
+
+    central: str  # mqtt[s]://HOST:PORT of the central broker
+    job: str
+    site: str
+    username: str | None = None
+    password: str | None = None
+    cafile: str | None = None
+    prefix: str = "fedwb"
+
+    def config(self) -> str:
+        from urllib.parse import urlsplit
+
+        url = urlsplit(self.central if "://" in self.central else "mqtt://" + self.central)
+        if url.scheme not in ("mqtt", "mqtts") or not url.hostname:
+            raise ValueError(f"--bridge-to {self.central!r}: use mqtt://HOST:PORT or mqtts://HOST:PORT")
+        port = url.port or (8883 if url.scheme == "mqtts" else 1883)
+        lines = [f"connection fedwb-{self.job}-{self.site}", f"address {url.hostname}:{port}",
+                 f"remote_clientid {self.username or f'fedwb-bridge-{self.job}-{self.site}'}",
+                 "cleansession false", "bridge_protocol_version mqttv311", "try_private false",
+                 "restart_timeout 1 10", "keepalive_interval 30",
+                 f"topic {self.job}/update/{self.site} out 1 {UPSTREAM_PREFIX}/ {self.prefix}/",
+                 f"topic {self.job}/global in 1 {UPSTREAM_PREFIX}/ {self.prefix}/"]
+        if self.username:
+            lines += [f"remote_username {self.username}", f"remote_password {self.password or ''}"]
+        if url.scheme == "mqtts" or self.cafile:
+            lines += [f"bridge_cafile {self.cafile}"] if self.cafile else ["bridge_capath /etc/ssl/certs"]
+        return "\n# Bridge to the central broker (fedwb broker --bridge-to)\n" + "\n".join(lines) + "\n"
+
+
 def start_broker(port: int | None = None, *, kind: str = "auto", host: str = "127.0.0.1",
                  data_dir: Path | None = None, quiet: bool = True,
                  timeout: float = 15.0, secure_dir: Path | None = None,
-                 tls_port: int | None = None) -> BrokerProcess:
+                 tls_port: int | None = None, bridge: Bridge | None = None) -> BrokerProcess:
     """Start mosquitto (``kind='mosquitto'``), amqtt (``'embedded'``) or whichever exists."""
     port = port or free_port(host)
     mosquitto = find_mosquitto()
@@ -135,8 +180,12 @@ def start_broker(port: int | None = None, *, kind: str = "auto", host: str = "12
                                                  tls_port, bind=host, tls_bind=host))
         else:
             conf.write_text(render_config(port, data_dir, bind=host))
+        if bridge is not None:
+            conf.write_text(conf.read_text() + bridge.config())
         cmd = [mosquitto, "-c", str(conf)]
     elif kind == "embedded":
+        if bridge is not None:
+            raise ValueError("a bridge needs mosquitto (the embedded broker has none)")
         cmd = [sys.executable, "-m", "broker.embedded", "--host", host, "--port", str(port)]
     else:
         raise ValueError(f"unknown broker kind {kind!r}: use auto, mosquitto or embedded")
@@ -149,4 +198,4 @@ def start_broker(port: int | None = None, *, kind: str = "auto", host: str = "12
         if tmp is not None:
             tmp.cleanup()
         raise
-    return BrokerProcess(kind, host, port, proc, data_dir, tmp, secure_dir, tls_port)
+    return BrokerProcess(kind, host, port, proc, data_dir, tmp, secure_dir, tls_port, bridge)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+UPSTREAM_PREFIX = "fedwbup"  # on a site broker: what its bridge carries to and from the central broker
+
 
 @dataclass(frozen=True)
 class Topics:

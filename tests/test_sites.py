@@ -1,0 +1,80 @@
+"""Two sites bridged to a center (issue 17): three mosquittos on loopback, mosquitto's own bridges,
+two site aggregators and a central one; the two-level FedAvg equals the flat one."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import torch
+
+import schemas
+from aggregator.fusion import fuse
+from aggregator.settings import AggregatorSettings
+from broker import UPSTREAM_PREFIX, Bridge, start_broker
+from schemas import GlobalModel, Topics
+from schemas.topics import UPSTREAM_PREFIX as WIRE_PREFIX
+from tests.conftest import require_mosquitto
+from tests.mqtt_helpers import Watcher, client, publish, update
+from tests.test_aggregator import running
+
+pytestmark = pytest.mark.timeout(180)
+SHAPES = [[20, 10], [10]]
+
+
+def test_bridge_config_maps_only_the_sites_topics() -> None:
+    assert UPSTREAM_PREFIX == WIRE_PREFIX
+    text = Bridge("mqtt://center:1883", "j", "site-a", username="site-a", password="pw").config()
+    assert "address center:1883" in text and "cleansession false" in text
+    assert "topic j/update/site-a out 1 fedwbup/ fedwb/" in text and "topic j/global in 1 fedwbup/ fedwb/" in text
+    assert "remote_username site-a" in text
+    with pytest.raises(ValueError, match="--bridge-to"):
+        Bridge("http://center", "j", "a").config()
+
+
+def agg(b, job: str, **kw) -> AggregatorSettings:
+    base = dict(broker=b.url, job=job, task="noop", task_options={"shapes": SHAPES}, quorum=2, device="cpu",
+                status_interval=0.2, clip_factor=0.0, max_share=1.0)  # exact FedAvg: the bounds are tested elsewhere
+    base.update(kw)
+    return AggregatorSettings(**base)
+
+
+async def retained(b, job: str) -> GlobalModel:
+    async with client(b, "probe") as c:
+        await c.subscribe(Topics(job).global_model, qos=1)
+        async with asyncio.timeout(15):
+            async for m in c.messages:
+                return schemas.unpack(bytes(m.payload), GlobalModel)
+    raise AssertionError("no retained global")
+
+
+async def test_two_level_fedavg_equals_flat_fedavg(job: str, tmp_path: Path) -> None:
+    require_mosquitto()
+    with start_broker(kind="mosquitto", data_dir=tmp_path / "center") as center, \
+            start_broker(kind="mosquitto", data_dir=tmp_path / "a",
+                         bridge=Bridge(center.url, job, "site-a")) as site_a, \
+            start_broker(kind="mosquitto", data_dir=tmp_path / "b",
+                         bridge=Bridge(center.url, job, "site-b")) as site_b:
+        async with Watcher(center, job) as w, running(agg(center, job)), \
+                running(agg(site_a, job, upstream="bridge", site="site-a")), \
+                running(agg(site_b, job, upstream="bridge", site="site-b")):
+            g0 = await w.version(0)
+            gen = torch.Generator().manual_seed(3)
+            updates = {name: update(job, name, 0, {k: v + torch.randn(v.shape, generator=gen) for k, v in
+                                                   g0.weights.items()}, n=n)
+                       for name, n in (("a1", 1), ("a2", 2), ("b1", 3), ("b2", 4))}
+            topics = Topics(job)
+            for name, u in updates.items():
+                await publish(site_a if name.startswith("a") else site_b, topics.update(name), schemas.pack(u))
+            g1 = await w.version(1, 60)
+            assert sorted(g1.contributors) == ["site-a", "site-b"]
+            flat = fuse([u.weights for u in updates.values()], [u.num_samples for u in updates.values()])
+            for k in flat:
+                assert torch.allclose(g1.weights[k], flat[k], rtol=1e-6, atol=1e-6), k
+            for site in (site_a, site_b):  # the center's model came down to each site's agents
+                async with asyncio.timeout(30):
+                    while (await retained(site, job)).version < 1:
+                        await asyncio.sleep(0.1)
+                down = await retained(site, job)
+                assert all(torch.equal(down.weights[k], g1.weights[k]) for k in flat)
