@@ -123,6 +123,9 @@ def aggregator(
                                                          "max_num_samples); other ids are rejected.")] = None,
     signing_key: Annotated[str | None, typer.Option(help="Ed25519 key (PEM) that signs every global model "
                                                          "(from gen-credentials).")] = None,
+    upstream: Annotated[str | None, typer.Option(help="'bridge': a site aggregator; its fused model goes to the "
+                                                      "center through the site broker's bridge.")] = None,
+    site: Annotated[str | None, typer.Option(help="With --upstream: this site's id at the center.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of version 0.")] = None,
     config: Annotated[Path | None, typer.Option(help="JSON or TOML file with these settings.")] = None,
     username: User = None, password: Password = None, tls_ca: TlsCa = None, tls_cert: TlsCert = None,
@@ -148,7 +151,7 @@ def aggregator(
         "max_rounds": max_rounds, "metrics_port": metrics_port, "seed": seed, "username": username,
         "rate_limit": rate_limit, "max_update_norm": max_update_norm, "max_share": max_share,
         "clip_factor": clip_factor, "max_num_samples": max_num_samples, "agents_file": agents_file,
-        "signing_key": signing_key,
+        "signing_key": signing_key, "upstream": upstream, "site": site,
         "password": password, "tls_ca": tls_ca, "tls_cert": tls_cert, "tls_key": tls_key,
     }
     base.update({k: v for k, v in given.items() if v is not None})

@@ -47,6 +47,7 @@ from schemas.topics import UPSTREAM_PREFIX
 
 log = logging.getLogger("fedwb.aggregator")
 HISTORY_LIMIT = 10_000
+PARTIAL_RESEND = 10.0  # seconds before a site resends a partial the center has not confirmed
 WARN_PER_MINUTE = 20  # rejection warnings logged per minute at most (the counters see everything)
 INLINE_DECODE_BYTES = 4 * 1024 * 1024  # smaller payloads decode on the loop (~0.6 ms at 4 MB; a thread hop costs more)
 
@@ -136,6 +137,7 @@ class Aggregator:
         self.topics = Topics(settings.job, settings.prefix)
         self.up_topics = Topics(settings.job, UPSTREAM_PREFIX) if settings.upstream else None
         self._awaiting_central = False  # a site aggregator sent its partial and waits for the center's global
+        self._partial: tuple[str, bytes, float] | None = None  # (update id, payload, sent at) until confirmed
         self.address = BrokerAddress.parse(settings.broker, username=settings.username,
                                            password=settings.password, tls_ca=settings.tls_ca,
                                            tls_cert=settings.tls_cert, tls_key=settings.tls_key)
@@ -301,6 +303,8 @@ class Aggregator:
                 await self._on_control(bytes(payload))
             elif self.up_topics is not None and topic == self.up_topics.global_model:
                 await self._on_central_global(bytes(payload))
+            elif self.up_topics is not None and topic == self.up_topics.ack(self.s.site):
+                self._on_central_ack(bytes(payload))
             else:
                 await self._on_update(topic, bytes(payload))
         finally:
@@ -505,9 +509,35 @@ class Aggregator:
         payload = await asyncio.to_thread(schemas.pack, partial)
         await self._client.publish(self.up_topics.update(self.s.site), payload, qos=1)
         self._awaiting_central = True
+        self._partial = (partial.update_id, payload, time.monotonic())
         record.update(partial_update_id=partial.update_id, partial_weight=weight)
         self.log.info("site %s: partial of %d updates [%s] sent upstream (weight %d) for central v%d", self.s.site,
                       len(rnd.updates), ",".join(record["contributors"]), weight, self.version)
+
+    def _on_central_ack(self, payload: bytes) -> None:
+        """The center confirmed the partial: stop keeping it for resends."""
+        try:
+            ack = schemas.unpack(payload, UpdateAck)
+        except WireError:
+            return
+        if self._partial is not None and ack.update_id == self._partial[0]:
+            self._partial = None
+            if ack.outcome in ("rejected", "stale"):  # it will never be fused: fuse the next round afresh
+                self.log.warning("site %s: the center did not take the partial: %s %s", self.s.site, ack.outcome,
+                                 ack.reason)
+                self._awaiting_central = False
+
+    async def _resend_partial(self, force: bool = False) -> None:
+        """Publish the unconfirmed partial again after a reconnect or ``PARTIAL_RESEND`` seconds (the
+        center drops duplicates by id): a site broker that crashed before its bridge forwarded it loses nothing."""
+        if self._partial is None or self._client is None:
+            return
+        uid, payload, sent = self._partial
+        if force or time.monotonic() - sent > PARTIAL_RESEND:
+            with contextlib.suppress(aiomqtt.MqttError):
+                await self._client.publish(self.up_topics.update(self.s.site), payload, qos=1)
+                self._partial = (uid, payload, time.monotonic())
+                self.log.info("site %s: partial %s sent again (not confirmed yet)", self.s.site, uid)
 
     async def _on_central_global(self, payload: bytes) -> None:
         """A site adopts the center's global model (same version number) and relays it to its agents."""
@@ -529,7 +559,7 @@ class Aggregator:
             state = self._state()
             state.update(history=(self.history + [record])[-HISTORY_LIMIT:])
             await asyncio.to_thread(self.checkpoint.save, g.version, g.weights, state)
-        self.weights, self.version, self._awaiting_central = g.weights, g.version, False
+        self.weights, self.version, self._awaiting_central, self._partial = g.weights, g.version, False, None
         self.history.append(record)
         self.round_started = time.monotonic()
         self.log.info("site %s: central v%d adopted (%s from %s)", self.s.site, g.version, g.method,
@@ -590,6 +620,7 @@ class Aggregator:
         last_status = 0.0
         while not self._stopping.is_set():
             self._maybe_fuse()
+            await self._resend_partial()
             now = time.monotonic()
             if now - last_status >= self.s.status_interval:
                 last_status = now
@@ -610,10 +641,11 @@ class Aggregator:
             try:
                 subs = [(self.topics.updates, 1), (self.topics.control, 1)]
                 if self.up_topics is not None:
-                    subs.append((self.up_topics.global_model, 1))
+                    subs += [(self.up_topics.global_model, 1), (self.up_topics.ack(self.s.site), 1)]
                 await client.subscribe(subs)
                 self.published_version = -1  # the broker may have lost the retained global: publish it again
                 await self._publish_global()
+                await self._resend_partial(force=True)
                 await self._publish_status()
                 self.log.info("connected to %s as %s; job %s at version %d, policy %s, quorum %d",
                               self.address.url, self.s.identifier, self.s.job, self.version,

@@ -120,9 +120,10 @@ class Bridge:
 
     On the site broker ``fedwbup/J/update/<site>`` (the site aggregator's partial aggregate)
     goes out as the center's ``fedwb/J/update/<site>``, and the center's ``fedwb/J/global``
-    comes in as ``fedwbup/J/global``: the site's agents and the site aggregator keep the
-    plain ``fedwb/J/...`` topics, and nothing else crosses. QoS 1, a persistent bridge
-    session (``cleansession false``), so the site's queue survives an outage of either side.
+    and ``fedwb/J/ack/<site>`` (its confirmation of the partial) come in under ``fedwbup/``:
+    the site's agents and the site aggregator keep the plain ``fedwb/J/...`` topics, and
+    nothing else crosses. QoS 1, a persistent bridge session (``cleansession false``), so
+    the site's queue survives an outage of either side.
     """
 
     central: str  # mqtt[s]://HOST:PORT of the central broker
@@ -145,7 +146,8 @@ class Bridge:
                  "cleansession false", "bridge_protocol_version mqttv311", "try_private false",
                  "restart_timeout 1 10", "keepalive_interval 30",
                  f"topic {self.job}/update/{self.site} out 1 {UPSTREAM_PREFIX}/ {self.prefix}/",
-                 f"topic {self.job}/global in 1 {UPSTREAM_PREFIX}/ {self.prefix}/"]
+                 f"topic {self.job}/global in 1 {UPSTREAM_PREFIX}/ {self.prefix}/",
+                 f"topic {self.job}/ack/{self.site} in 1 {UPSTREAM_PREFIX}/ {self.prefix}/"]
         if self.username:
             lines += [f"remote_username {self.username}", f"remote_password {self.password or ''}"]
         if url.scheme == "mqtts" or self.cafile:

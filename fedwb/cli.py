@@ -88,6 +88,15 @@ def broker(
     secure: Annotated[str | None, typer.Option(help="Directory from gen-credentials (+ tls/ from gen-tls): "
                                                     "authenticated, ACL, TLS listener.")] = None,
     tls_port: Annotated[int, typer.Option(min=1, max=65535, help="TLS listener port with --secure.")] = 8883,
+    bridge_to: Annotated[str | None, typer.Option(help="A site broker: bridge to the central broker at this URL "
+                                                       "(mosquitto's bridge; see docs/deploy.md).")] = None,
+    bridge_job: Annotated[str, typer.Option(help="With --bridge-to: the job whose site topics cross.")] = "default",
+    site: Annotated[str | None, typer.Option(help="With --bridge-to: this site's id at the center.")] = None,
+    bridge_username: Annotated[str | None, typer.Option(help="With --bridge-to: user at the central broker.")]
+    = None,
+    bridge_password_file: Annotated[str | None, typer.Option(help="With --bridge-to: file with its password.")]
+    = None,
+    bridge_cafile: Annotated[str | None, typer.Option(help="With --bridge-to mqtts://: the center's CA.")] = None,
 ) -> None:
     """Start an MQTT broker: mosquitto with broker/mosquitto.conf, else the embedded one."""
     from pathlib import Path
@@ -106,6 +115,23 @@ def broker(
         fail(f"--host {host}: the broker without --secure has no authentication and listens on loopback only; "
              "make credentials (fedwb broker gen-credentials) and pass --secure DIR for remote agents")
     kind = "embedded" if embedded else "auto"
+    bridge = None
+    if bridge_to is not None:
+        from broker.run import Bridge
+
+        if not site:
+            fail("--bridge-to needs --site NAME (this site's id at the center)")
+        password = None
+        if bridge_password_file:
+            try:
+                password = Path(bridge_password_file).read_text().splitlines()[0].strip()
+            except (OSError, IndexError) as exc:
+                fail(f"--bridge-password-file {bridge_password_file}: {exc}")
+        bridge = Bridge(bridge_to, bridge_job, site, bridge_username, password, bridge_cafile)
+        try:
+            bridge.config()
+        except ValueError as exc:
+            fail(str(exc))
     stop = {"sig": None}
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -114,8 +140,8 @@ def broker(
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     try:
-        b = start_broker(port, kind="mosquitto" if secure else kind, host=host, quiet=True,
-                         data_dir=Path(data_dir) if data_dir else None,
+        b = start_broker(port, kind="mosquitto" if (secure or bridge) else kind, host=host, quiet=True,
+                         data_dir=Path(data_dir) if data_dir else None, bridge=bridge,
                          secure_dir=Path(secure) if secure else None, tls_port=tls_port if secure else None)
     except (RuntimeError, TimeoutError, OSError, ValueError) as exc:
         fail(f"the broker did not start on {host}:{port}: {exc} (port in use? --secure files missing?)")

@@ -78,3 +78,33 @@ async def test_two_level_fedavg_equals_flat_fedavg(job: str, tmp_path: Path) -> 
                         await asyncio.sleep(0.1)
                 down = await retained(site, job)
                 assert all(torch.equal(down.weights[k], g1.weights[k]) for k in flat)
+
+
+async def test_a_site_broker_down_for_10_s_loses_no_update(job: str, tmp_path: Path) -> None:
+    from edge_agent.agent import Agent, AgentSettings
+
+    require_mosquitto()
+    with start_broker(kind="mosquitto", data_dir=tmp_path / "center") as center, \
+            start_broker(kind="mosquitto", data_dir=tmp_path / "a",
+                         bridge=Bridge(center.url, job, "site-a")) as site_a, \
+            start_broker(kind="mosquitto", data_dir=tmp_path / "b",
+                         bridge=Bridge(center.url, job, "site-b")) as site_b:
+        async with Watcher(center, job) as w, running(agg(center, job)), \
+                running(agg(site_a, job, upstream="bridge", site="site-a", state_dir=str(tmp_path / "sa"))), \
+                running(agg(site_b, job, upstream="bridge", site="site-b", state_dir=str(tmp_path / "sb"))):
+            await w.version(0)
+            agents = [Agent(AgentSettings(broker=site.url, job=job, agent_id=f"{name}{i}", task="noop",
+                                          task_options={"shapes": SHAPES}, max_rounds=3, exit_wait=120,
+                                          confirm_timeout=5, seed=i))
+                      for site, name in ((site_a, "a"), (site_b, "b")) for i in range(2)]
+            runs = [asyncio.create_task(a.run()) for a in agents]
+            await w.version(1, 60)
+            await asyncio.to_thread(site_a.kill)  # kill -9: whatever it had not saved is gone
+            await asyncio.sleep(10)  # the outage itself (the scenario, not a wait for something)
+            await asyncio.to_thread(site_a.restart)
+            await w.version(3, 120)
+            assert await asyncio.wait_for(asyncio.gather(*runs), 120) == [0, 0, 0, 0]
+        for v in (1, 2, 3):
+            assert sorted(w.globals[v].contributors) == ["site-a", "site-b"], v
+        for a in agents:  # every update of every agent was confirmed by its site
+            assert sum(a.verdicts.values()) == 3 and a.unconfirmed is None, (a.s.agent_id, a.verdicts)
