@@ -23,8 +23,8 @@ from aggregator.fusion.robust import (
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.floats(0.0, 1e15, allow_nan=False, allow_subnormal=False), min_size=1, max_size=12)
-       .filter(lambda w: sum(w) > 0), st.floats(0.05, 1.0))
+@given(st.lists(st.one_of(st.just(0.0), st.floats(1e-6, 1e15)), min_size=1, max_size=12)  # fusion weights are
+       .filter(lambda w: sum(w) > 0), st.floats(0.05, 1.0))  # n (1+tau)^-alpha >= 1e-6; near 1e-308 shares lose digits
 def test_cap_shares_invariants(raw: list[float], cap: float) -> None:
     total = math.fsum(raw)
     lam = [w / total for w in raw]
