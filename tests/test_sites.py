@@ -49,62 +49,64 @@ async def retained(b, job: str) -> GlobalModel:
     raise AssertionError("no retained global")
 
 
-async def test_two_level_fedavg_equals_flat_fedavg(job: str, tmp_path: Path) -> None:
+@pytest.fixture
+def three_brokers(job: str, tmp_path: Path):
+    """A central mosquitto and two site mosquittos bridged to it (mosquitto's bridge)."""
     require_mosquitto()
     with start_broker(kind="mosquitto", data_dir=tmp_path / "center") as center, \
             start_broker(kind="mosquitto", data_dir=tmp_path / "a",
                          bridge=Bridge(center.url, job, "site-a")) as site_a, \
             start_broker(kind="mosquitto", data_dir=tmp_path / "b",
                          bridge=Bridge(center.url, job, "site-b")) as site_b:
-        async with Watcher(center, job) as w, running(agg(center, job)), \
-                running(agg(site_a, job, upstream="bridge", site="site-a")), \
-                running(agg(site_b, job, upstream="bridge", site="site-b")):
-            g0 = await w.version(0)
-            gen = torch.Generator().manual_seed(3)
-            updates = {name: update(job, name, 0, {k: v + torch.randn(v.shape, generator=gen) for k, v in
-                                                   g0.weights.items()}, n=n)
-                       for name, n in (("a1", 1), ("a2", 2), ("b1", 3), ("b2", 4))}
-            topics = Topics(job)
-            for name, u in updates.items():
-                await publish(site_a if name.startswith("a") else site_b, topics.update(name), schemas.pack(u))
-            g1 = await w.version(1, 60)
-            assert sorted(g1.contributors) == ["site-a", "site-b"]
-            flat = fuse([u.weights for u in updates.values()], [u.num_samples for u in updates.values()])
-            for k in flat:
-                assert torch.allclose(g1.weights[k], flat[k], rtol=1e-6, atol=1e-6), k
-            for site in (site_a, site_b):  # the center's model came down to each site's agents
-                async with asyncio.timeout(30):
-                    while (await retained(site, job)).version < 1:
-                        await asyncio.sleep(0.1)
-                down = await retained(site, job)
-                assert all(torch.equal(down.weights[k], g1.weights[k]) for k in flat)
+        yield center, site_a, site_b
 
 
-async def test_a_site_broker_down_for_10_s_loses_no_update(job: str, tmp_path: Path) -> None:
+async def test_two_level_fedavg_equals_flat_fedavg(three_brokers, job: str) -> None:
+    center, site_a, site_b = three_brokers
+    async with Watcher(center, job) as w, running(agg(center, job)), \
+            running(agg(site_a, job, upstream="bridge", site="site-a")), \
+            running(agg(site_b, job, upstream="bridge", site="site-b")):
+        g0 = await w.version(0)
+        gen = torch.Generator().manual_seed(3)
+        updates = {name: update(job, name, 0, {k: v + torch.randn(v.shape, generator=gen) for k, v in
+                                               g0.weights.items()}, n=n)
+                   for name, n in (("a1", 1), ("a2", 2), ("b1", 3), ("b2", 4))}
+        topics = Topics(job)
+        for name, u in updates.items():
+            await publish(site_a if name.startswith("a") else site_b, topics.update(name), schemas.pack(u))
+        g1 = await w.version(1, 60)
+        assert sorted(g1.contributors) == ["site-a", "site-b"]
+        flat = fuse([u.weights for u in updates.values()], [u.num_samples for u in updates.values()])
+        for k in flat:
+            assert torch.allclose(g1.weights[k], flat[k], rtol=1e-6, atol=1e-6), k
+        for site in (site_a, site_b):  # the center's model came down to each site's agents
+            async with asyncio.timeout(30):
+                while (await retained(site, job)).version < 1:
+                    await asyncio.sleep(0.1)
+            down = await retained(site, job)
+            assert all(torch.equal(down.weights[k], g1.weights[k]) for k in flat)
+
+
+async def test_a_site_broker_down_for_10_s_loses_no_update(three_brokers, job: str, tmp_path: Path) -> None:
     from edge_agent.agent import Agent, AgentSettings
 
-    require_mosquitto()
-    with start_broker(kind="mosquitto", data_dir=tmp_path / "center") as center, \
-            start_broker(kind="mosquitto", data_dir=tmp_path / "a",
-                         bridge=Bridge(center.url, job, "site-a")) as site_a, \
-            start_broker(kind="mosquitto", data_dir=tmp_path / "b",
-                         bridge=Bridge(center.url, job, "site-b")) as site_b:
-        async with Watcher(center, job) as w, running(agg(center, job)), \
-                running(agg(site_a, job, upstream="bridge", site="site-a", state_dir=str(tmp_path / "sa"))), \
-                running(agg(site_b, job, upstream="bridge", site="site-b", state_dir=str(tmp_path / "sb"))):
-            await w.version(0)
-            agents = [Agent(AgentSettings(broker=site.url, job=job, agent_id=f"{name}{i}", task="noop",
-                                          task_options={"shapes": SHAPES}, max_rounds=3, exit_wait=120,
-                                          confirm_timeout=5, seed=i))
-                      for site, name in ((site_a, "a"), (site_b, "b")) for i in range(2)]
-            runs = [asyncio.create_task(a.run()) for a in agents]
-            await w.version(1, 60)
-            await asyncio.to_thread(site_a.kill)  # kill -9: whatever it had not saved is gone
-            await asyncio.sleep(10)  # the outage itself (the scenario, not a wait for something)
-            await asyncio.to_thread(site_a.restart)
-            await w.version(3, 120)
-            assert await asyncio.wait_for(asyncio.gather(*runs), 120) == [0, 0, 0, 0]
-        for v in (1, 2, 3):
-            assert sorted(w.globals[v].contributors) == ["site-a", "site-b"], v
-        for a in agents:  # every update of every agent was confirmed by its site
-            assert sum(a.verdicts.values()) == 3 and a.unconfirmed is None, (a.s.agent_id, a.verdicts)
+    center, site_a, site_b = three_brokers
+    async with Watcher(center, job) as w, running(agg(center, job)), \
+            running(agg(site_a, job, upstream="bridge", site="site-a", state_dir=str(tmp_path / "sa"))), \
+            running(agg(site_b, job, upstream="bridge", site="site-b", state_dir=str(tmp_path / "sb"))):
+        await w.version(0)
+        agents = [Agent(AgentSettings(broker=site.url, job=job, agent_id=f"{name}{i}", task="noop",
+                                      task_options={"shapes": SHAPES}, max_rounds=3, exit_wait=120,
+                                      confirm_timeout=5, seed=i))
+                  for site, name in ((site_a, "a"), (site_b, "b")) for i in range(2)]
+        runs = [asyncio.create_task(a.run()) for a in agents]
+        await w.version(1, 60)
+        await asyncio.to_thread(site_a.kill)  # kill -9: whatever it had not saved is gone
+        await asyncio.sleep(10)  # the outage itself (the scenario, not a wait for something)
+        await asyncio.to_thread(site_a.restart)
+        await w.version(3, 120)
+        assert await asyncio.wait_for(asyncio.gather(*runs), 120) == [0, 0, 0, 0]
+    for v in (1, 2, 3):
+        assert sorted(w.globals[v].contributors) == ["site-a", "site-b"], v
+    for a in agents:  # every update of every agent was confirmed by its site
+        assert sum(a.verdicts.values()) == 3 and a.unconfirmed is None, (a.s.agent_id, a.verdicts)
