@@ -119,6 +119,32 @@ def compare(
     typer.echo(f"figure: {result['figure']}")
 
 
+@sim_app.command("sweep")
+def sweep(
+    grid: Annotated[list[str], typer.Option(help="An axis KEY=V1,V2,... over any sim option (repeatable), e.g. "
+                                                 "policy=fedavg,hybrid switch-after=1,3 seed=0,1,2.")],
+    target: Annotated[float | None, typer.Option(help="Target metric (default 0.9 mnist, 475 cartpole).")] = None,
+) -> None:
+    """Run a grid of simulations one after another (resumable: finished cells are kept in OUT/sweep.jsonl),
+    then print mean and 95 % interval over seeds per cell; figures in OUT."""
+    from fedwb.errors import fail
+    from sim.sweep import format_summary, parse_grid, run_sweep
+
+    try:
+        axes = parse_grid(grid)
+    except ValueError as exc:
+        fail(str(exc))
+    try:
+        summary = run_sweep(_OPTS["cfg"], axes, target, progress=lambda m: typer.echo(m, err=True))
+    except ValueError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        typer.echo("interrupted; finished cells are kept (run the same command to resume)", err=True)
+        raise typer.Exit(130) from None
+    typer.echo(format_summary(summary))
+    typer.echo("figures: " + ", ".join(summary["figures"]))
+
+
 def evaluate(
     broker: Annotated[str, typer.Option(help="Broker URL.")] = "mqtt://127.0.0.1:1883",
     job: Annotated[str, typer.Option(help="Job name.")] = "default",

@@ -1,0 +1,209 @@
+r"""``fedwb sim sweep``: a grid over sim options, run one cell after another, resumable, summarized over seeds.
+
+Each cell is one ``fedwb sim`` run (its own directory ``OUT/cells/<key>``). A finished cell
+appends one line to ``OUT/sweep.jsonl`` and is never run again: stopping and re-running the
+same command resumes. The summary groups cells that differ only by ``seed`` and reports, per
+group, the mean and a 95 % interval over seeds (Student t: :math:`\bar x \pm t_{0.975,n-1} s/\sqrt n`)
+of the final metric, rounds and seconds to the target, and the median fusion seconds; plus one
+figure per group (metric against version and against wall time) and a heat map of the final
+metric when the grid has exactly two non-seed axes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import statistics
+import time
+from dataclasses import fields, replace
+from pathlib import Path
+from typing import Any
+
+from sim.compare import to_target
+from sim.evaluator import headline
+from sim.runner import SimConfig, run_sim
+
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def parse_grid(items: list[str]) -> dict[str, list[Any]]:
+    """``["policy=fedavg,hybrid", "seed=0,1,2"]`` -> ``{"policy": ["fedavg", "hybrid"], "seed": [0, 1, 2]}``.
+
+    Keys are ``SimConfig`` fields (dashes or underscores); values are parsed as JSON when they
+    can be (numbers, ``null``), else kept as strings. ``ValueError`` names a bad item.
+    """
+    known = {f.name for f in fields(SimConfig)}
+    grid: dict[str, list[Any]] = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not values.strip():
+            raise ValueError(f"--grid {item!r}: use KEY=V1,V2,...")
+        if key not in known or key in ("out", "job", "live"):
+            raise ValueError(f"--grid {item!r}: {key!r} is not a sim option that a grid can vary")
+        grid[key] = [_value(v.strip()) for v in values.split(",") if v.strip()]
+    if not grid:
+        raise ValueError("give at least one --grid KEY=V1,V2,...")
+    return grid
+
+
+def _value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def cell_key(cell: dict[str, Any]) -> str:
+    """A stable, filesystem-safe name for a cell."""
+    return "_".join(f"{k}-{str(v).replace('/', '-').replace(':', '-')}" for k, v in sorted(cell.items()))
+
+
+def cells(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    keys = list(grid)
+    return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(grid[k] for k in keys))]
+
+
+def interval(values: list[float]) -> dict[str, Any]:
+    """Mean, 95 % t-interval half-width, min, max and n of ``values`` (None entries dropped)."""
+    xs = [v for v in values if v is not None]
+    if not xs:
+        return {"n": 0, "mean": None, "ci95": None, "min": None, "max": None}
+    n = len(xs)
+    mean = statistics.fmean(xs)
+    half = None
+    if n > 1:
+        t = T975.get(n - 1) or T975[max(k for k in T975 if k <= n - 1)]
+        half = t * statistics.stdev(xs) / math.sqrt(n)
+    return {"n": n, "mean": mean, "ci95": half, "min": min(xs), "max": max(xs)}
+
+
+def cell_result(cell: dict[str, Any], summary: dict[str, Any], target: float) -> dict[str, Any]:
+    rounds = summary["rounds"]
+    hit_round, hit_seconds = to_target(rounds, target)
+    fusion = [r["fusion_seconds"] for r in rounds if r.get("fusion_seconds") is not None]
+    final = headline(rounds[-1]["eval"])[1] if rounds else None
+    return {"cell": cell, "key": cell_key(cell), "target": target, "final": final, "rounds_to_target": hit_round,
+            "seconds_to_target": hit_seconds, "fusion_seconds_median": statistics.median(fusion) if fusion else None,
+            "wall_seconds": summary["totals"]["wall_seconds"], "versions": len(rounds),
+            "metric": [headline(r["eval"])[1] for r in rounds], "wall": [r["wall_seconds"] for r in rounds]}
+
+
+def done_cells(path: Path) -> dict[str, dict[str, Any]]:
+    if not path.exists():
+        return {}
+    out = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            out[row["key"]] = row
+    return out
+
+
+def run_sweep(base: SimConfig, grid: dict[str, list[Any]], target: float | None,
+              progress: Any = print) -> dict[str, Any]:
+    """Run every cell not yet in ``sweep.jsonl`` (resume), then summarize; returns the summary."""
+    out = Path(base.out)
+    out.mkdir(parents=True, exist_ok=True)
+    target = target if target is not None else {"mnist": 0.9, "cartpole": 475.0}.get(base.task, 0.0)
+    record = out / "sweep.jsonl"
+    done = done_cells(record)
+    todo = [c for c in cells(grid) if cell_key(c) not in done]
+    total = len(cells(grid))
+    progress(f"sweep: {total} cells, {total - len(todo)} done before, {len(todo)} to run -> {record}")
+    configs = [replace(base, **cell, out=str(out / "cells" / cell_key(cell)), job=None, live=False)
+               for cell in todo]  # every cell validated before the first one runs
+    spent: list[float] = []
+    for i, (cell, cfg) in enumerate(zip(todo, configs, strict=True), start=1):
+        t0 = time.monotonic()
+        summary = run_sim(cfg)
+        spent.append(time.monotonic() - t0)
+        row = cell_result(cell, summary, target)
+        with record.open("a") as f:
+            f.write(json.dumps(row, default=str) + "\n")
+        eta = statistics.fmean(spent) * (len(todo) - i)
+        progress(f"sweep: cell {i}/{len(todo)} {cell_key(cell)}: final {row['final']}, "
+                 f"{spent[-1]:.0f}s; {len(todo) - i} left, ETA {eta / 60:.1f} min")
+    return summarize(out, grid, target)
+
+
+def summarize(out: Path, grid: dict[str, list[Any]], target: float) -> dict[str, Any]:
+    rows = [r for r in done_cells(out / "sweep.jsonl").values()
+            if all(r["cell"].get(k) in v for k, v in grid.items())]
+    axes = [k for k in grid if k != "seed"]
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r["cell"].get(k) for k in axes), []).append(r)
+    table = []
+    for key, members in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        table.append({"cell": dict(zip(axes, key, strict=True)), "seeds": len(members),
+                      "final": interval([m["final"] for m in members]),
+                      "rounds_to_target": interval([m["rounds_to_target"] for m in members]),
+                      "reached": sum(m["rounds_to_target"] is not None for m in members),
+                      "seconds_to_target": interval([m["seconds_to_target"] for m in members]),
+                      "fusion_seconds_median": interval([m["fusion_seconds_median"] for m in members])})
+    summary = {"grid": grid, "target": target, "axes": axes, "table": table,
+               "figures": [str(p) for p in _plots(out, axes, groups, table)]}
+    (out / "sweep-summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    return summary
+
+
+def _plots(out: Path, axes: list[str], groups: dict[tuple, list[dict[str, Any]]],
+           table: list[dict[str, Any]]) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    fig, ax = plt.subplots(1, 2, figsize=(12, 4.5))
+    for key, members in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        label = ", ".join(f"{a}={v}" for a, v in zip(axes, key, strict=True)) or "all"
+        n = min(len(m["metric"]) for m in members)
+        mean = [statistics.fmean(m["metric"][i] for m in members if m["metric"][i] is not None) for i in range(n)]
+        wall = [statistics.fmean(m["wall"][i] for m in members) for i in range(n)]
+        ax[0].plot(range(n), mean, marker="o", label=label)
+        ax[1].plot(wall, mean, marker="o", label=label)
+    ax[0].set(xlabel="global version", ylabel="metric (mean over seeds)")
+    ax[1].set(xlabel="wall time (s)", ylabel="metric (mean over seeds)")
+    for a in ax:
+        a.grid(alpha=0.3)
+        a.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(out / "sweep.png")
+    fig.savefig(paths[-1], dpi=90)
+    plt.close(fig)
+    if len(axes) == 2:
+        xs = sorted({r["cell"][axes[0]] for r in table}, key=str)
+        ys = sorted({r["cell"][axes[1]] for r in table}, key=str)
+        grid = [[next((r["final"]["mean"] for r in table if r["cell"][axes[0]] == x and r["cell"][axes[1]] == y),
+                      float("nan")) for x in xs] for y in ys]
+        fig, ax1 = plt.subplots(figsize=(1.2 * len(xs) + 3, 0.8 * len(ys) + 2))
+        im = ax1.imshow([[float("nan") if v is None else v for v in row] for row in grid], cmap="viridis")
+        ax1.set(xticks=range(len(xs)), xticklabels=[str(x) for x in xs], yticks=range(len(ys)),
+                yticklabels=[str(y) for y in ys], xlabel=axes[0], ylabel=axes[1], title="final metric (mean)")
+        fig.colorbar(im)
+        fig.tight_layout()
+        paths.append(out / "sweep-heatmap.png")
+        fig.savefig(paths[-1], dpi=90)
+        plt.close(fig)
+    return paths
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    def fmt(s: dict[str, Any], digits: int = 3) -> str:
+        if s["mean"] is None:
+            return "-"
+        ci = "" if s["ci95"] is None else f" ± {s['ci95']:.{digits}g}"
+        return f"{s['mean']:.{digits}g}{ci}"
+
+    lines = [f"{'cell':40s} {'seeds':>5s}  {'final (mean ± 95%)':22s} {'rounds to target':18s} "
+             f"{'s to target':14s} fusion s"]
+    for row in summary["table"]:
+        name = ", ".join(f"{k}={v}" for k, v in row["cell"].items()) or "all"
+        lines.append(f"{name[:40]:40s} {row['seeds']:5d}  {fmt(row['final']):22s} "
+                     f"{fmt(row['rounds_to_target'])} ({row['reached']}/{row['seeds']})".ljust(90)
+                     + f" {fmt(row['seconds_to_target']):14s} {fmt(row['fusion_seconds_median'])}")
+    return "\n".join(lines)
