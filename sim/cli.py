@@ -41,6 +41,8 @@ def sim(
     max_iter: Annotated[str | None, typer.Option(help="Entropic FedWB iterations ('paper': 10,000).")] = None,
     stop_threshold: Annotated[float | None, typer.Option(help="Entropic FedWB stopping error.")] = None,
     solver: Annotated[str | None, typer.Option(help="Entropic solver: auto | plain | log | pot-plain.")] = None,
+    task_option: Annotated[list[str] | None, typer.Option(help="Task option KEY=VALUE for the agents and the "
+                                                               "aggregator (repeatable).")] = None,
     clip_factor: Annotated[float | None, typer.Option(help="Aggregator's norm clipping (x median; 0 off) "
                                                            "[default: 3].")] = None,
     max_share: Annotated[float | None, typer.Option(help="Aggregator's weight-share cap [default: 2/quorum].")]
@@ -73,7 +75,8 @@ def sim(
 
     kwargs = dict(task=task, agents=agents, rounds=rounds, policy=policy, switch_after=switch_after, reg=reg,
                   wb_method=wb_method, max_iter=max_iter, stop_threshold=stop_threshold, solver=solver,
-                  clip_factor=clip_factor, max_share=max_share, quorum=quorum, deadline=deadline,
+                  task_options=tuple(task_option or ()), clip_factor=clip_factor, max_share=max_share,
+                  quorum=quorum, deadline=deadline,
                   stragglers=stragglers, broker=broker, job=job, out=out,
                   seed=seed, quick=quick, partition=partition, local_epochs=local_epochs,
                   local_steps=local_steps, model=model, preset=preset, init=init, pretrain=pretrain,

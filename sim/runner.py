@@ -44,6 +44,7 @@ class SimConfig:
     max_iter: str | None = None  # entropic FedWB iterations, or "paper"
     stop_threshold: float | None = None
     solver: str | None = None
+    task_options: tuple[str, ...] = ()  # extra KEY=VALUE task options for the agents and the aggregator
     clip_factor: float | None = None  # influence bounds (None: the aggregator's defaults)
     max_share: float | None = None
     quorum: int | None = None
@@ -75,6 +76,9 @@ class SimConfig:
             raise ValueError(f"--quorum must be between 1 and --agents ({self.agents})")
         if self.broker not in ("auto", "embedded", "mosquitto") and not self.broker.startswith(("mqtt://", "mqtts://")):
             raise ValueError(f"--broker {self.broker!r}: use auto, embedded, mosquitto or mqtt://HOST:PORT")
+        bad = [t for t in self.task_options if "=" not in t or t.startswith("=")]
+        if bad:
+            raise ValueError(f"--task-option {bad[0]!r} is not KEY=VALUE")
         from edge_agent.tasks import resolve
 
         resolve(self.task)  # a built-in, an installed plugin or package.module:Class (ValueError names it)
@@ -120,6 +124,8 @@ def _agent_cmd(cfg: SimConfig, broker: str, job: str, i: int) -> list[str]:
     elif cfg.local_epochs or cfg.local_steps:  # a plugin task: its budget as given, its own defaults otherwise
         budget = ["--local-epochs", str(cfg.local_epochs)] if cfg.local_epochs else []
         cmd += budget or ["--local-steps", str(cfg.local_steps)]
+    for item in cfg.task_options:
+        cmd += ["--task-option", item]
     if cfg.init != "global":
         cmd += ["--init", cfg.init, "--pretrain", str(cfg.pretrain)]
     knobs = parse_stragglers(cfg.stragglers).agent_knobs(i, cfg.agents)
@@ -147,6 +153,8 @@ def _aggregator_cmd(cfg: SimConfig, broker: str, job: str, state_dir: str) -> li
         cmd += ["--task-option", "shapes=[[100, 100]]"]
     if cfg.task == "cartpole":
         cmd += ["--task-option", f"preset={cfg.preset}"]
+    for item in cfg.task_options:
+        cmd += ["--task-option", item]
     if cfg.switch_after is not None:
         cmd += ["--switch-after", str(cfg.switch_after)]
     if cfg.reg is not None:
@@ -162,6 +170,13 @@ def _aggregator_cmd(cfg: SimConfig, broker: str, job: str, state_dir: str) -> li
 
 
 def _eval_options(cfg: SimConfig) -> dict[str, Any]:
+    """The evaluator builds the same model as the agents: the task's own options plus ``--task-option``s."""
+    from aggregator.cli import parse_task_options
+
+    return {**_task_eval_options(cfg), **parse_task_options(list(cfg.task_options))}
+
+
+def _task_eval_options(cfg: SimConfig) -> dict[str, Any]:
     if cfg.task == "mnist":
         return {"model": cfg.model}
     if cfg.task == "cartpole":

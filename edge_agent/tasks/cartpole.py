@@ -63,6 +63,7 @@ class DQNConfig:
     bias: bool = True
     double_dqn: bool = False
     max_grad_norm: float = 10.0  # 0: no clipping
+    reset_optimizer: bool = False  # clear Adam's moments when a global model arrives (they belong to the old one)
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -276,6 +277,8 @@ class CartPoleTask(Task):
         """A global model replaces the online and the target network; the buffer stays."""
         self.q.load_state_dict(weights)
         self.target.load_state_dict(weights)
+        if self.cfg.reset_optimizer:
+            self.optimizer.state.clear()
 
     def _act(self, epsilon: float) -> int:
         if self.rng.random() < epsilon:
