@@ -117,6 +117,8 @@ def aggregator(
                                                          "[default: 2/quorum].")] = None,
     clip_factor: Annotated[float | None, typer.Option(help="Clip update deltas at this many times the round's "
                                                            "median delta norm; 0 turns it off [default: 3].")] = None,
+    server_lr: Annotated[float | None, typer.Option(help="Server learning rate: W <- W + lr (fused - W) "
+                                                         "[default: 1, the fusion is the model].")] = None,
     max_num_samples: Annotated[int | None, typer.Option(help="Cap on an update's num_samples "
                                                              "[default: 10,000,000].")] = None,
     agents_file: Annotated[str | None, typer.Option(help="JSON of the job's agent ids (and per-agent "
@@ -150,7 +152,8 @@ def aggregator(
         "staleness_alpha": staleness_alpha, "device": device, "state_dir": state_dir,
         "max_rounds": max_rounds, "metrics_port": metrics_port, "seed": seed, "username": username,
         "rate_limit": rate_limit, "max_update_norm": max_update_norm, "max_share": max_share,
-        "clip_factor": clip_factor, "max_num_samples": max_num_samples, "agents_file": agents_file,
+        "clip_factor": clip_factor, "max_num_samples": max_num_samples, "server_lr": server_lr,
+        "agents_file": agents_file,
         "signing_key": signing_key, "upstream": upstream, "site": site,
         "password": password, "tls_ca": tls_ca, "tls_cert": tls_cert, "tls_key": tls_key,
     }

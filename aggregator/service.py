@@ -26,6 +26,7 @@ import schemas
 from aggregator.buffer import Admission, Outcome, Round, UpdateBuffer, shape_mismatch
 from aggregator.checkpoint import Checkpoint
 from aggregator.fusion import PolicyState, decide, dispersion, fuse_with_report, needs_dispersion
+from aggregator.fusion.fedavg import server_step
 from aggregator.fusion.robust import bound_influence
 from aggregator.metrics import Metrics
 from aggregator.settings import AggregatorSettings
@@ -477,6 +478,8 @@ class Aggregator:
         extra = {"chain": await asyncio.to_thread(self._layer_chain)} if choice.method == "fedwb-neurons" else {}
         fused, report = await asyncio.to_thread(
             fuse_with_report, models, lam, choice.method, device=self.device, warn=False, **choice.options, **extra)
+        if self.s.server_lr != 1.0:
+            fused = await asyncio.to_thread(server_step, self.weights, fused, self.s.server_lr)
         agents = [u.agent_id for u in rnd.updates]
         defense = {"share_cap": bounds["share_cap"], "shares_capped": [agents[i] for i in bounds["capped"]],
                    "norms_clipped": [agents[i] for i in bounds.get("clipped", [])],
@@ -488,6 +491,7 @@ class Aggregator:
             "reason": choice.reason, "contributors": agents,
             "base_versions": [u.base_version for u in rnd.updates], "staleness": rnd.staleness,
             "weights": [round(w, 6) for w in lam], "dispersion": disp, "defense": defense,
+            "server_lr": self.s.server_lr,
             "report": report.as_dict(), "created_at": time.time(), "update_ids": [u.update_id for u in rnd.updates],
             "agent_metrics": {u.agent_id: u.metrics for u in rnd.updates},
         }

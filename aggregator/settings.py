@@ -39,6 +39,7 @@ class AggregatorSettings(BaseSettings):
     # Bounded influence, on by default (aggregator.fusion.robust): weight-share cap (None: 2/quorum),
     # norm clipping at clip_factor x the round's median delta norm (0: off), num_samples cap.
     max_share: float | None = Field(default=None, gt=0, le=1)
+    server_lr: float = Field(default=1.0, gt=0, le=1)  # W <- W + lr (fused - W); 1: plain (the fusion is the model)
     clip_factor: float = Field(default=3.0, ge=0, le=1e6)
     max_num_samples: int | None = Field(default=10_000_000, ge=1)
     agents_file: str | None = None  # JSON: {agent_id: {"max_num_samples": N | null}}; others are rejected

@@ -43,6 +43,7 @@ def sim(
     solver: Annotated[str | None, typer.Option(help="Entropic solver: auto | plain | log | pot-plain.")] = None,
     task_option: Annotated[list[str] | None, typer.Option(help="Task option KEY=VALUE for the agents and the "
                                                                "aggregator (repeatable).")] = None,
+    server_lr: Annotated[float | None, typer.Option(help="Aggregator's server learning rate (1: plain).")] = None,
     clip_factor: Annotated[float | None, typer.Option(help="Aggregator's norm clipping (x median; 0 off) "
                                                            "[default: 3].")] = None,
     max_share: Annotated[float | None, typer.Option(help="Aggregator's weight-share cap [default: 2/quorum].")]
@@ -75,8 +76,8 @@ def sim(
 
     kwargs = dict(task=task, agents=agents, rounds=rounds, policy=policy, switch_after=switch_after, reg=reg,
                   wb_method=wb_method, max_iter=max_iter, stop_threshold=stop_threshold, solver=solver,
-                  task_options=tuple(task_option or ()), clip_factor=clip_factor, max_share=max_share,
-                  quorum=quorum, deadline=deadline,
+                  task_options=tuple(task_option or ()), server_lr=server_lr, clip_factor=clip_factor,
+                  max_share=max_share, quorum=quorum, deadline=deadline,
                   stragglers=stragglers, broker=broker, job=job, out=out,
                   seed=seed, quick=quick, partition=partition, local_epochs=local_epochs,
                   local_steps=local_steps, model=model, preset=preset, init=init, pretrain=pretrain,

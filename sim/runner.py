@@ -46,6 +46,7 @@ class SimConfig:
     solver: str | None = None
     task_options: tuple[str, ...] = ()  # extra KEY=VALUE task options for the agents and the aggregator
     clip_factor: float | None = None  # influence bounds (None: the aggregator's defaults)
+    server_lr: float | None = None  # the aggregator's server learning rate (None: 1)
     max_share: float | None = None
     quorum: int | None = None
     deadline: float | None = None
@@ -161,7 +162,8 @@ def _aggregator_cmd(cfg: SimConfig, broker: str, job: str, state_dir: str) -> li
         cmd += ["--reg", str(cfg.reg)]
     for flag, value in (("--wb-method", cfg.wb_method), ("--max-iter", cfg.max_iter),
                         ("--stop-threshold", cfg.stop_threshold), ("--solver", cfg.solver),
-                        ("--clip-factor", cfg.clip_factor), ("--max-share", cfg.max_share)):
+                        ("--clip-factor", cfg.clip_factor), ("--max-share", cfg.max_share),
+                        ("--server-lr", cfg.server_lr)):
         if value is not None:
             cmd += [flag, str(value)]
     if cfg.deadline is not None:

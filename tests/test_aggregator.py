@@ -240,3 +240,14 @@ async def test_rate_limit_counts_each_update_once(mosquitto: BrokerProcess, job:
             await send(mosquitto, job, "a", 0, weights_like(g0, delta))
         await w.until(lambda: w.status.accepted + sum(w.status.rejected.values()) == 3, 10, "three counted")
         assert w.status.accepted == 2 and w.status.rejected == {"rate_limited": 1}
+
+
+async def test_server_learning_rate_moves_part_way(mosquitto: BrokerProcess, job: str) -> None:
+    s = settings(mosquitto, job, quorum=1, server_lr=0.5)
+    async with Watcher(mosquitto, job) as w, running(s):
+        g0 = await w.version(0)
+        await send(mosquitto, job, "a", 0, weights_like(g0, 2.0))
+        g1 = await w.version(1)
+    for k in g0.weights:  # W0 + 0.5 (W0 + 2 - W0)
+        assert torch.allclose(g1.weights[k], g0.weights[k] + 1.0, atol=1e-6)
+    assert g1.info["server_lr"] == 0.5

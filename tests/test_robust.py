@@ -116,3 +116,14 @@ def test_robust_methods_are_registered_fusion_rules(method: str) -> None:
     fused, report = fuse_with_report(models, [1] * 5, method, trim_ratio=0.2)
     assert set(fused) == set(models[0]) and fused["w"].dtype == models[0]["w"].dtype
     assert report.method == method and report.model_level
+
+
+def test_server_step_is_an_ema_of_the_fusions() -> None:
+    from aggregator.fusion.fedavg import server_step
+
+    old = {"w": torch.zeros(3), "steps": torch.tensor(1)}
+    fused = {"w": torch.full((3,), 4.0), "steps": torch.tensor(5)}
+    assert server_step(old, fused, 1.0) is fused
+    half = server_step(old, fused, 0.5)
+    assert torch.equal(half["w"], torch.full((3,), 2.0)) and half["w"].dtype == torch.float32
+    assert torch.equal(half["steps"], torch.tensor(5))  # integers: the fusion's value

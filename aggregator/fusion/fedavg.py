@@ -38,3 +38,23 @@ def fedavg_tensor(tensors: Sequence[torch.Tensor], lam: Sequence[float]) -> torc
     for t, w in zip(tensors[1:], lam[1:], strict=True):
         acc.add_(t.to(acc_dtype), alpha=w)
     return acc.to(dtype)
+
+
+def server_step(old: dict[str, torch.Tensor], fused: dict[str, torch.Tensor], lr: float) -> dict[str, torch.Tensor]:
+    r"""The server's step towards a round's fusion: :math:`W \leftarrow W_{old} + \eta (W_{fused} - W_{old})`.
+
+    ``lr`` (:math:`\eta`) = 1 is plain FedAvg (the fusion replaces the model); smaller values make
+    the global model an exponential moving average of the rounds' fusions (FedOpt's server
+    learning rate, Reddi et al. 2021), damping swings between versions. Integer tensors take
+    the fusion's value.
+    """
+    if lr == 1.0:
+        return fused
+    out = {}
+    for name, new in fused.items():
+        prev = old.get(name)
+        if prev is None or not new.is_floating_point():
+            out[name] = new
+        else:
+            out[name] = (prev.to(torch.float64) + lr * (new.to(torch.float64) - prev.to(torch.float64))).to(new.dtype)
+    return out
