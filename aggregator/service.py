@@ -375,9 +375,12 @@ class Aggregator:
         while True:
             await self._ack_ready.wait()
             self._ack_ready.clear()
-            batch, self._acks = self._acks, {}
-            for agent, ack in batch.items():
-                await client.publish(self.topics.ack(agent), schemas.pack(ack), qos=1, retain=True)
+            await self._flush_acks(client)
+
+    async def _flush_acks(self, client: aiomqtt.Client) -> None:
+        batch, self._acks = self._acks, {}
+        for agent, ack in batch.items():
+            await client.publish(self.topics.ack(agent), schemas.pack(ack), qos=1, retain=True)
 
     async def _on_control(self, payload: bytes) -> None:
         if not payload:
@@ -668,9 +671,7 @@ class Aggregator:
                     with contextlib.suppress(asyncio.CancelledError, Exception):
                         await asyncio.wait_for(asyncio.shield(self._fusing), 600)
                 with contextlib.suppress(aiomqtt.MqttError):  # confirm what was admitted before leaving
-                    for agent, ack in self._acks.items():
-                        await client.publish(self.topics.ack(agent), schemas.pack(ack), qos=1, retain=True)
-                    self._acks = {}
+                    await self._flush_acks(client)
                 await self._publish_status("stopped")
             finally:
                 self._client = None

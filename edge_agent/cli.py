@@ -122,20 +122,10 @@ def start_agent(o: dict[str, Any]) -> int:
 
 def merge_config(ctx: typer.Context, path: Path, given: dict[str, Any]) -> dict[str, Any]:
     """Options from ``path`` wherever the command line (or an env var) did not set them; exit 2 on a bad file."""
-    import json
-    import tomllib
-
+    from aggregator.cli import read_config
     from fedwb.errors import fail
 
-    try:
-        text = path.read_text()
-        data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
-    except OSError as exc:
-        fail(f"--config {path}: {exc.strerror or exc}")
-    except ValueError as exc:  # tomllib.TOMLDecodeError and json.JSONDecodeError are ValueErrors
-        fail(f"--config {path}: not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: {exc}")
-    if not isinstance(data, dict):
-        fail(f"--config {path}: expected a table of options")
+    data = read_config(path)
     known = {p.name for p in ctx.command.params} - {"config"}
     merged = dict(given)
     for key, value in data.items():
@@ -144,9 +134,7 @@ def merge_config(ctx: typer.Context, path: Path, given: dict[str, Any]) -> dict[
             fail(f"--config {path}: unknown option {key!r}")
         source = ctx.get_parameter_source(name)  # an enum of typer's (vendored) click: compare by name
         if source is None or source.name in ("DEFAULT", "DEFAULT_MAP"):
-            if name in ("config", "password_file", "verify_key", "tls_ca", "tls_cert", "tls_key") and value:
-                value = str(value)
-            merged[name] = Path(value) if name == "password_file" and value else value
+            merged[name] = value
     return merged
 
 
