@@ -445,20 +445,25 @@ class Aggregator:
             record.update(quorum_wait_seconds=round(quorum_wait, 4), quorum_at=quorum_at,
                           fusion_seconds=round(time.monotonic() - started, 4))
             new_state = policy_state.after_fusion(choice, policy)
+            site = self.up_topics is not None  # a site's fusion is a partial: its own model stays the center's
+            if site:
+                record.update(version=self.version, partial=True)
             if self.checkpoint is not None:
                 state = self._state()
                 state.update(policy=policy.model_dump(), applied_command=pending.command_id if pending
                              else self.applied_command, history=(self.history + [record])[-HISTORY_LIMIT:],
                              policy_state={"fusions": new_state.fusions, "switched": new_state.switched},
                              clip_reference=clip_ref)
-                await asyncio.to_thread(self.checkpoint.save, self.version + 1, fused, state)
+                await asyncio.to_thread(self.checkpoint.save, self.version if site else self.version + 1,
+                                        self.weights if site else fused, state)
             if self.up_topics is not None:  # a site: the fused model goes up as one update, nothing is committed
                 await self._send_partial(rnd, record, fused)
         except BaseException:
             self.buffer.restore(rnd, time.monotonic())
             raise
-        if self.up_topics is not None:
-            self.history.append({**record, "version": self.version, "partial": True})
+        if site:
+            self._apply_command(pending)
+            self.history.append(record)
             self.policy, self.policy_state, self._clip_reference = policy, new_state, clip_ref
             self.round_started = time.monotonic()
             if self.checkpoint is not None:
@@ -574,16 +579,21 @@ class Aggregator:
         await self._publish_after_fusion()
         self._maybe_fuse()
 
+    def _apply_command(self, pending: PolicyCommand | None) -> None:
+        """The policy command this round used is applied: say so in the ack."""
+        if pending is None:
+            return
+        self.applied_command = pending.command_id
+        self.last_command = self.last_command.model_copy(update={"applied_at_version": self.version + 1}) \
+            if self.last_command and self.last_command.command_id == pending.command_id \
+            else CommandAck(command_id=pending.command_id, accepted=True, applied_at_version=self.version + 1)
+        if self.pending is pending:
+            self.pending = None
+
     def _commit(self, rnd: Round, record: dict, fused: dict, choice: Any, report: Any, policy: PolicySpec,
                 policy_state: PolicyState, pending: PolicyCommand | None, clip_ref: float | None) -> None:
         """Make the fused round the current state (no I/O, cannot fail halfway)."""
-        if pending is not None:
-            self.applied_command = pending.command_id
-            self.last_command = self.last_command.model_copy(update={"applied_at_version": self.version + 1}) \
-                if self.last_command and self.last_command.command_id == pending.command_id \
-                else CommandAck(command_id=pending.command_id, accepted=True, applied_at_version=self.version + 1)
-            if self.pending is pending:
-                self.pending = None
+        self._apply_command(pending)
         self.policy, self.policy_state, self._clip_reference = policy, policy_state, clip_ref
         self.weights = fused
         self.version += 1
