@@ -5,6 +5,7 @@ Every write is atomic (temporary file, fsync, rename). Layout of ``state_dir``::
     model-<version>.safetensors   the global model of that version (the latest two are kept)
     state.json                    version, policy, counters, history, ids of fused updates
     inbox/<update_id>.msgpack     accepted updates not yet fused (the raw wire payload)
+    partial.msgpack               a site aggregator's partial aggregate the center has not fused yet
 
 An update is acknowledged to the broker only once it is in the inbox, so a ``kill -9``
 at any moment loses nothing: either the broker redelivers it, or the inbox has it.
@@ -27,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 STATE = "state.json"
 INBOX = "inbox"
+PARTIAL = "partial.msgpack"  # a site's partial aggregate not yet in a central global model
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 
 
@@ -89,6 +91,17 @@ class Checkpoint:
         state = json.loads(path.read_text())
         weights = load_file(str(self.dir / state["model"]))
         return int(state["version"]), weights, state
+
+    def put_partial(self, payload: bytes) -> None:
+        """A site aggregator's partial aggregate, kept until the center's next global model arrives."""
+        _atomic_write(self.dir / PARTIAL, payload)
+
+    def get_partial(self) -> bytes | None:
+        path = self.dir / PARTIAL
+        return path.read_bytes() if path.exists() else None
+
+    def drop_partial(self) -> None:
+        (self.dir / PARTIAL).unlink(missing_ok=True)
 
     def inbox_put(self, update_id: str, payload: bytes) -> None:
         if not _SAFE_ID.match(update_id):

@@ -213,6 +213,9 @@ class Aggregator:
         self.counters = Counters(**{**c, "rejected": dict(c.get("rejected", {})),
                                     "bounded": dict(c.get("bounded", {}))})
         self._clip_reference = st.get("clip_reference")
+        payload = self.checkpoint.get_partial() if self.up_topics is not None else None
+        if payload is not None and st.get("partial_id"):  # sent (or about to be) before the restart: resend it
+            self._partial, self._awaiting_central = (st["partial_id"], payload, 0.0), True
         self.history = list(st.get("history", []))
         for uid in st.get("seen_ids", []):
             self.buffer.mark_seen(uid)
@@ -448,16 +451,19 @@ class Aggregator:
             site = self.up_topics is not None  # a site's fusion is a partial: its own model stays the center's
             if site:
                 record.update(version=self.version, partial=True)
+                partial = await asyncio.to_thread(self._build_partial, rnd, fused, record)
+                if self.checkpoint is not None:  # kept until the center has it, across a restart too
+                    await asyncio.to_thread(self.checkpoint.put_partial, partial[1])
             if self.checkpoint is not None:
                 state = self._state()
                 state.update(policy=policy.model_dump(), applied_command=pending.command_id if pending
                              else self.applied_command, history=(self.history + [record])[-HISTORY_LIMIT:],
                              policy_state={"fusions": new_state.fusions, "switched": new_state.switched},
-                             clip_reference=clip_ref)
+                             clip_reference=clip_ref, partial_id=record.get("partial_update_id"))
                 await asyncio.to_thread(self.checkpoint.save, self.version if site else self.version + 1,
                                         self.weights if site else fused, state)
-            if self.up_topics is not None:  # a site: the fused model goes up as one update, nothing is committed
-                await self._send_partial(rnd, record, fused)
+            if site:  # the fused model goes up as one update; the site's own version is not committed
+                await self._send_partial(partial)
         except BaseException:
             self.buffer.restore(rnd, time.monotonic())
             raise
@@ -505,26 +511,27 @@ class Aggregator:
         }
         return record, fused, choice, report, bounds.get("clip_reference", self._clip_reference)
 
-    async def _send_partial(self, rnd: Round, record: dict, fused: dict) -> None:
-        """Publish the site's fused model as one update for the center, weighted by its contributors'.
+    def _build_partial(self, rnd: Round, fused: dict, record: dict) -> tuple[str, bytes]:
+        """The site's fused model as one update for the center, weighted by its contributors'.
 
         Its ``num_samples`` is the sum of the round's weights (``n_k (1+tau_k)^-alpha``), so the
-        center's FedAvg of the sites' partials equals the flat FedAvg of all updates. Then the
-        site waits for the center's next global model before it fuses again: two partials from
-        one site for one central version would replace each other there.
+        center's FedAvg of the sites' partials equals the flat FedAvg of all updates.
         """
-        if self._client is None:
-            raise aiomqtt.MqttError("not connected: the partial aggregate is kept for the next try")
         weight = max(1, round(math.fsum(rnd.weights)))
         partial = ModelUpdate(job=self.s.job, agent_id=self.s.site, base_version=self.version, num_samples=weight,
                               weights=fused, metrics={"contributors": float(len(rnd.updates))})
-        payload = await asyncio.to_thread(schemas.pack, partial)
-        await self._client.publish(self.up_topics.update(self.s.site), payload, qos=1)
-        self._awaiting_central = True
-        self._partial = (partial.update_id, payload, time.monotonic())
         record.update(partial_update_id=partial.update_id, partial_weight=weight)
-        self.log.info("site %s: partial of %d updates [%s] sent upstream (weight %d) for central v%d", self.s.site,
-                      len(rnd.updates), ",".join(record["contributors"]), weight, self.version)
+        return partial.update_id, schemas.pack(partial)
+
+    async def _send_partial(self, partial: tuple[str, bytes]) -> None:
+        """Publish the partial; then the site waits for the center's next global model before it fuses
+        again (two partials from one site for one central version would replace each other there)."""
+        if self._client is None:
+            raise aiomqtt.MqttError("not connected: the partial aggregate is kept for the next try")
+        await self._client.publish(self.up_topics.update(self.s.site), partial[1], qos=1)
+        self._awaiting_central = True
+        self._partial = (partial[0], partial[1], time.monotonic())
+        self.log.info("site %s: partial %s sent upstream for central v%d", self.s.site, partial[0], self.version)
 
     def _on_central_ack(self, payload: bytes) -> None:
         """The center confirmed the partial: stop keeping it for resends."""
@@ -572,6 +579,8 @@ class Aggregator:
             state.update(history=(self.history + [record])[-HISTORY_LIMIT:])
             await asyncio.to_thread(self.checkpoint.save, g.version, g.weights, state)
         self.weights, self.version, self._awaiting_central, self._partial = g.weights, g.version, False, None
+        if self.checkpoint is not None:
+            self.checkpoint.drop_partial()
         self.history.append(record)
         self.round_started = time.monotonic()
         self.log.info("site %s: central v%d adopted (%s from %s)", self.s.site, g.version, g.method,

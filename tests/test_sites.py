@@ -110,3 +110,22 @@ async def test_a_site_broker_down_for_10_s_loses_no_update(three_brokers, job: s
         assert sorted(w.globals[v].contributors) == ["site-a", "site-b"], v
     for a in agents:  # every update of every agent was confirmed by its site
         assert sum(a.verdicts.values()) == 3 and a.unconfirmed is None, (a.s.agent_id, a.verdicts)
+
+
+async def test_a_site_keeps_its_unfused_partial_across_a_restart(three_brokers, job: str, tmp_path: Path) -> None:
+    from aggregator.service import Aggregator
+
+    center, site_a, _ = three_brokers
+    s = agg(site_a, job, upstream="bridge", site="site-a", state_dir=str(tmp_path / "sa"))
+    async with Watcher(center, job) as w, running(agg(center, job)), running(s) as site:
+        g0 = await w.version(0)
+        for name, n in (("a1", 1), ("a2", 2)):  # site b sends nothing: the center waits for its quorum of 2
+            await publish(site_a, Topics(job).update(name), schemas.pack(update(job, name, 0, g0.weights, n=n)))
+        async with asyncio.timeout(30):
+            while site._partial is None:
+                await asyncio.sleep(0.05)
+        sent = site._partial[0]
+    again = Aggregator(s)
+    again.prepare()
+    assert again._partial is not None and again._partial[0] == sent and again._awaiting_central
+    assert again.version == 0 and len(again.buffer) == 0  # the site's own version is still the center's
