@@ -63,10 +63,12 @@ def three_brokers(job: str, tmp_path: Path):
 
 async def test_two_level_fedavg_equals_flat_fedavg(three_brokers, job: str) -> None:
     center, site_a, site_b = three_brokers
-    async with Watcher(center, job) as w, running(agg(center, job)), \
-            running(agg(site_a, job, upstream="bridge", site="site-a")), \
+    async with Watcher(center, job) as w, Watcher(site_a, job) as wa, Watcher(site_b, job) as wb, \
+            running(agg(center, job)), running(agg(site_a, job, upstream="bridge", site="site-a")), \
             running(agg(site_b, job, upstream="bridge", site="site-b")):
         g0 = await w.version(0)
+        await wa.version(0)  # each site aggregator is subscribed (it publishes v0 after subscribing)
+        await wb.version(0)
         gen = torch.Generator().manual_seed(3)
         updates = {name: update(job, name, 0, {k: v + torch.randn(v.shape, generator=gen) for k, v in
                                                g0.weights.items()}, n=n)
@@ -117,14 +119,16 @@ async def test_a_site_keeps_its_unfused_partial_across_a_restart(three_brokers, 
 
     center, site_a, _ = three_brokers
     s = agg(site_a, job, upstream="bridge", site="site-a", state_dir=str(tmp_path / "sa"))
-    async with Watcher(center, job) as w, running(agg(center, job)), running(s) as site:
+    async with Watcher(center, job) as w, Watcher(site_a, job) as wa, running(agg(center, job)), \
+            running(s) as site:
         g0 = await w.version(0)
+        await wa.version(0)  # the site aggregator is subscribed (it publishes v0 after subscribing)
         for name, n in (("a1", 1), ("a2", 2)):  # site b sends nothing: the center waits for its quorum of 2
             await publish(site_a, Topics(job).update(name), schemas.pack(update(job, name, 0, g0.weights, n=n)))
-        async with asyncio.timeout(30):
-            while site._partial is None:
+        async with asyncio.timeout(30):  # sent (the center may confirm it at once: _partial is then cleared)
+            while not site._awaiting_central:
                 await asyncio.sleep(0.05)
-        sent = site._partial[0]
+        sent = site.history[-1]["partial_update_id"]
     again = Aggregator(s)
     again.prepare()
     assert again._partial is not None and again._partial[0] == sent and again._awaiting_central
