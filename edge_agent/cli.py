@@ -76,13 +76,13 @@ def start_agent(o: dict[str, Any]) -> int:
 
     from edge_agent.agent import AgentSettings, run_agent
     from edge_agent.stragglers import parse_delay
-    from fedwb.errors import fail
+    from fedwb.errors import fail, read_secret
 
     journal = bool(os.environ.get("JOURNAL_STREAM"))  # under systemd: the journal adds the time itself
     logging.basicConfig(level=str(o["log_level"]).upper(), stream=sys.stderr,
                         format=("" if journal else "%(asctime)s ") + "%(levelname)s %(name)s: %(message)s")
     if o["password_file"] is not None:
-        o["password"] = read_secret(Path(o["password_file"]))
+        o["password"] = read_secret(Path(o["password_file"]), "--password-file")
     if o["local_epochs"] is not None and o["local_steps"] is not None:
         fail("give --local-epochs or --local-steps, not both")
     default_budget = {"mnist": 1, "cartpole": 1000, "noop": 1}.get(o["task"], 1)
@@ -136,16 +136,3 @@ def merge_config(ctx: typer.Context, path: Path, given: dict[str, Any]) -> dict[
         if source is None or source.name in ("DEFAULT", "DEFAULT_MAP"):
             merged[name] = value
     return merged
-
-
-def read_secret(path: Path) -> str:
-    """The first line of a secret file; exit 2 naming the file when it cannot be read or is empty."""
-    from fedwb.errors import fail
-
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as exc:
-        fail(f"--password-file {path}: {exc.strerror or exc}")
-    if not lines or not lines[0].strip():
-        fail(f"--password-file {path}: empty")
-    return lines[0].strip()

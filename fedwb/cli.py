@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from fedwb import __version__
-from fedwb.errors import fail
+from fedwb.errors import fail, read_secret
 
 app = typer.Typer(
     name="fedwb",
@@ -121,12 +121,7 @@ def broker(
 
         if not site:
             fail("--bridge-to needs --site NAME (this site's id at the center)")
-        password = None
-        if bridge_password_file:
-            try:
-                password = Path(bridge_password_file).read_text().splitlines()[0].strip()
-            except (OSError, IndexError) as exc:
-                fail(f"--bridge-password-file {bridge_password_file}: {exc}")
+        password = read_secret(Path(bridge_password_file), "--bridge-password-file") if bridge_password_file else None
         bridge = Bridge(bridge_to, bridge_job, site, bridge_username, password, bridge_cafile)
         try:
             bridge.config()
