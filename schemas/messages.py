@@ -23,7 +23,7 @@ WireInt = Annotated[StrictInt, Field(ge=0, le=MAX_WIRE_INT)]  # no bool, no str,
 PolicyName = Literal["fedavg", "fedwb", "fedwb-sinkhorn", "fedwb-neurons", "hybrid", "median", "trimmed-mean",
                      "krum"]
 FedWBMethod = Literal["fedwb", "fedwb-sinkhorn", "fedwb-neurons"]
-EntropicSolver = Literal["auto", "plain", "plain-torch", "log", "pot-plain"]
+EntropicSolver = Literal["auto", "plain", "plain-torch", "triton", "log", "pot-plain"]
 PAPER_MAX_ITER = 10_000  # the authors' numItermax (their call: ot.bregman.barycenter, method "sinkhorn")
 
 

@@ -12,6 +12,7 @@ import torch
 
 from aggregator.fusion import fuse_with_report, sinkhorn_barycenter_1d
 from aggregator.fusion import sinkhorn_fast as fast
+from aggregator.fusion import sinkhorn_torch as fast_torch
 
 ITERS = 200  # the same iteration count on both sides: agreement is per iterate, not at convergence
 
@@ -44,7 +45,7 @@ def _solve(solver: str, hists: list[np.ndarray], lam: np.ndarray, reg: float, it
         bs = [torch.from_numpy(b) for b in bs]
         vs = [None if v is None else torch.from_numpy(v) for v in vs]
     else:
-        bs, segs, vs = fast.plain_barycenters_torch([torch.tensor(h) for h in hists], torch.tensor(lam), **kw)
+        bs, segs, vs = fast_torch.plain_barycenters_torch([torch.tensor(h) for h in hists], torch.tensor(lam), **kw)
     out = []
     for h, b, seg, v in zip(hists, bs, segs, vs, strict=True):
         if v is not None:
@@ -89,7 +90,7 @@ def test_segments_of_different_sizes_stop_on_their_own() -> None:
         hists.append((x - x.min(1, keepdims=True)) / (x - x.min(1, keepdims=True)).sum(1, keepdims=True))
     lam = np.array([0.1, 0.3, 0.2, 0.25, 0.15])
     bs, segs, _ = fast.plain_barycenters(hists, lam, reg=1.0, stop_threshold=1e-4, max_iter=200)
-    tbs, tsegs, _ = fast.plain_barycenters_torch([torch.tensor(h) for h in hists], torch.tensor(lam), reg=1.0,
+    tbs, tsegs, _ = fast_torch.plain_barycenters_torch([torch.tensor(h) for h in hists], torch.tensor(lam), reg=1.0,
                                                  stop_threshold=1e-4, max_iter=200)
     for h, b, seg, tb, tseg in zip(hists, bs, segs, tbs, tsegs, strict=True):
         ref, info = sinkhorn_barycenter_1d(torch.tensor(h), lam, reg=1.0, max_iter=200, warn=False)

@@ -20,8 +20,10 @@ Methods
     shifts the result by c.
 
 ``fedwb-sinkhorn`` is solved for all tensors of a model together (``solver``: ``auto`` =
-the compiled plain-domain solver on CPU, ``plain-torch`` elsewhere; ``log`` the
-log-domain one; ``pot-plain`` the authors' dense POT call), see ``sinkhorn_fast``.
+the compiled plain-domain solver on CPU, ``triton`` (fused log-domain kernels, CUDA
+graphs) on a GPU, ``plain-torch`` elsewhere; ``log`` the log-domain one in torch;
+``pot-plain`` the authors' dense POT call), see ``sinkhorn_fast``, ``sinkhorn_torch``
+and ``sinkhorn_triton``.
 Model-level methods (``fedwb-neurons``) come from ``registry``; their options
 (``chain``, ``transport``, ``neuron_reg``, ``neuron_iters``) pass through.
 
@@ -63,6 +65,8 @@ from aggregator.fusion import neurons as _neurons  # noqa: F401 - registers fedw
 from aggregator.fusion import registry
 from aggregator.fusion import robust as _robust  # noqa: F401 - registers median, trimmed-mean, krum
 from aggregator.fusion import sinkhorn_fast as _fast
+from aggregator.fusion import sinkhorn_torch as _torch_solver
+from aggregator.fusion import sinkhorn_triton as _triton_solver
 from aggregator.fusion.fedavg import fedavg_tensor, normalize_weights
 from aggregator.fusion.sinkhorn import sinkhorn_barycenter_1d
 
@@ -70,7 +74,7 @@ PER_TENSOR = ("fedavg", "fedwb", "fedwb-sinkhorn")
 # passed to registered (model-level) methods
 MODEL_LEVEL_OPTIONS = {"chain", "transport", "neuron_reg", "neuron_iters", "trim_ratio", "byzantine"}
 METHODS = PER_TENSOR + registry.names()
-SOLVERS = ("auto", "plain", "plain-torch", "log", "pot-plain")
+SOLVERS = ("auto", "plain", "plain-torch", "triton", "log", "pot-plain")
 POT_PLAIN_MAX_N = 8192  # POT needs the dense n x n cost matrix: 512 MiB at this size
 Model = Mapping[str, torch.Tensor]
 
@@ -104,8 +108,9 @@ class FusionReport:
             if self.pot_plain_non_finite:
                 out["pot_plain_non_finite"] = list(self.pot_plain_non_finite)
             if self.sinkhorn_escaped:
-                out["sinkhorn_log_domain"] = {"tensors": list(self.sinkhorn_escaped),
-                                              "reason": "values left the plain range [1e-100, 1e100]"}
+                reason = ("potentials spread wider than the Triton layout's gaps" if self.sinkhorn_solver == "triton"
+                          else "values left the plain range [1e-100, 1e100]")
+                out["sinkhorn_log_domain"] = {"tensors": list(self.sinkhorn_escaped), "reason": reason}
         return out
 
 
@@ -187,6 +192,8 @@ def _pick_solver(solver: str, device: torch.device) -> str:
         return solver
     if device.type == "cpu" and _fast.available():
         return "plain"
+    if device.type == "cuda" and _triton_solver.available():
+        return "triton"
     return "plain-torch"
 
 
@@ -220,6 +227,9 @@ def _fedwb_sinkhorn_all(prepared: list[_Prepared], opts: dict[str, Any], report:
     solver = _pick_solver(opts["solver"], device)
     if solver == "plain" and device.type != "cpu":
         solver = "plain-torch"  # the compiled kernel is CPU-only; same iterate on the device
+    k_rows = max((p.hists.shape[0] for p in prepared if p.hists is not None), default=0)
+    if solver == "triton" and k_rows > _triton_solver.MAX_ROWS:
+        solver = "plain-torch"  # a Triton program holds all K rows of its tile
     report.sinkhorn_solver = solver
     out: dict[str, torch.Tensor] = {}
     groups: dict[tuple, list[_Prepared]] = {}
@@ -249,8 +259,10 @@ def _fedwb_sinkhorn_all(prepared: list[_Prepared], opts: dict[str, Any], report:
                                                         lam.cpu().numpy(), **kw)
                 bs = [torch.from_numpy(b) for b in raw]
                 vs = [None if v is None else torch.from_numpy(v) for v in vs]
+            elif solver == "triton":
+                bs, segs, vs = _triton_solver.barycenters_triton([p.hists for p in members], lam, **kw)
             else:
-                bs, segs, vs = _fast.plain_barycenters_torch([p.hists for p in members], lam, **kw)
+                bs, segs, vs = _torch_solver.plain_barycenters_torch([p.hists for p in members], lam, **kw)
             infos = []
             for idx, (p, seg, v) in enumerate(zip(members, segs, vs, strict=True)):
                 if v is not None:  # values left the plain range: continue the same iterate in the log domain

@@ -1,0 +1,174 @@
+"""The torch entropic solver (blocks of iterations, CUDA graphs on a GPU) against POT and the compiled one.
+
+The same code runs on CPU here (eager blocks) and on CUDA (each block one captured graph);
+the CUDA cases run wherever a GPU is present and are skipped elsewhere.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import ot
+import pytest
+import torch
+
+from aggregator.fusion import fuse_with_report, sinkhorn_barycenter_1d
+from aggregator.fusion import sinkhorn_fast as fast
+from aggregator.fusion import sinkhorn_torch as st
+
+ITERS = 120
+CUDA = torch.cuda.is_available()
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="no CUDA GPU here"))]
+
+
+def _cost(n: int) -> np.ndarray:
+    x = np.arange(n, dtype=np.float64)
+    return (x[:, None] - x[None, :]) ** 2
+
+
+def _hists(n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Rows with exact zeros, far-apart supports (values leave the plain range at small reg), mixtures."""
+    x = rng.standard_normal((4, n))
+    far = np.zeros((3, n))
+    far[0, : n // 10] = 1
+    far[1, -n // 6:] = 1
+    far[2, n // 2: n // 2 + 5] = 1
+    g = np.arange(n)
+    mix = np.stack([np.exp(-((g - n / 6) ** 2) / 50), np.exp(-((g - 0.6 * n) ** 2) / 30)])
+    out = {"weights": x - x.min(axis=1, keepdims=True), "far": far, "mix": mix}
+    return {k: v / v.sum(axis=1, keepdims=True) for k, v in out.items()}
+
+
+def _solve(hists: list[np.ndarray], lam: np.ndarray, reg: float, device: str, **kw) -> list[np.ndarray]:
+    """The torch solver, then the log domain for any segment it hands back (as ``fuse`` does)."""
+    opts = {"reg": reg, "stop_threshold": 1e-4, "max_iter": ITERS}
+    bs, segs, vs = st.plain_barycenters_torch([torch.tensor(h, device=device) for h in hists],
+                                              torch.tensor(lam), **opts, **kw)
+    out = []
+    for h, b, seg, v in zip(hists, bs, segs, vs, strict=True):
+        if v is not None:
+            b, _ = sinkhorn_barycenter_1d(torch.tensor(h, device=device), torch.tensor(lam, device=device), warn=False,
+                                          log_v0=torch.log(v), start=seg.escaped_at, **opts)
+        out.append(b.cpu().numpy())
+    return out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("stencil", st.STENCILS)
+@pytest.mark.parametrize("reg", [0.05, 1.0, 10.0])
+def test_equals_pot_sinkhorn_log(device: str, stencil: str, reg: float) -> None:
+    rng = np.random.default_rng(int(reg * 100))
+    for name, h in _hists(200, rng).items():
+        lam = rng.random(h.shape[0]) + 0.1
+        lam /= lam.sum()
+        ref = ot.bregman.barycenter(h.T, _cost(h.shape[1]), reg, weights=lam, method="sinkhorn_log",
+                                    numItermax=ITERS, stopThr=1e-4, warn=False)
+        (ours,) = _solve([h], lam, reg, device, stencil=stencil)
+        assert np.abs(ours - ref).max() <= 1e-10 * np.abs(ref).max(), (name, reg, stencil)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_segments_stop_on_their_own_and_match_the_compiled_solver(device: str) -> None:
+    rng = np.random.default_rng(3)
+    hists = []
+    for n in (7, 300, 2000):
+        x = rng.standard_normal(n) + 0.2 * rng.standard_normal((5, n))
+        hists.append((x - x.min(1, keepdims=True)) / (x - x.min(1, keepdims=True)).sum(1, keepdims=True))
+    lam = np.array([0.1, 0.3, 0.2, 0.25, 0.15])
+    kw = {"reg": 1.0, "stop_threshold": 1e-4, "max_iter": 200}
+    ref, ref_segs, _ = fast.plain_barycenters(hists, lam, **kw)
+    bs, segs, _ = st.plain_barycenters_torch([torch.tensor(h, device=device) for h in hists], torch.tensor(lam), **kw)
+    for r, rs, b, s in zip(ref, ref_segs, bs, segs, strict=True):
+        assert (s.iterations, s.converged) == (rs.iterations, rs.converged)
+        assert np.abs(b.cpu().numpy() - r).max() <= 1e-12 * np.abs(r).max()
+    assert segs[0].converged and not segs[2].converged
+
+
+def test_graphs_off_and_stencils_agree_on_cpu() -> None:
+    """Eager blocks are what a graph replays: the two stencils give the same iterate."""
+    rng = np.random.default_rng(5)
+    h = rng.random((6, 3000))
+    h /= h.sum(1, keepdims=True)
+    lam = np.full(6, 1 / 6)
+    a = _solve([h], lam, 0.1, "cpu", stencil="shift", graphs=False)[0]
+    b = _solve([h], lam, 0.1, "cpu", stencil="conv", graphs=False)[0]
+    assert np.abs(a - b).max() <= 1e-13 * np.abs(a).max()
+
+
+def test_unknown_stencil_is_one_clear_error() -> None:
+    with pytest.raises(ValueError, match="unknown stencil 'fft'"):
+        st.plain_barycenters_torch([torch.ones(2, 3) / 3], torch.tensor([0.5, 0.5]), reg=1.0, stop_threshold=0.0,
+                                   max_iter=1, stencil="fft")
+
+
+@pytest.mark.skipif(not CUDA, reason="no CUDA GPU here")
+def test_fuse_on_cuda_picks_the_triton_solver_and_equals_cpu() -> None:
+    g = torch.Generator().manual_seed(0)
+    shapes = {"fc1.weight": (200, 78), "fc1.bias": (200,), "fc2.weight": (10, 200), "fc2.bias": (10,)}
+    base = {k: torch.randn(s, generator=g, dtype=torch.float64) for k, s in shapes.items()}
+    models = [{k: v + 0.2 * torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in base.items()}
+              for _ in range(5)]
+    cpu, _ = fuse_with_report(models, [1, 2, 1, 3, 1], "fedwb-sinkhorn", max_iter=300, warn=False, solver="plain")
+    gpu_models = [{k: v.cuda() for k, v in m.items()} for m in models]
+    gpu, rep = fuse_with_report(gpu_models, [1, 2, 1, 3, 1], "fedwb-sinkhorn", max_iter=300, warn=False)
+    assert rep.sinkhorn_solver == "triton"
+    for k in shapes:
+        assert gpu[k].device.type == "cuda"
+        ref = cpu[k]
+        assert torch.allclose(gpu[k].cpu(), ref, rtol=1e-10, atol=1e-12 * float(ref.abs().max())), k
+
+
+# The Triton solver: on CPU its kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1
+# where there is no GPU), so the sizes here are small; on a GPU the same cases run compiled, in CUDA graphs.
+triton_solver = pytest.importorskip("aggregator.fusion.sinkhorn_triton")
+TRITON_ITERS = 20
+
+
+@pytest.mark.parametrize(("device", "reg"), [("cpu", 0.05), ("cpu", 1.0), *[
+    pytest.param("cuda", reg, marks=pytest.mark.skipif(not CUDA, reason="no CUDA GPU here")) for reg in (0.05, 1, 10)]])
+def test_triton_solver_equals_pot_sinkhorn_log(device: str, reg: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Plain-domain kernels, and the log-domain ones from where v would leave the plain range ("far")."""
+    switches = []
+    to_log = triton_solver._Blocks.to_log
+    monkeypatch.setattr(triton_solver._Blocks, "to_log", lambda self: (switches.append(1), to_log(self)))
+    rng = np.random.default_rng(int(reg * 100) + 1)
+    for name, h in _hists(40, rng).items():
+        lam = rng.random(h.shape[0]) + 0.1
+        lam /= lam.sum()
+        ref = ot.bregman.barycenter(h.T, _cost(h.shape[1]), reg, weights=lam, method="sinkhorn_log",
+                                    numItermax=TRITON_ITERS, stopThr=1e-4, warn=False)
+        bs, segs, vs = triton_solver.barycenters_triton([torch.tensor(h, device=device)], torch.tensor(lam),
+                                                            reg=reg, stop_threshold=1e-4, max_iter=TRITON_ITERS)
+        assert vs == [None] and segs[0].escaped_at == -1
+        ours = bs[0].cpu().numpy()
+        assert np.abs(ours - ref).max() <= 1e-10 * np.abs(ref).max(), (name, reg)
+    if reg == 0.05:
+        assert switches, "the far-apart case should have needed the log-domain kernels"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_triton_segments_stop_on_their_own(device: str) -> None:
+    """Three tensors in one solve, each as the log-domain solver gives it alone (the small one stops first)."""
+    rng = np.random.default_rng(3)
+    hists = []
+    for n in (7, 30, 80):
+        x = rng.standard_normal(n) + 0.2 * rng.standard_normal((5, n))
+        hists.append((x - x.min(1, keepdims=True)) / (x - x.min(1, keepdims=True)).sum(1, keepdims=True))
+    lam = torch.tensor([0.1, 0.3, 0.2, 0.25, 0.15], dtype=torch.float64)
+    bs, segs, _ = triton_solver.barycenters_triton([torch.tensor(h, device=device) for h in hists], lam,
+                                                       reg=1.0, stop_threshold=2e-3, max_iter=40)
+    for h, b, seg in zip(hists, bs, segs, strict=True):
+        ref, info = sinkhorn_barycenter_1d(torch.tensor(h), lam, reg=1.0, stop_threshold=2e-3, max_iter=40,
+                                           warn=False)
+        assert (seg.iterations, seg.converged) == (info.iterations, info.converged)
+        assert float((b.cpu() - ref).abs().max()) <= 1e-12 * float(ref.abs().max())
+    assert segs[0].converged and not segs[2].converged
+
+
+@pytest.mark.skipif(CUDA, reason="checks the CPU refusal")
+def test_triton_solver_on_cpu_without_interpreter_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import triton
+
+    monkeypatch.setattr(triton.knobs.runtime, "interpret", False)
+    with pytest.raises(ValueError, match="runs on CUDA tensors"):
+        triton_solver.barycenters_triton([torch.ones(2, 3) / 3], torch.tensor([0.5, 0.5]), reg=1.0,
+                                             stop_threshold=0.0, max_iter=1)
