@@ -14,6 +14,8 @@ import subprocess
 from importlib import resources
 from pathlib import Path
 
+from broker.run import UPSTREAM_PREFIX
+
 PBKDF2_ITERATIONS = 101  # mosquitto_passwd's default for the $7$ (PBKDF2-SHA512) format
 
 
@@ -24,7 +26,7 @@ def mosquitto_hash(password: str, salt: bytes | None = None, iterations: int = P
     return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
 
 
-def job_acl(job: str, agents: list[str], prefix: str = "fedwb") -> str:
+def job_acl(job: str, agents: list[str], prefix: str = "fedwb", site: str | None = None) -> str:
     """Mosquitto ACL lines for one job: every identity is pinned to ``prefix/job/...``.
 
     An agent may publish only its own update and status topic of this job and read the
@@ -32,7 +34,9 @@ def job_acl(job: str, agents: list[str], prefix: str = "fedwb") -> str:
     control and publishes its global model and status; ``operator-<job>`` alone publishes
     control. Nothing reaches another job (no ``+`` in a job level), and since the broker
     sets client id = username (``use_username_as_clientid``), no identity can take over
-    another's session.
+    another's session. On a site broker (``site``), ``aggregator-<job>`` also sends its
+    partial aggregate up and reads the center's global and confirmation, on the topics the
+    bridge carries (``fedwbup/<job>/...``).
     """
     base = f"{prefix}/{job}"
     lines = [f"# job {job}"]
@@ -44,6 +48,10 @@ def job_acl(job: str, agents: list[str], prefix: str = "fedwb") -> str:
               f"topic write {base}/ack/+", "",
               f"user operator-{job}", f"topic readwrite {base}/control", f"topic read {base}/status/#",
               f"topic read {base}/global", ""]
+    if site is not None:
+        up = f"{UPSTREAM_PREFIX}/{job}"
+        lines[-8:-8] = [f"topic write {up}/update/{_check_name('site', site)}", f"topic read {up}/global",
+                        f"topic read {up}/ack/{site}"]
     return "\n".join(lines) + "\n"
 
 
@@ -54,13 +62,14 @@ def _check_name(kind: str, value: str) -> str:
 
 
 def gen_credentials(out: Path, agents: int, prefix: str = "agent-", use_binary: bool = True,
-                    job: str = "default", append: bool = False) -> dict[str, str]:
+                    job: str = "default", append: bool = False, site: str | None = None) -> dict[str, str]:
     """Passwords and the per-job ACL for N agents, ``aggregator-<job>`` and ``operator-<job>``.
 
     Writes ``passwd`` (mosquitto format), ``acl`` (``job_acl``), ``credentials.json`` and
     ``agents.json`` (the aggregator's ``--agents-file``: the job's agent ids, each with an
     optional ``max_num_samples``), all mode 600. ``append`` adds a job to a directory that
-    already holds others (user names must not clash). Returns the new users' passwords.
+    already holds others (user names must not clash); ``site`` makes it a site broker's
+    (see ``job_acl``). Returns the new users' passwords.
     """
     _check_name("job", job)
     out.mkdir(parents=True, exist_ok=True)
@@ -88,7 +97,7 @@ def gen_credentials(out: Path, agents: int, prefix: str = "agent-", use_binary: 
     head = "# fedwb ACL: one block per job (fedwb broker gen-credentials)\n"
     if append and acl.exists():
         head = acl.read_text()
-    acl.write_text(head + job_acl(job, names))
+    acl.write_text(head + job_acl(job, names, site=site))
     os.chmod(acl, 0o600)
     creds_path.write_text(json.dumps({**known, **users}, indent=1))
     os.chmod(creds_path, 0o600)
@@ -181,11 +190,11 @@ def gen_tls(out: Path, hosts: list[str] | None = None, clients: list[str] | None
 
 
 def render_secure_config(conf_dir: Path, data_dir: Path, port: int, tls_port: int, bind: str = "127.0.0.1",
-                         tls_bind: str = "0.0.0.0") -> str:
+                         tls_bind: str = "0.0.0.0", user: str | None = None) -> str:
     import getpass
 
     text = resources.files("broker").joinpath("mosquitto-secure.conf").read_text()
     for key, value in {"@PORT@": port, "@BIND@": bind, "@TLS_PORT@": tls_port, "@TLS_BIND@": tls_bind,
-                       "@CONF_DIR@": conf_dir, "@DATA_DIR@": data_dir, "@USER@": getpass.getuser()}.items():
+                       "@CONF_DIR@": conf_dir, "@DATA_DIR@": data_dir, "@USER@": user or getpass.getuser()}.items():
         text = text.replace(key, str(value))
     return text

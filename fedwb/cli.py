@@ -48,6 +48,8 @@ def gen_credentials(
     = "default",
     prefix: Annotated[str, typer.Option(help="Agent user names are PREFIX0 .. PREFIX(N-1).")] = "agent-",
     append: Annotated[bool, typer.Option(help="Add this job to a directory that holds other jobs.")] = False,
+    site: Annotated[str | None, typer.Option(help="For a site broker: aggregator-JOB may also send this site's "
+                                                  "partial up the bridge (see gen-site-config).")] = None,
 ) -> None:
     """Passwords and a per-job ACL for N agents, aggregator-JOB and operator-JOB (mosquitto format)."""
     from pathlib import Path
@@ -55,11 +57,54 @@ def gen_credentials(
     from broker.security import gen_credentials as gen
 
     try:
-        users = gen(Path(out), agents, prefix=prefix, job=job, append=append)
+        users = gen(Path(out), agents, prefix=prefix, job=job, append=append, site=site)
     except (ValueError, OSError) as exc:
         fail(str(exc))
     typer.echo(f"wrote {out}/passwd, {out}/acl, {out}/credentials.json and the agents file for job {job} "
                f"({len(users)} users: {agents} agents, aggregator-{job}, operator-{job}; mode 600)")
+
+
+@broker_app.command("gen-site-config")
+def gen_site_config(
+    bridge_to: Annotated[str, typer.Option(help="The central broker: mqtt://HOST:PORT or mqtts://HOST:PORT.")],
+    site: Annotated[str, typer.Option(help="This site's id at the center (its user name there).")],
+    out: Annotated[str, typer.Option(help="The mosquitto.conf to write.")] = "site-mosquitto.conf",
+    job: Annotated[str, typer.Option(help="The job whose site topics cross the bridge.")] = "default",
+    bridge_username: Annotated[str | None, typer.Option(help="User at the central broker (default with a password "
+                                                             "file: the site).")]
+    = None,
+    bridge_password_file: Annotated[str | None, typer.Option(help="File with that user's password.")] = None,
+    bridge_cafile: Annotated[str | None, typer.Option(help="The center's CA, as the site broker sees it.")] = None,
+    conf_dir: Annotated[str, typer.Option(help="Where the site broker finds passwd, acl and tls/ "
+                                               "(gen-credentials --site, gen-tls).")] = "/mosquitto/secrets",
+    data_dir: Annotated[str, typer.Option(help="Its persistence directory.")] = "/mosquitto/data",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Plain listener (the site's own network).")] = 1883,
+    tls_port: Annotated[int, typer.Option(min=1, max=65535, help="TLS listener for the site's agents.")] = 8883,
+    user: Annotated[str, typer.Option(help="The user mosquitto drops to.")] = "mosquitto",
+    bind: Annotated[str, typer.Option(help="Address both listeners bind (the site's network).")] = "0.0.0.0",
+) -> None:
+    """A site broker's mosquitto.conf: authenticated like --secure, plus the bridge to the center.
+
+    For the official mosquitto image (compose profile ``sites``) or any mosquitto 2; the same
+    configuration ``fedwb broker --secure DIR --bridge-to URL --site S`` runs.
+    """
+    from pathlib import Path
+
+    from broker.run import Bridge
+    from broker.security import render_secure_config
+
+    password = read_secret(Path(bridge_password_file), "--bridge-password-file") if bridge_password_file else None
+    username = bridge_username or (site if password is not None else None)  # a user needs a password
+    bridge = Bridge(bridge_to, job, site, username, password, bridge_cafile)
+    try:
+        text = render_secure_config(Path(conf_dir), Path(data_dir), port, tls_port, bind=bind, tls_bind=bind,
+                                    user=user) + bridge.config()
+    except ValueError as exc:
+        fail(str(exc))
+    target = Path(out)
+    target.write_text(text)
+    target.chmod(0o600)  # it holds the bridge's password
+    typer.echo(f"wrote {out}: site {site} of job {job}, bridged to {bridge_to}")
 
 
 @broker_app.command("gen-tls")

@@ -133,3 +133,54 @@ async def test_a_site_keeps_its_unfused_partial_across_a_restart(three_brokers, 
     again.prepare()
     assert again._partial is not None and again._partial[0] == sent and again._awaiting_central
     assert again.version == 0 and len(again.buffer) == 0  # the site's own version is still the center's
+
+
+async def test_a_secure_site_broker_from_gen_site_config(job: str, tmp_path: Path) -> None:
+    """The site broker as deployed (compose profile ``sites``): authenticated, ACL with the site's upstream
+    topics (``gen-credentials --site``), bridge from ``gen-site-config``; its aggregator and agents log in."""
+    import getpass
+    import json
+    import subprocess
+
+    from typer.testing import CliRunner
+
+    from broker import BrokerProcess, find_mosquitto, free_port, wait_for_port
+    from broker.security import gen_credentials, gen_tls
+    from fedwb.cli import app
+
+    require_mosquitto()
+    secrets_dir = tmp_path / "site-secrets"
+    gen_credentials(secrets_dir, 3, job=job, site="site-a")
+    gen_tls(secrets_dir / "tls", ["127.0.0.1"])
+    creds = json.loads((secrets_dir / "credentials.json").read_text())
+    (tmp_path / "sdata").mkdir()
+    port, tls_port = free_port(), free_port()
+    with start_broker(kind="mosquitto", data_dir=tmp_path / "center") as center:
+        result = CliRunner().invoke(app, [
+            "broker", "gen-site-config", "--bridge-to", center.url, "--site", "site-a", "--job", job,
+            "--conf-dir", str(secrets_dir), "--data-dir", str(tmp_path / "sdata"), "--port", str(port),
+            "--tls-port", str(tls_port), "--user", getpass.getuser(), "--bind", "127.0.0.1",
+            "--out", str(tmp_path / "site.conf")])
+        assert result.exit_code == 0, result.output
+        proc = subprocess.Popen([find_mosquitto(), "-c", str(tmp_path / "site.conf")],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        site = BrokerProcess("mosquitto", "127.0.0.1", port, proc, tmp_path / "sdata")
+        try:
+            wait_for_port("127.0.0.1", port)
+            site_agg = agg(site, job, upstream="bridge", site="site-a", username=f"aggregator-{job}",
+                           password=creds[f"aggregator-{job}"])
+            async with Watcher(center, job) as w, Watcher(site, job, username="agent-0",
+                                                          password=creds["agent-0"]) as ws, \
+                    running(agg(center, job, quorum=1)), running(site_agg):
+                g0 = await w.version(0)
+                await ws.version(0)
+                for name in ("agent-1", "agent-2"):  # each agent logs in as itself and sends its own update
+                    async with client(site, name, username=name, password=creds[name]) as c:
+                        await c.publish(Topics(job).update(name), schemas.pack(update(job, name, 0, g0.weights)),
+                                        qos=1)
+                g1 = await w.version(1, 60)
+                assert g1.contributors == ["site-a"]
+                await ws.version(1, 60)  # the center's model came back down to the site's agents
+        finally:
+            proc.terminate()
+            proc.wait(10)
