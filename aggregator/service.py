@@ -729,6 +729,12 @@ class Aggregator:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), delay)
                 backoff = min(backoff * 2, 30.0)
+        if self.checkpoint is not None:  # the records as they are at a clean stop (counters, seen, buffered ids)
+            partial_id = self._partial[0] if self._partial else None
+            if partial_id is None and self._awaiting_central and self.history:  # confirmed, not yet adopted
+                partial_id = self.history[-1].get("partial_update_id")
+            state = {**self._state(), "partial_id": partial_id}
+            await asyncio.to_thread(self.checkpoint.save, self.version, self.weights, state)
         self.metrics.stop()
         self.log.info("aggregator stopped at version %d", self.version)
 

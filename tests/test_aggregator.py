@@ -251,3 +251,18 @@ async def test_server_learning_rate_moves_part_way(mosquitto: BrokerProcess, job
     for k in g0.weights:  # W0 + 0.5 (W0 + 2 - W0)
         assert torch.allclose(g1.weights[k], g0.weights[k] + 1.0, atol=1e-6)
     assert g1.info["server_lr"] == 0.5
+
+
+async def test_a_clean_stop_saves_the_records(mosquitto: BrokerProcess, job: str, tmp_path) -> None:
+    """SIGTERM after updates were admitted: state.json counts them and lists the buffered one (no stale records)."""
+    import json
+
+    s = settings(mosquitto, job, quorum=3, state_dir=str(tmp_path / "st"))
+    async with Watcher(mosquitto, job) as w, running(s) as agg:
+        g0 = await w.version(0)
+        for agent in ("a1", "a2"):
+            await send(mosquitto, job, agent, 0, weights_like(g0, 0.1))
+        await w.until(lambda: len(agg.buffer) == 2, what="two buffered updates")
+    st = json.loads((tmp_path / "st" / "state.json").read_text())
+    assert st["counters"]["accepted"] == 2 and len(st["buffered_ids"]) == 2
+    assert set(st["buffered_ids"]) <= set(st["seen_ids"]) and st["version"] == 0
