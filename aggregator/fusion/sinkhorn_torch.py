@@ -152,6 +152,21 @@ def block_steps(ii: int, max_iter: int) -> tuple[int, bool]:
     return steps, (ii + steps - 1) % 10 == 1
 
 
+def record_block(live: list[bool], it: list[int], err: list[float], conv: list[bool], seg_err: list[float],
+                 ii: int, check: bool, stop_threshold: float) -> bool:
+    """Book a finished block (now at iteration ``ii``): POT's stop test at check blocks; True if one stopped."""
+    stopped = False
+    for s, alive in enumerate(live):
+        if not alive:
+            continue
+        it[s] = ii
+        if check:
+            err[s] = seg_err[s]
+            if err[s] < stop_threshold:
+                live[s], conv[s], stopped = False, True, True
+    return stopped
+
+
 class _Blocks(GraphBlocks):
     """The plain-domain state (v, b) and its block of iterations."""
 
@@ -276,16 +291,7 @@ def plain_barycenters_torch(hists: list[torch.Tensor], lam: torch.Tensor, *, reg
                 stepwise_until = ii + steps
             continue
         ii += steps
-        stopped = False
-        for s in range(n_seg):
-            if not live[s]:
-                continue
-            it[s] = ii
-            if check:
-                err[s] = seg_err[s]
-                if err[s] < stop_threshold:
-                    live[s], conv[s], stopped = False, True, True
-        if stopped:
+        if record_block(live, it, err, conv, seg_err, ii, check, stop_threshold):
             blocks.set_live(live)
         if 0 < new_lo <= new_hi < math.inf:
             v_lo, v_hi = new_lo, new_hi

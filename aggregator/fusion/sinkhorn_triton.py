@@ -30,7 +30,7 @@ import torch
 
 from aggregator.fusion.sinkhorn import band_halfwidth
 from aggregator.fusion.sinkhorn_fast import LOG_FLOOR, MARGIN, RANGE_HI, RANGE_LO, SegmentResult
-from aggregator.fusion.sinkhorn_torch import GraphBlocks, block_steps
+from aggregator.fusion.sinkhorn_torch import GraphBlocks, block_steps, record_block
 
 try:
     import triton
@@ -51,6 +51,29 @@ def available() -> bool:
 
 
 @_jit
+def _lse_band(x_ptr, base, cols, rmask, cost_ptr, gap, length, D,  # pragma: no cover - compiled
+              KP: tl.constexpr, BN: tl.constexpr):
+    """LSE_{|d|<=D}(x[:, i+d] - c_d) on a (KP, BN) tile, exact in two passes (max, then sum of exponentials).
+
+    Rows past K and points whose whole band is a gap give 0 (their callers mask them)."""
+    m = tl.full((KP, BN), float("-inf"), tl.float64)
+    for d in range(-D, D + 1):
+        c = cols + d
+        x = tl.load(x_ptr + base + c[None, :], mask=rmask[:, None] & ((c >= 0) & (c < length))[None, :],
+                    other=float("-inf"))
+        m = tl.maximum(m, x - tl.load(cost_ptr + (d + gap)))
+    m = tl.where(m > float("-inf"), m, 0.0)
+    s = tl.zeros((KP, BN), tl.float64)
+    for d in range(-D, D + 1):
+        c = cols + d
+        x = tl.load(x_ptr + base + c[None, :], mask=rmask[:, None] & ((c >= 0) & (c < length))[None, :],
+                    other=float("-inf"))
+        s += tl.exp(x - tl.load(cost_ptr + (d + gap)) - m)
+    s = tl.where(s > 0.0, s, 1.0)  # rows past K and points whose whole band is a gap (masked below)
+    return m + tl.log(s)
+
+
+@_jit
 def _lse_f(g_ptr, loga_ptr, f_ptr, cost_ptr, gap, length, k_rows,  # pragma: no cover - compiled
            D, KP: tl.constexpr, BN: tl.constexpr):
     """f = log a - LSE_{|d|<=D}(G[:, i+d] - c_d) on one tile of BN points, all rows (c_d at cost[d + gap])."""
@@ -59,22 +82,9 @@ def _lse_f(g_ptr, loga_ptr, f_ptr, cost_ptr, gap, length, k_rows,  # pragma: no 
     rmask = rows < k_rows
     here = rmask[:, None] & (cols < length)[None, :]
     base = rows[:, None] * length
-    m = tl.full((KP, BN), float("-inf"), tl.float64)
-    for d in range(-D, D + 1):
-        c = cols + d
-        x = tl.load(g_ptr + base + c[None, :], mask=rmask[:, None] & ((c >= 0) & (c < length))[None, :],
-                    other=float("-inf"))
-        m = tl.maximum(m, x - tl.load(cost_ptr + (d + gap)))
-    m = tl.where(m > float("-inf"), m, 0.0)
-    s = tl.zeros((KP, BN), tl.float64)
-    for d in range(-D, D + 1):
-        c = cols + d
-        x = tl.load(g_ptr + base + c[None, :], mask=rmask[:, None] & ((c >= 0) & (c < length))[None, :],
-                    other=float("-inf"))
-        s += tl.exp(x - tl.load(cost_ptr + (d + gap)) - m)
-    s = tl.where(s > 0.0, s, 1.0)  # rows past K and points whose whole band is a gap (masked below)
+    lse = _lse_band(g_ptr, base, cols, rmask, cost_ptr, gap, length, D, KP, BN)
     la = tl.load(loga_ptr + base + cols[None, :], mask=here, other=float("-inf"))
-    f = tl.where(la > float("-inf"), la - (m + tl.log(s)), float("-inf"))
+    f = tl.where(la > float("-inf"), la - lse, float("-inf"))
     tl.store(f_ptr + base + cols[None, :], f, mask=here)
 
 
@@ -88,23 +98,10 @@ def _lse_g(f_ptr, g_ptr, cost_ptr, gap, lam_ptr, live_ptr, logb_ptr, err_ptr, rm
     cmask = cols < length
     here = rmask[:, None] & cmask[None, :]
     base = rows[:, None] * length
-    m = tl.full((KP, BN), float("-inf"), tl.float64)
-    for d in range(-D, D + 1):
-        c = cols + d
-        x = tl.load(f_ptr + base + c[None, :], mask=rmask[:, None] & ((c >= 0) & (c < length))[None, :],
-                    other=float("-inf"))
-        m = tl.maximum(m, x - tl.load(cost_ptr + (d + gap)))
-    m = tl.where(m > float("-inf"), m, 0.0)
-    s = tl.zeros((KP, BN), tl.float64)
-    for d in range(-D, D + 1):
-        c = cols + d
-        x = tl.load(f_ptr + base + c[None, :], mask=rmask[:, None] & ((c >= 0) & (c < length))[None, :],
-                    other=float("-inf"))
-        s += tl.exp(x - tl.load(cost_ptr + (d + gap)) - m)
-    s = tl.where(s > 0.0, s, 1.0)  # rows past K and points whose whole band is a gap (masked below)
+    lse = _lse_band(f_ptr, base, cols, rmask, cost_ptr, gap, length, D, KP, BN)
     live = tl.load(live_ptr + cols, mask=cmask, other=0.0) > 0.0
     ok = here & live[None, :]
-    ell = tl.where(ok, m + tl.log(s), 0.0)
+    ell = tl.where(ok, lse, 0.0)
     lam = tl.load(lam_ptr + rows, mask=rmask, other=0.0)
     logb = tl.sum(lam[:, None] * ell, axis=0)
     g_old = tl.load(g_ptr + base + cols[None, :], mask=ok, other=0.0)
@@ -358,16 +355,7 @@ def barycenters_triton(hists: list[torch.Tensor], lam: torch.Tensor, *, reg: flo
                 margin *= 4
             continue
         ii += steps
-        stopped = False
-        for s in range(n_seg):
-            if not live[s]:
-                continue
-            it[s] = ii
-            if check:
-                err[s] = seg_err[s]
-                if err[s] < stop_threshold:
-                    live[s], conv[s], stopped = False, True, True
-        if stopped:
+        if record_block(live, it, err, conv, seg_err, ii, check, stop_threshold):
             blocks.set_live(live)
         if new_lo <= new_hi and (log_mode or new_lo > 0):
             x_lo, x_hi = new_lo, new_hi
