@@ -76,7 +76,8 @@ def _aggregator(fedwb: str, url: str, job: str, state: Path, quorum: int, rounds
 
 
 def _records(state: Path) -> dict:
-    """From an aggregator's own state dir: accepted ids neither fused nor still buffered are lost."""
+    """From an aggregator's own state dir (saved at its clean stop): accepted ids neither fused nor still
+    buffered are lost, except those the aggregator replaced by a newer update of the same agent (counted)."""
     st = json.loads((state / "state.json").read_text())
     fused_ids = [uid for h in st["history"] for uid in h["update_ids"]]
     inbox = {p.stem for p in (state / "inbox").glob("*.msgpack")}
@@ -84,7 +85,7 @@ def _records(state: Path) -> dict:
     return {"versions": st["version"], "accepted": c["accepted"], "replaced": c["replaced"], "stale": c["stale"],
             "duplicate": c["duplicate"], "rejected": c["rejected"], "fused_updates": len(fused_ids),
             "fused_twice": len(fused_ids) - len(set(fused_ids)), "buffered_at_end": len(inbox),
-            "lost": len(set(st["seen_ids"]) - set(fused_ids) - inbox)}
+            "lost": max(0, len(set(st["seen_ids"]) - set(fused_ids) - inbox) - c["replaced"])}
 
 
 async def _drive(aggs: dict[str, subprocess.Popen], center: str, agents: list[tuple[str, int]], job: str,
@@ -160,7 +161,7 @@ async def run_two_level(args: argparse.Namespace) -> dict:
     site_recs = [_records(root / f"site-{i}") for i in range(args.sites)]
     return {"layout": "two-level", "agents": args.agents, "sites": args.sites, "site_quorum": site_quorum,
             "wall_seconds": wall, "updates_sent": len(sent), "versions": center_rec["versions"],
-            "accepted": sum(r["accepted"] for r in site_recs),
+            "accepted": sum(r["accepted"] for r in site_recs), "replaced": sum(r["replaced"] for r in site_recs),
             "lost": sum(r["lost"] for r in site_recs) + center_rec["lost"],
             "fused_twice": sum(r["fused_twice"] for r in site_recs) + center_rec["fused_twice"],
             "accepted_updates_per_s": sum(r["accepted"] for r in site_recs) / wall,
