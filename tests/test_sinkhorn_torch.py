@@ -172,3 +172,17 @@ def test_triton_solver_on_cpu_without_interpreter_is_one_clear_error(monkeypatch
     with pytest.raises(ValueError, match="runs on CUDA tensors"):
         triton_solver.barycenters_triton([torch.ones(2, 3) / 3], torch.tensor([0.5, 0.5]), reg=1.0,
                                              stop_threshold=0.0, max_iter=1)
+
+
+@pytest.mark.skipif(CUDA, reason="checks the CPU fallback")
+def test_solver_triton_on_cpu_falls_back_to_the_same_iterate(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A policy may name solver triton on a CPU aggregator: the compiled CPU solver runs instead, and says so."""
+    import triton
+
+    monkeypatch.setattr(triton.knobs.runtime, "interpret", False)
+    g = torch.Generator().manual_seed(1)
+    models = [{"w": torch.randn(30, generator=g, dtype=torch.float64)} for _ in range(3)]
+    out, rep = fuse_with_report(models, [1, 1, 1], "fedwb-sinkhorn", max_iter=50, warn=False, solver="triton")
+    ref, _ = fuse_with_report(models, [1, 1, 1], "fedwb-sinkhorn", max_iter=50, warn=False, solver="log")
+    assert rep.sinkhorn_solver == "plain"
+    assert torch.allclose(out["w"], ref["w"], rtol=1e-10, atol=1e-12)

@@ -230,6 +230,8 @@ def _fedwb_sinkhorn_all(prepared: list[_Prepared], opts: dict[str, Any], report:
     k_rows = max((p.hists.shape[0] for p in prepared if p.hists is not None), default=0)
     if solver == "triton" and k_rows > _triton_solver.MAX_ROWS:
         solver = "plain-torch"  # a Triton program holds all K rows of its tile
+    if solver == "triton" and not _triton_solver.runs_on(device):
+        solver = "plain" if device.type == "cpu" and _fast.available() else "plain-torch"  # same iterate
     report.sinkhorn_solver = solver
     out: dict[str, torch.Tensor] = {}
     groups: dict[tuple, list[_Prepared]] = {}

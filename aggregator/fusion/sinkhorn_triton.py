@@ -183,9 +183,13 @@ def _plain_v(u_ptr, v_ptr, w_ptr, gapf_ptr, lam_ptr, live_ptr, b_ptr, err_ptr, r
     tl.store(lmax_ptr + cols, hi, mask=live)
 
 
-def _check_device(device: torch.device) -> None:
+def runs_on(device: torch.device) -> bool:
     """CUDA tensors, or CPU ones under Triton's interpreter (tests)."""
-    if device.type != "cuda" and not triton.knobs.runtime.interpret:
+    return triton is not None and (device.type == "cuda" or bool(triton.knobs.runtime.interpret))
+
+
+def _check_device(device: torch.device) -> None:
+    if not runs_on(device):
         raise ValueError("the Triton solver runs on CUDA tensors; on CPU only under TRITON_INTERPRET=1 "
                          "(set before triton is imported): use solver plain or log")
 
