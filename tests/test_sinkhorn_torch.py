@@ -38,6 +38,17 @@ def _hists(n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     return {k: v / v.sum(axis=1, keepdims=True) for k, v in out.items()}
 
 
+def _segments(sizes: tuple[int, ...], rows: int = 5, seed: int = 3) -> list[np.ndarray]:
+    """Histograms of noisy copies of one random profile, one stack per size (each row's minimum is 0)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for n in sizes:
+        x = rng.standard_normal(n) + 0.2 * rng.standard_normal((rows, n))
+        x = x - x.min(1, keepdims=True)
+        out.append(x / x.sum(1, keepdims=True))
+    return out
+
+
 def _solve(hists: list[np.ndarray], lam: np.ndarray, reg: float, device: str, **kw) -> list[np.ndarray]:
     """The torch solver, then the log domain for any segment it hands back (as ``fuse`` does)."""
     opts = {"reg": reg, "stop_threshold": 1e-4, "max_iter": ITERS}
@@ -68,11 +79,7 @@ def test_equals_pot_sinkhorn_log(device: str, stencil: str, reg: float) -> None:
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_segments_stop_on_their_own_and_match_the_compiled_solver(device: str) -> None:
-    rng = np.random.default_rng(3)
-    hists = []
-    for n in (7, 300, 2000):
-        x = rng.standard_normal(n) + 0.2 * rng.standard_normal((5, n))
-        hists.append((x - x.min(1, keepdims=True)) / (x - x.min(1, keepdims=True)).sum(1, keepdims=True))
+    hists = _segments((7, 300, 2000))
     lam = np.array([0.1, 0.3, 0.2, 0.25, 0.15])
     kw = {"reg": 1.0, "stop_threshold": 1e-4, "max_iter": 200}
     ref, ref_segs, _ = fast.plain_barycenters(hists, lam, **kw)
@@ -137,7 +144,7 @@ def test_triton_solver_equals_pot_sinkhorn_log(device: str, reg: float, monkeypa
         ref = ot.bregman.barycenter(h.T, _cost(h.shape[1]), reg, weights=lam, method="sinkhorn_log",
                                     numItermax=TRITON_ITERS, stopThr=1e-4, warn=False)
         bs, segs, vs = triton_solver.barycenters_triton([torch.tensor(h, device=device)], torch.tensor(lam),
-                                                            reg=reg, stop_threshold=1e-4, max_iter=TRITON_ITERS)
+                                                        reg=reg, stop_threshold=1e-4, max_iter=TRITON_ITERS)
         assert vs == [None] and segs[0].escaped_at == -1
         ours = bs[0].cpu().numpy()
         assert np.abs(ours - ref).max() <= 1e-10 * np.abs(ref).max(), (name, reg)
@@ -148,14 +155,10 @@ def test_triton_solver_equals_pot_sinkhorn_log(device: str, reg: float, monkeypa
 @pytest.mark.parametrize("device", DEVICES)
 def test_triton_segments_stop_on_their_own(device: str) -> None:
     """Three tensors in one solve, each as the log-domain solver gives it alone (the small one stops first)."""
-    rng = np.random.default_rng(3)
-    hists = []
-    for n in (7, 30, 80):
-        x = rng.standard_normal(n) + 0.2 * rng.standard_normal((5, n))
-        hists.append((x - x.min(1, keepdims=True)) / (x - x.min(1, keepdims=True)).sum(1, keepdims=True))
+    hists = _segments((7, 30, 80))
     lam = torch.tensor([0.1, 0.3, 0.2, 0.25, 0.15], dtype=torch.float64)
     bs, segs, _ = triton_solver.barycenters_triton([torch.tensor(h, device=device) for h in hists], lam,
-                                                       reg=1.0, stop_threshold=2e-3, max_iter=40)
+                                                   reg=1.0, stop_threshold=2e-3, max_iter=40)
     for h, b, seg in zip(hists, bs, segs, strict=True):
         ref, info = sinkhorn_barycenter_1d(torch.tensor(h), lam, reg=1.0, stop_threshold=2e-3, max_iter=40,
                                            warn=False)
@@ -171,7 +174,7 @@ def test_triton_solver_on_cpu_without_interpreter_is_one_clear_error(monkeypatch
     monkeypatch.setattr(triton.knobs.runtime, "interpret", False)
     with pytest.raises(ValueError, match="runs on CUDA tensors"):
         triton_solver.barycenters_triton([torch.ones(2, 3) / 3], torch.tensor([0.5, 0.5]), reg=1.0,
-                                             stop_threshold=0.0, max_iter=1)
+                                         stop_threshold=0.0, max_iter=1)
 
 
 @pytest.mark.skipif(CUDA, reason="checks the CPU fallback")

@@ -294,8 +294,8 @@ class _Blocks(GraphBlocks):
 
 
 def barycenters_triton(hists: list[torch.Tensor], lam: torch.Tensor, *, reg: float, stop_threshold: float,
-                           max_iter: int, graphs: bool | None = None
-                           ) -> tuple[list[torch.Tensor], list[SegmentResult], list[torch.Tensor | None]]:
+                       max_iter: int, graphs: bool | None = None
+                       ) -> tuple[list[torch.Tensor], list[SegmentResult], list[torch.Tensor | None]]:
     r"""Entropic barycenters of several (K, n_s) histogram stacks with the fused kernels.
 
     Plain-domain kernels while v stays inside ``[1e-100, 1e100]``; from the block where it
