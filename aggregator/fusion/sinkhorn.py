@@ -64,6 +64,11 @@ def band_halfwidth(reg: float, spread: float, n: int) -> int:
     return int(min(n - 1, max(0, math.ceil(math.sqrt(need)) - 1)))
 
 
+def log_kernel_bound(reg: float) -> float:
+    r"""An upper bound on the log of the kernel's total weight :math:`\sum_d e^{-d^2/\varepsilon}`."""
+    return math.log(1 + 2 * math.sqrt(math.pi * reg)) + 1.0
+
+
 def log_gauss_conv(g: torch.Tensor, reg: float) -> tuple[torch.Tensor, int]:
     r"""Row-wise :math:`\mathrm{LSE}_j(g_j - (i-j)^2/\varepsilon)` for a (K, n) float64 tensor."""
     n = g.shape[1]

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from aggregator.fusion.sinkhorn import band_halfwidth  # the same bound, one definition
+from aggregator.fusion.sinkhorn import band_halfwidth, log_kernel_bound  # the same bounds, one definition
 
 try:
     import numba
@@ -499,8 +499,8 @@ def plain_barycenters(hists: list[np.ndarray], lam: np.ndarray, *, reg: float, s
         block = a1[:, seg_lo[s]:seg_hi[s]]
         np.add(h, LOG_FLOOR, out=block)
         spread_a[s] = math.log(float(block.max()) / float(block.min()))
-    band_cap = max(band_halfwidth(reg, 2 * math.log(RANGE_HI) + float(spread_a.max()) + math.log(1 + 2 * math.sqrt(
-        math.pi * reg)) + 1.0, max(sizes)), 1)
+    band_cap = max(band_halfwidth(reg, 2 * math.log(RANGE_HI) + float(spread_a.max()) + log_kernel_bound(reg),
+                                  max(sizes)), 1)
     w = np.exp(-np.arange(band_cap + 1, dtype=np.float64) ** 2 / reg)
     tile_seg, tile_lo, tile_hi = _tiles(seg_lo, seg_hi, tile)
     v_cur = np.ones_like(a1)

@@ -29,19 +29,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from aggregator.fusion.sinkhorn import band_halfwidth
+from aggregator.fusion.sinkhorn import band_halfwidth, log_kernel_bound
 from aggregator.fusion.sinkhorn_fast import BLOCK, LOG_FLOOR, MARGIN, RANGE_HI, RANGE_LO, SegmentResult
 
 STENCILS = ("shift", "conv")
 
+
 @dataclass
-class _Layout:
-    """Segments side by side in one zero-padded (K, L) array."""
+class Layout:
+    """Segments side by side in one zero-padded (K, L) array, gaps of ``gap`` points around each."""
 
     starts: list[int]
     sizes: list[int]
@@ -52,15 +53,20 @@ class _Layout:
     gapf: torch.Tensor  # (L,) float64: 1 - realf (added to denominators so gaps never divide by 0)
     spread_a: float  # log(max a1 / min a1) over segment points
 
+    def segments(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Each segment's part of ``x`` (along its last axis), copied."""
+        return [x[..., st:st + n].clone() for st, n in zip(self.starts, self.sizes, strict=True)]
 
-def _layout(hists: list[torch.Tensor], reg: float, log_wsum: float) -> _Layout:
+
+def layout(hists: list[torch.Tensor], reg: float, spread: float) -> Layout:
+    """The layout of ``hists``, its gaps as wide as the band for potentials (log v) spread ``spread``."""
     device = hists[0].device
     k_rows = hists[0].shape[0]
     sizes = [int(h.shape[1]) for h in hists]
     lo = min(float(h.min()) for h in hists) + LOG_FLOOR
     hi = max(float(h.max()) for h in hists) + LOG_FLOOR
     spread_a = math.log(hi / lo)
-    gap = max(band_halfwidth(reg, 2 * math.log(RANGE_HI) + spread_a + log_wsum, max(sizes)), 1)
+    gap = max(band_halfwidth(reg, spread + spread_a + log_kernel_bound(reg), max(sizes)), 1)
     starts, pos = [], gap
     for n in sizes:
         starts.append(pos)
@@ -72,7 +78,7 @@ def _layout(hists: list[torch.Tensor], reg: float, log_wsum: float) -> _Layout:
         a1[:, st:st + h.shape[1]] = h.to(torch.float64) + LOG_FLOOR
         seg_idx[st:st + h.shape[1]] = s
         realf[st:st + h.shape[1]] = 1.0
-    return _Layout(starts, sizes, gap, a1, seg_idx, realf, 1.0 - realf, spread_a)
+    return Layout(starts, sizes, gap, a1, seg_idx, realf, 1.0 - realf, spread_a)
 
 
 def _stencil_shift(x: torch.Tensor, w: list[float]) -> torch.Tensor:
@@ -152,41 +158,96 @@ def block_steps(ii: int, max_iter: int) -> tuple[int, bool]:
     return steps, (ii + steps - 1) % 10 == 1
 
 
-def record_block(live: list[bool], it: list[int], err: list[float], conv: list[bool], seg_err: list[float],
-                 ii: int, check: bool, stop_threshold: float) -> bool:
-    """Book a finished block (now at iteration ``ii``): POT's stop test at check blocks; True if one stopped."""
-    stopped = False
-    for s, alive in enumerate(live):
-        if not alive:
-            continue
-        it[s] = ii
-        if check:
-            err[s] = seg_err[s]
-            if err[s] < stop_threshold:
-                live[s], conv[s], stopped = False, True, True
-    return stopped
+@dataclass
+class SegmentProgress:
+    """Where each segment stands: still iterating, iterations done, last error, converged, handed back."""
+
+    n: int
+    live: list[bool] = field(init=False)
+    it: list[int] = field(init=False)
+    err: list[float] = field(init=False)
+    conv: list[bool] = field(init=False)
+    escaped: list[int] = field(init=False)
+    v_saved: list[torch.Tensor | None] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.live, self.it, self.err = [True] * self.n, [0] * self.n, [math.inf] * self.n
+        self.conv, self.escaped, self.v_saved = [False] * self.n, [-1] * self.n, [None] * self.n
+
+    def record(self, ii: int, check: bool, seg_err: list[float], stop_threshold: float) -> bool:
+        """Book a finished block (now at iteration ``ii``): POT's stop test at check blocks; True if one stopped."""
+        stopped = False
+        for s, alive in enumerate(self.live):
+            if not alive:
+                continue
+            self.it[s] = ii
+            if check:
+                self.err[s] = seg_err[s]
+                if self.err[s] < stop_threshold:
+                    self.live[s], self.conv[s], stopped = False, True, True
+        return stopped
+
+    def hand_back(self, s: int, ii: int, v: torch.Tensor) -> None:
+        """Segment ``s`` stops at iteration ``ii``; the log-domain solver continues from ``v``."""
+        self.live[s], self.escaped[s], self.it[s], self.v_saved[s] = False, ii, ii, v
+
+    def results(self, band: int) -> list[SegmentResult]:
+        return [SegmentResult(iterations=self.it[s], error=self.err[s], converged=self.conv[s], band=band,
+                              escaped_at=self.escaped[s]) for s in range(self.n)]
 
 
-class _Blocks(GraphBlocks):
+class SegmentBlocks(GraphBlocks):
+    """Blocks over a ``Layout``: which points are live, the range of the state over a block and at
+    its end (``run_min/max``, ``last_min/max``, filled by ``_block``), POT's error per point, and
+    a snapshot of ``state`` to redo a block from."""
+
+    def __init__(self, lay: Layout, state: tuple[torch.Tensor, ...], graphs: bool) -> None:
+        super().__init__(graphs)
+        self.lay, self.state = lay, state
+        self.saved = [torch.empty_like(t) for t in state]
+        self.livef = lay.realf.clone()
+        self.err_pt = torch.zeros_like(lay.realf)
+        self.run_min, self.run_max = torch.empty_like(lay.realf), torch.empty_like(lay.realf)
+        self.last_min, self.last_max = torch.empty_like(lay.realf), torch.empty_like(lay.realf)
+
+    def snapshot(self) -> None:
+        for t, s in zip(self.state, self.saved, strict=True):
+            s.copy_(t)
+
+    def restore(self) -> None:
+        for t, s in zip(self.state, self.saved, strict=True):
+            t.copy_(s)
+
+    def block_stats(self, lo: float, hi: float) -> tuple[list[float], list[float], float, float]:
+        """One read-back: per segment (left [lo, hi] or NaN on a live point, error sum), the live range at the end."""
+        live, n_seg = self.livef, len(self.lay.sizes)
+        outside = ((self.run_min < lo) | (self.run_max > hi) | torch.isnan(self.run_min)
+                   | torch.isnan(self.run_max)).to(torch.float64) * live
+        seg_bad = torch.zeros(n_seg, dtype=torch.float64, device=live.device).index_add_(0, self.lay.seg_idx, outside)
+        seg_err = torch.zeros(n_seg, dtype=torch.float64, device=live.device).index_add_(
+            0, self.lay.seg_idx, self.err_pt * live)
+        vmin = torch.where(live > 0, self.last_min, math.inf).amin().reshape(1)
+        vmax = torch.where(live > 0, self.last_max, -math.inf).amax().reshape(1)
+        host = torch.cat([seg_bad, seg_err, vmin, vmax]).tolist()
+        return host[:n_seg], host[n_seg:2 * n_seg], host[-2], host[-1]
+
+    def set_live(self, live: list[bool]) -> None:
+        flags = torch.tensor(live, dtype=torch.float64, device=self.livef.device)
+        self.livef.copy_(flags[self.lay.seg_idx] * self.lay.realf)
+
+
+class _Blocks(SegmentBlocks):
     """The plain-domain state (v, b) and its block of iterations."""
 
-    def __init__(self, lay: _Layout, lam: torch.Tensor, w_all: list[float], stencil: str, graphs: bool) -> None:
-        super().__init__(graphs)
-        self.lay = lay
+    def __init__(self, lay: Layout, lam: torch.Tensor, w_all: list[float], stencil: str, graphs: bool) -> None:
         k_rows, length = lay.a1.shape
-        dev = lay.a1.device
-        self.lam_row = lam.to(device=dev, dtype=torch.float64).reshape(1, -1)
+        self.v = lay.realf.expand(k_rows, -1).clone()
+        self.b = torch.zeros(length, dtype=torch.float64, device=lay.a1.device)
+        super().__init__(lay, (self.v, self.b), graphs)
+        self.lam_row = lam.to(device=lay.a1.device, dtype=torch.float64).reshape(1, -1)
         self.w_all = w_all
         self.stencil: Callable[[torch.Tensor, list[float]], torch.Tensor] = (
             _stencil_conv if stencil == "conv" else _stencil_shift)
-        self.v = lay.realf.expand(k_rows, -1).clone()
-        self.b = torch.zeros(length, dtype=torch.float64, device=dev)
-        self.state = (self.v, self.b)
-        self.v0, self.b0 = torch.empty_like(self.v), torch.empty_like(self.b)
-        self.livef = lay.realf.clone()
-        self.run_min, self.run_max = torch.empty_like(self.b), torch.empty_like(self.b)
-        self.last_min, self.last_max = torch.empty_like(self.b), torch.empty_like(self.b)
-        self.err_pt = torch.zeros_like(self.b)
 
     def _block(self, steps: int, dv: int, du: int, check: bool) -> None:
         """``steps`` iterations in place on the static tensors; no read-back to the host."""
@@ -212,23 +273,6 @@ class _Blocks(GraphBlocks):
                 self.last_min.copy_(mn)
                 self.last_max.copy_(mx)
 
-    def block_stats(self, n_seg: int, lo: float, hi: float) -> tuple[list[float], list[float], float, float]:
-        """One read-back: per segment (out of [lo, hi] or NaN anywhere live, error sum), and v's live range."""
-        live = self.livef
-        outside = ((self.run_min < lo) | (self.run_max > hi) | torch.isnan(self.run_min)
-                   | torch.isnan(self.run_max)).to(torch.float64) * live
-        seg_bad = torch.zeros(n_seg, dtype=torch.float64, device=live.device).index_add_(0, self.lay.seg_idx, outside)
-        seg_err = torch.zeros(n_seg, dtype=torch.float64, device=live.device).index_add_(
-            0, self.lay.seg_idx, self.err_pt * live)
-        vmin = torch.where(live > 0, self.last_min, math.inf).amin().reshape(1)
-        vmax = torch.where(live > 0, self.last_max, 0.0).amax().reshape(1)
-        host = torch.cat([seg_bad, seg_err, vmin, vmax]).tolist()
-        return host[:n_seg], host[n_seg:2 * n_seg], host[-2], host[-1]
-
-    def set_live(self, live: list[bool]) -> None:
-        flags = torch.tensor(live, dtype=torch.float64, device=self.livef.device)
-        self.livef.copy_(flags[self.lay.seg_idx] * self.lay.realf)
-
 
 def plain_barycenters_torch(hists: list[torch.Tensor], lam: torch.Tensor, *, reg: float,
                             stop_threshold: float, max_iter: int, stencil: str = "shift",
@@ -245,18 +289,16 @@ def plain_barycenters_torch(hists: list[torch.Tensor], lam: torch.Tensor, *, reg
         raise ValueError(f"unknown stencil {stencil!r}: use one of {', '.join(STENCILS)}")
     device = hists[0].device
     use_graphs = device.type == "cuda" if graphs is None else graphs
-    log_wsum = math.log(1 + 2 * math.sqrt(math.pi * reg)) + 1.0  # >= log of the kernel's total weight
-    lay = _layout(hists, reg, log_wsum)
+    log_wsum = log_kernel_bound(reg)
+    lay = layout(hists, reg, 2 * math.log(RANGE_HI))
     w_all = [math.exp(-d * d / reg) for d in range(lay.gap + 1)]
     blocks = _Blocks(lay, lam, w_all, stencil, use_graphs)
     n_seg, n_max = len(hists), max(lay.sizes)
-    live = [True] * n_seg
-    it, err, conv, escaped = [0] * n_seg, [math.inf] * n_seg, [False] * n_seg, [-1] * n_seg
-    v_saved: list[torch.Tensor | None] = [None] * n_seg
+    prog = SegmentProgress(n_seg)
     ii, margin, stepwise_until, band_used = 0, MARGIN, -1, 0
     full = math.log2(RANGE_HI / RANGE_LO)
     v_lo = v_hi = 1.0
-    while any(live) and ii < max_iter:
+    while any(prog.live) and ii < max_iter:
         stepwise = ii < stepwise_until
         if stepwise:  # one iteration: the band from v's actual range
             lo, hi, steps = RANGE_LO, RANGE_HI, 1
@@ -270,32 +312,25 @@ def plain_barycenters_torch(hists: list[torch.Tensor], lam: torch.Tensor, *, reg
         du = min(band_halfwidth(reg, spread_v + lay.spread_a + log_wsum, n_max), lay.gap)
         band_used = max(band_used, dv, du)
         check = (ii + steps - 1) % 10 == 1
-        blocks.v0.copy_(blocks.v)
-        blocks.b0.copy_(blocks.b)
+        blocks.snapshot()
         blocks.run(steps, dv, du, check)
-        seg_bad, seg_err, new_lo, new_hi = blocks.block_stats(n_seg, lo, hi)
-        bad = [live[s] and seg_bad[s] > 0 for s in range(n_seg)]
+        seg_bad, seg_err, new_lo, new_hi = blocks.block_stats(lo, hi)
+        bad = [prog.live[s] and seg_bad[s] > 0 for s in range(n_seg)]
         if any(bad):  # back to the block's start; wider margin, then one step at a time, then the log domain
-            blocks.v.copy_(blocks.v0)
-            blocks.b.copy_(blocks.b0)
+            blocks.restore()
             if stepwise:
-                for s in range(n_seg):
+                for s, v in enumerate(lay.segments(blocks.v)):
                     if bad[s]:
-                        st = lay.starts[s]
-                        v_saved[s] = blocks.v0[:, st:st + lay.sizes[s]].clone()
-                        live[s], escaped[s], it[s] = False, ii, ii
-                blocks.set_live(live)
+                        prog.hand_back(s, ii, v)
+                blocks.set_live(prog.live)
             elif margin < full:
                 margin *= 4
             else:
                 stepwise_until = ii + steps
             continue
         ii += steps
-        if record_block(live, it, err, conv, seg_err, ii, check, stop_threshold):
-            blocks.set_live(live)
+        if prog.record(ii, check, seg_err, stop_threshold):
+            blocks.set_live(prog.live)
         if 0 < new_lo <= new_hi < math.inf:
             v_lo, v_hi = new_lo, new_hi
-    bs = [blocks.b[st:st + n].clone() for st, n in zip(lay.starts, lay.sizes, strict=True)]
-    results = [SegmentResult(iterations=it[s], error=err[s], converged=conv[s], band=band_used,
-                             escaped_at=escaped[s]) for s in range(n_seg)]
-    return bs, results, v_saved
+    return lay.segments(blocks.b), prog.results(band_used), prog.v_saved

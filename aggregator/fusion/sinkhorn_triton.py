@@ -1,23 +1,26 @@
-r"""The log-domain entropic barycenter iterate as two fused Triton kernels per iteration (GPU).
+r"""The entropic barycenter iterate as two fused Triton kernels per iteration (GPU).
 
-Same iterate as :func:`aggregator.fusion.sinkhorn.sinkhorn_barycenter_1d` (POT's
-``sinkhorn_log``), for all tensors of a model at once, in the layout of
-:mod:`aggregator.fusion.sinkhorn_torch` (segments in one (K, L) array, gaps between them;
-here the gaps hold :math:`-\infty`, so a band never mixes two tensors):
+Same iterate as :mod:`aggregator.fusion.sinkhorn_torch` and
+:func:`aggregator.fusion.sinkhorn.sinkhorn_barycenter_1d` (POT's ``sinkhorn_log``), for all
+tensors of a model at once, in the layout of :mod:`aggregator.fusion.sinkhorn_torch`
+(segments in one (K, L) array, gaps between them, so a band never mixes two tensors).
+
+Plain domain first: kernel ``_plain_u`` computes :math:`u = (a + 10^{-16}) / K v` over the
+flattened array; ``_plain_v`` computes :math:`\log b = \sum_k \lambda_k \log (K u_k)` and
+:math:`v_k = b / K u_k` on live points (K u recomputed, not stored), POT's stopping error at
+check iterations and v's range. From the block where v would leave ``[1e-100, 1e100]``, the
+same iterate continues in the log domain from :math:`G = \log v`:
 
 .. math::
     f_k = \log a_k - \mathrm{LSE}_{|d| \le D_v}(G_{k,i+d} - d^2/\varepsilon), \qquad
     \ell_k = \mathrm{LSE}_{|d| \le D_u}(f_{k,i+d} - d^2/\varepsilon), \qquad
-    \log b = \sum_k \lambda_k \ell_k, \qquad G_k = \log b - \ell_k.
+    \log b = \sum_k \lambda_k \ell_k, \qquad G_k = \log b - \ell_k,
 
-Kernel A computes :math:`f` from :math:`G` for a tile of points and all K rows; kernel B
-computes :math:`\ell`, :math:`\log b`, the new :math:`G` (in place; each program touches its
-own points only), POT's stopping error :math:`\sum_i \mathrm{std}_k(e^{G_{ki} + \ell_{ki}})`
-at check iterations and the running range of :math:`G` over the block. Each LSE is exact
-two-pass (max, then sum of exponentials), so no value can under- or overflow and nothing is
-ever handed over: on a GPU the exponentials cost less than the memory traffic that the
-plain domain would save. Blocks, bands (sized from the range of G promised for the block and
-checked at its end), stopping and CUDA graphs are those of the torch solver.
+kernel ``_lse_f`` for :math:`f` and ``_lse_g`` for the rest (in place; each program touches
+its own points only), each LSE exact in two passes (max, then sum of exponentials), so no
+value can under- or overflow there. Blocks, bands (sized from the range promised for the
+block and checked at its end), stopping and CUDA graphs are those of the torch solver; a
+tensor is handed to the torch log solver only if its potentials spread beyond the gaps.
 
 On CPU tensors the kernels run in Triton's interpreter (slow; for tests).
 """
@@ -28,9 +31,15 @@ import math
 
 import torch
 
-from aggregator.fusion.sinkhorn import band_halfwidth
-from aggregator.fusion.sinkhorn_fast import LOG_FLOOR, MARGIN, RANGE_HI, RANGE_LO, SegmentResult
-from aggregator.fusion.sinkhorn_torch import GraphBlocks, block_steps, record_block
+from aggregator.fusion.sinkhorn import band_halfwidth, log_kernel_bound
+from aggregator.fusion.sinkhorn_fast import MARGIN, RANGE_HI, RANGE_LO, SegmentResult
+from aggregator.fusion.sinkhorn_torch import (
+    Layout,
+    SegmentBlocks,
+    SegmentProgress,
+    block_steps,
+    layout,
+)
 
 try:
     import triton
@@ -194,44 +203,25 @@ def _check_device(device: torch.device) -> None:
                          "(set before triton is imported): use solver plain or log")
 
 
-class _Blocks(GraphBlocks):
+class _Blocks(SegmentBlocks):
     """Both states in the padded layout: plain (v, b) and log (G, log b), and their blocks of launches."""
 
-    def __init__(self, hists: list[torch.Tensor], lam: torch.Tensor, reg: float, gap: int, graphs: bool) -> None:
-        super().__init__(graphs)
-        dev = hists[0].device
-        self.k_rows = hists[0].shape[0]
-        self.sizes = [int(h.shape[1]) for h in hists]
-        self.starts, pos = [], gap
-        for n in self.sizes:
-            self.starts.append(pos)
-            pos += n + gap
-        self.length, self.gap = pos, gap
-        self.a1 = torch.zeros((self.k_rows, pos), dtype=torch.float64, device=dev)
-        self.seg_idx = torch.zeros(pos, dtype=torch.int64, device=dev)
-        self.realf = torch.zeros(pos, dtype=torch.float64, device=dev)
-        for s, (st, h) in enumerate(zip(self.starts, hists, strict=True)):
-            self.a1[:, st:st + h.shape[1]] = h.to(torch.float64) + LOG_FLOOR
-            self.seg_idx[st:st + h.shape[1]] = s
-            self.realf[st:st + h.shape[1]] = 1.0
-        self.gapf = 1.0 - self.realf
-        self.loga = torch.where(self.realf > 0, torch.log(self.a1), -math.inf)
-        self.v = self.realf.expand(self.k_rows, -1).clone()  # plain state: v = e^G, b
-        self.b = torch.zeros(pos, dtype=torch.float64, device=dev)
+    def __init__(self, lay: Layout, lam: torch.Tensor, reg: float, graphs: bool) -> None:
+        k_rows, length = lay.a1.shape
+        dev = lay.a1.device
+        self.v = lay.realf.expand(k_rows, -1).clone()  # plain state: v = e^G, b
+        self.b = torch.zeros(length, dtype=torch.float64, device=dev)
         self.g = torch.empty_like(self.v)  # log state: G, log b (filled at the switch)
         self.logb = torch.zeros_like(self.b)
+        super().__init__(lay, (self.v, self.b, self.g, self.logb), graphs)
+        self.k_rows, self.length, self.gap = k_rows, length, lay.gap
+        self.loga = torch.where(lay.realf > 0, torch.log(lay.a1), -math.inf)
         self.work = torch.empty_like(self.v)  # u (plain) or f (log)
-        self.state = (self.v, self.b, self.g, self.logb)
-        self.saved = [torch.empty_like(t) for t in self.state]
-        self.livef = self.realf.clone()
-        self.err_pt = torch.zeros_like(self.b)
-        self.run_min, self.run_max = torch.empty_like(self.b), torch.empty_like(self.b)
-        self.last_min, self.last_max = torch.empty_like(self.b), torch.empty_like(self.b)
-        offsets = torch.arange(-gap, gap + 1, dtype=torch.float64, device=dev)
+        offsets = torch.arange(-lay.gap, lay.gap + 1, dtype=torch.float64, device=dev)
         self.cost = offsets * offsets / reg
         self.w = torch.exp(-self.cost)
         self.lam = lam.to(device=dev, dtype=torch.float64).contiguous()
-        self.kp = max(2, triton.next_power_of_2(self.k_rows))
+        self.kp = max(2, triton.next_power_of_2(k_rows))
         self.bn = max(16, min(256, 2048 // self.kp))
 
     def _block(self, log: bool, steps: int, dv: int, du: int, check: bool) -> None:
@@ -252,45 +242,20 @@ class _Blocks(GraphBlocks):
                              self.run_min, self.run_max, self.length, self.k_rows,
                              D=du, KP=self.kp, BN=self.bn, CHECK=last_check)
             else:
-                _plain_u[(triton.cdiv(total, 1024),)](self.v, self.a1, self.gapf, self.w, self.work, self.gap,
+                _plain_u[(triton.cdiv(total, 1024),)](self.v, self.lay.a1, self.lay.gapf, self.w, self.work, self.gap,
                                                       self.length, total, D=dv, BN=1024)
                 _plain_v[(triton.cdiv(self.length, 256),)](
-                    self.work, self.v, self.w, self.gapf, self.lam, self.livef, self.b, self.err_pt, self.run_min,
+                    self.work, self.v, self.w, self.lay.gapf, self.lam, self.livef, self.b, self.err_pt, self.run_min,
                     self.run_max, self.last_min, self.last_max, self.gap, self.length, self.k_rows, D=du, BN=256,
                     CHECK=last_check)
         if log:
             self.last_min.copy_(self.run_min)
             self.last_max.copy_(self.run_max)
 
-    def snapshot(self) -> None:
-        for t, s in zip(self.state, self.saved, strict=True):
-            s.copy_(t)
-
-    def restore(self) -> None:
-        for t, s in zip(self.state, self.saved, strict=True):
-            t.copy_(s)
-
     def to_log(self) -> None:
         """Continue from the plain state in the log domain: G = log v, log b = log b (same iterate)."""
-        self.g.copy_(torch.where(self.realf > 0, torch.log(self.v), -math.inf))
+        self.g.copy_(torch.where(self.lay.realf > 0, torch.log(self.v), -math.inf))
         self.logb.copy_(torch.log(self.b))
-
-    def block_stats(self, n_seg: int, lo: float, hi: float) -> tuple[list[float], list[float], float, float]:
-        """One read-back: per segment (left [lo, hi] or NaN on a live point, error sum), the live range at the end."""
-        live = self.livef
-        outside = ((self.run_min < lo) | (self.run_max > hi) | torch.isnan(self.run_min)
-                   | torch.isnan(self.run_max)).to(torch.float64) * live
-        seg_bad = torch.zeros(n_seg, dtype=torch.float64, device=live.device).index_add_(0, self.seg_idx, outside)
-        seg_err = torch.zeros(n_seg, dtype=torch.float64, device=live.device).index_add_(
-            0, self.seg_idx, self.err_pt * live)
-        vmin = torch.where(live > 0, self.last_min, math.inf).amin().reshape(1)
-        vmax = torch.where(live > 0, self.last_max, -math.inf).amax().reshape(1)
-        host = torch.cat([seg_bad, seg_err, vmin, vmax]).tolist()
-        return host[:n_seg], host[n_seg:2 * n_seg], host[-2], host[-1]
-
-    def set_live(self, live: list[bool]) -> None:
-        flags = torch.tensor(live, dtype=torch.float64, device=self.livef.device)
-        self.livef.copy_(flags[self.seg_idx] * self.realf)
 
 
 def barycenters_triton(hists: list[torch.Tensor], lam: torch.Tensor, *, reg: float, stop_threshold: float,
@@ -312,22 +277,16 @@ def barycenters_triton(hists: list[torch.Tensor], lam: torch.Tensor, *, reg: flo
     device = hists[0].device
     _check_device(device)
     use_graphs = device.type == "cuda" if graphs is None else graphs
-    lo_a = min(float(h.min()) for h in hists) + LOG_FLOOR
-    hi_a = max(float(h.max()) for h in hists) + LOG_FLOOR
-    spread_a = math.log(hi_a / lo_a)
-    log_wsum = math.log(1 + 2 * math.sqrt(math.pi * reg)) + 1.0
-    n_max = max(int(h.shape[1]) for h in hists)
-    gap = max(band_halfwidth(reg, GAP_SPREAD + spread_a + log_wsum, n_max), 1)
-    blocks = _Blocks(hists, lam, reg, gap, use_graphs)
-    n_seg = len(hists)
-    live = [True] * n_seg
-    it, err, conv, escaped = [0] * n_seg, [math.inf] * n_seg, [False] * n_seg, [-1] * n_seg
-    v_saved: list[torch.Tensor | None] = [None] * n_seg
+    log_wsum = log_kernel_bound(reg)
+    lay = layout(hists, reg, GAP_SPREAD)
+    blocks = _Blocks(lay, lam, reg, use_graphs)
+    n_seg, n_max = len(hists), max(lay.sizes)
+    prog = SegmentProgress(n_seg)
     ii, band_used, log_mode = 0, 0, False
     full = math.log2(RANGE_HI / RANGE_LO)
     margin = float(MARGIN)  # binary orders v (plain) or G / ln 2 (log) may move within a block
     x_lo = x_hi = 1.0  # range of v (plain) or G (log) on live points
-    while any(live) and ii < max_iter:
+    while any(prog.live) and ii < max_iter:
         steps, check = block_steps(ii, max_iter)
         if log_mode:
             lo, hi = x_lo - margin * math.log(2.0), x_hi + margin * math.log(2.0)
@@ -337,19 +296,17 @@ def barycenters_triton(hists: list[torch.Tensor], lam: torch.Tensor, *, reg: flo
             lo, hi = max(RANGE_LO, x_lo / reach), min(RANGE_HI, x_hi * reach)
             spread = math.log(hi / lo)
         dv = band_halfwidth(reg, spread, n_max)
-        du = band_halfwidth(reg, spread + spread_a + log_wsum, n_max)
-        if max(dv, du) > gap:  # potentials spread beyond the gaps: the torch log solver continues
-            for s in range(n_seg):
-                if live[s]:
-                    st = blocks.starts[s]
-                    v_saved[s] = torch.exp(blocks.g[:, st:st + blocks.sizes[s]])
-                    live[s], escaped[s], it[s] = False, ii, ii
+        du = band_halfwidth(reg, spread + lay.spread_a + log_wsum, n_max)
+        if max(dv, du) > lay.gap:  # potentials spread beyond the gaps: the torch log solver continues
+            for s, g in enumerate(lay.segments(blocks.g)):
+                if prog.live[s]:
+                    prog.hand_back(s, ii, torch.exp(g))
             break
         band_used = max(band_used, dv, du)
         blocks.snapshot()
         blocks.run(log_mode, steps, dv, du, check)
-        seg_bad, seg_err, new_lo, new_hi = blocks.block_stats(n_seg, lo, hi)
-        if any(live[s] and seg_bad[s] > 0 for s in range(n_seg)):  # the band's promise broke: redo
+        seg_bad, seg_err, new_lo, new_hi = blocks.block_stats(lo, hi)
+        if any(prog.live[s] and seg_bad[s] > 0 for s in range(n_seg)):  # the band's promise broke: redo
             blocks.restore()
             if not log_mode and lo <= RANGE_LO and hi >= RANGE_HI:  # v would leave the plain range
                 blocks.to_log()
@@ -359,12 +316,8 @@ def barycenters_triton(hists: list[torch.Tensor], lam: torch.Tensor, *, reg: flo
                 margin *= 4
             continue
         ii += steps
-        if record_block(live, it, err, conv, seg_err, ii, check, stop_threshold):
-            blocks.set_live(live)
+        if prog.record(ii, check, seg_err, stop_threshold):
+            blocks.set_live(prog.live)
         if new_lo <= new_hi and (log_mode or new_lo > 0):
             x_lo, x_hi = new_lo, new_hi
-    out = torch.exp(blocks.logb) if log_mode else blocks.b
-    bs = [out[st:st + n].clone() for st, n in zip(blocks.starts, blocks.sizes, strict=True)]
-    results = [SegmentResult(iterations=it[s], error=err[s], converged=conv[s], band=band_used,
-                             escaped_at=escaped[s]) for s in range(n_seg)]
-    return bs, results, v_saved
+    return lay.segments(torch.exp(blocks.logb) if log_mode else blocks.b), prog.results(band_used), prog.v_saved
