@@ -5,12 +5,15 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from fedwb import __version__
 from fedwb.errors import fail, read_secret
+
+if TYPE_CHECKING:
+    from broker.run import Bridge
 
 app = typer.Typer(
     name="fedwb",
@@ -64,6 +67,22 @@ def gen_credentials(
                f"({len(users)} users: {agents} agents, aggregator-{job}, operator-{job}; mode 600)")
 
 
+def _bridge(url: str, job: str, site: str, username: str | None, password_file: str | None,
+            cafile: str | None) -> Bridge:
+    """A site broker's bridge to the center; exit 2 naming the bad URL or password file."""
+    from pathlib import Path
+
+    from broker.run import Bridge
+
+    password = read_secret(Path(password_file), "--bridge-password-file") if password_file else None
+    bridge = Bridge(url, job, site, username, password, cafile)
+    try:
+        bridge.config()
+    except ValueError as exc:
+        fail(str(exc))
+    return bridge
+
+
 @broker_app.command("gen-site-config")
 def gen_site_config(
     bridge_to: Annotated[str, typer.Option(help="The central broker: mqtt://HOST:PORT or mqtts://HOST:PORT.")],
@@ -90,17 +109,12 @@ def gen_site_config(
     """
     from pathlib import Path
 
-    from broker.run import Bridge
     from broker.security import render_secure_config
 
-    password = read_secret(Path(bridge_password_file), "--bridge-password-file") if bridge_password_file else None
-    username = bridge_username or (site if password is not None else None)  # a user needs a password
-    bridge = Bridge(bridge_to, job, site, username, password, bridge_cafile)
-    try:
-        text = render_secure_config(Path(conf_dir), Path(data_dir), port, tls_port, bind=bind, tls_bind=bind,
-                                    user=user) + bridge.config()
-    except ValueError as exc:
-        fail(str(exc))
+    username = bridge_username or (site if bridge_password_file else None)  # a user needs a password
+    bridge = _bridge(bridge_to, job, site, username, bridge_password_file, bridge_cafile)
+    text = render_secure_config(Path(conf_dir), Path(data_dir), port, tls_port, bind=bind, tls_bind=bind,
+                                user=user) + bridge.config()
     target = Path(out)
     target.write_text(text)
     target.chmod(0o600)  # it holds the bridge's password
@@ -162,16 +176,9 @@ def broker(
     kind = "embedded" if embedded else "auto"
     bridge = None
     if bridge_to is not None:
-        from broker.run import Bridge
-
         if not site:
             fail("--bridge-to needs --site NAME (this site's id at the center)")
-        password = read_secret(Path(bridge_password_file), "--bridge-password-file") if bridge_password_file else None
-        bridge = Bridge(bridge_to, bridge_job, site, bridge_username, password, bridge_cafile)
-        try:
-            bridge.config()
-        except ValueError as exc:
-            fail(str(exc))
+        bridge = _bridge(bridge_to, bridge_job, site, bridge_username, bridge_password_file, bridge_cafile)
     stop = {"sig": None}
 
     def on_signal(signum: int, _frame: object) -> None:
