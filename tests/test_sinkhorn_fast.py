@@ -17,12 +17,12 @@ from aggregator.fusion import sinkhorn_torch as fast_torch
 ITERS = 200  # the same iteration count on both sides: agreement is per iterate, not at convergence
 
 
-def _cost(n: int) -> np.ndarray:
+def cost(n: int) -> np.ndarray:
     x = np.arange(n, dtype=np.float64)
     return (x[:, None] - x[None, :]) ** 2
 
 
-def _cases(n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+def cases(n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Weight histograms (each row has an exact zero: its minimum), disjoint far supports, mixtures."""
     x = rng.standard_normal((4, n))
     weights = x - x.min(axis=1, keepdims=True)
@@ -35,6 +35,17 @@ def _cases(n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
                     np.exp(-((g - 0.6 * n) ** 2) / 30)])
     out = {"weights": weights, "far": far, "mix": mix}
     return {k: v / v.sum(axis=1, keepdims=True) for k, v in out.items()}
+
+
+def segments(sizes: tuple[int, ...], rows: int = 5, seed: int = 3) -> list[np.ndarray]:
+    """Histograms of noisy copies of one random profile, one stack per size (each row's minimum is 0)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for n in sizes:
+        x = rng.standard_normal(n) + 0.2 * rng.standard_normal((rows, n))
+        x = x - x.min(1, keepdims=True)
+        out.append(x / x.sum(1, keepdims=True))
+    return out
 
 
 def _solve(solver: str, hists: list[np.ndarray], lam: np.ndarray, reg: float, iters: int = ITERS) -> list[np.ndarray]:
@@ -59,10 +70,10 @@ def _solve(solver: str, hists: list[np.ndarray], lam: np.ndarray, reg: float, it
 @pytest.mark.parametrize("reg", [0.05, 0.1, 1.0, 10.0])
 def test_plain_solvers_equal_pot_sinkhorn_log(solver: str, reg: float) -> None:
     rng = np.random.default_rng(int(reg * 100))
-    for name, h in _cases(256, rng).items():
+    for name, h in cases(256, rng).items():
         lam = rng.random(h.shape[0]) + 0.1
         lam /= lam.sum()
-        ref = ot.bregman.barycenter(h.T, _cost(h.shape[1]), reg, weights=lam, method="sinkhorn_log",
+        ref = ot.bregman.barycenter(h.T, cost(h.shape[1]), reg, weights=lam, method="sinkhorn_log",
                                     numItermax=ITERS, stopThr=1e-4, warn=False)
         (ours,) = _solve(solver, [h], lam, reg)
         assert np.abs(ours - ref).max() <= 1e-10 * np.abs(ref).max(), (name, reg)
@@ -75,7 +86,7 @@ def test_plain_solver_equals_pot_at_n_4096() -> None:
     h = x - x.min(axis=1, keepdims=True)
     h /= h.sum(axis=1, keepdims=True)
     lam = np.array([0.5, 0.3, 0.2])
-    ref = ot.bregman.barycenter(h.T, _cost(4096), 0.1, weights=lam, method="sinkhorn_log", numItermax=8,
+    ref = ot.bregman.barycenter(h.T, cost(4096), 0.1, weights=lam, method="sinkhorn_log", numItermax=8,
                                 stopThr=0.0, warn=False)
     (ours,) = _solve("plain", [h], lam, 0.1, iters=8)
     assert np.abs(ours - ref).max() <= 1e-10 * np.abs(ref).max()
@@ -83,11 +94,7 @@ def test_plain_solver_equals_pot_at_n_4096() -> None:
 
 def test_segments_of_different_sizes_stop_on_their_own() -> None:
     """All tensors in one solve give what each gives alone (each stops when it converges)."""
-    rng = np.random.default_rng(3)
-    hists = []
-    for n in (7, 300, 2000):
-        x = rng.standard_normal(n) + 0.2 * rng.standard_normal((5, n))
-        hists.append((x - x.min(1, keepdims=True)) / (x - x.min(1, keepdims=True)).sum(1, keepdims=True))
+    hists = segments((7, 300, 2000))
     lam = np.array([0.1, 0.3, 0.2, 0.25, 0.15])
     bs, segs, _ = fast.plain_barycenters(hists, lam, reg=1.0, stop_threshold=1e-4, max_iter=200)
     tbs, tsegs, _ = fast_torch.plain_barycenters_torch([torch.tensor(h) for h in hists], torch.tensor(lam), reg=1.0,
@@ -104,11 +111,7 @@ def test_segments_of_different_sizes_stop_on_their_own() -> None:
 @pytest.mark.parametrize("tile", [37, 256])
 def test_tiles_with_halos_give_the_same_iterate(tile: int) -> None:
     """Small tiles: every tile recomputes its halo over a block of iterations; results must not change."""
-    rng = np.random.default_rng(11)
-    hists = []
-    for n in (5, 700, 3000):
-        x = rng.standard_normal(n) + 0.2 * rng.standard_normal((4, n))
-        hists.append((x - x.min(1, keepdims=True)) / (x - x.min(1, keepdims=True)).sum(1, keepdims=True))
+    hists = segments((5, 700, 3000), rows=4, seed=11)
     lam = np.array([0.25, 0.25, 0.3, 0.2])  # two rows share a weight: one log for both
     for reg in (0.1, 1.0, 10.0):
         bs, segs, _ = fast.plain_barycenters(hists, lam, reg=reg, stop_threshold=1e-4, max_iter=60, tile=tile)

@@ -14,39 +14,11 @@ import torch
 from aggregator.fusion import fuse_with_report, sinkhorn_barycenter_1d
 from aggregator.fusion import sinkhorn_fast as fast
 from aggregator.fusion import sinkhorn_torch as st
+from tests.test_sinkhorn_fast import cases, cost, segments
 
 ITERS = 120
 CUDA = torch.cuda.is_available()
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="no CUDA GPU here"))]
-
-
-def _cost(n: int) -> np.ndarray:
-    x = np.arange(n, dtype=np.float64)
-    return (x[:, None] - x[None, :]) ** 2
-
-
-def _hists(n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Rows with exact zeros, far-apart supports (values leave the plain range at small reg), mixtures."""
-    x = rng.standard_normal((4, n))
-    far = np.zeros((3, n))
-    far[0, : n // 10] = 1
-    far[1, -n // 6:] = 1
-    far[2, n // 2: n // 2 + 5] = 1
-    g = np.arange(n)
-    mix = np.stack([np.exp(-((g - n / 6) ** 2) / 50), np.exp(-((g - 0.6 * n) ** 2) / 30)])
-    out = {"weights": x - x.min(axis=1, keepdims=True), "far": far, "mix": mix}
-    return {k: v / v.sum(axis=1, keepdims=True) for k, v in out.items()}
-
-
-def _segments(sizes: tuple[int, ...], rows: int = 5, seed: int = 3) -> list[np.ndarray]:
-    """Histograms of noisy copies of one random profile, one stack per size (each row's minimum is 0)."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for n in sizes:
-        x = rng.standard_normal(n) + 0.2 * rng.standard_normal((rows, n))
-        x = x - x.min(1, keepdims=True)
-        out.append(x / x.sum(1, keepdims=True))
-    return out
 
 
 def _solve(hists: list[np.ndarray], lam: np.ndarray, reg: float, device: str, **kw) -> list[np.ndarray]:
@@ -68,10 +40,10 @@ def _solve(hists: list[np.ndarray], lam: np.ndarray, reg: float, device: str, **
 @pytest.mark.parametrize("reg", [0.05, 1.0, 10.0])
 def test_equals_pot_sinkhorn_log(device: str, stencil: str, reg: float) -> None:
     rng = np.random.default_rng(int(reg * 100))
-    for name, h in _hists(200, rng).items():
+    for name, h in cases(200, rng).items():
         lam = rng.random(h.shape[0]) + 0.1
         lam /= lam.sum()
-        ref = ot.bregman.barycenter(h.T, _cost(h.shape[1]), reg, weights=lam, method="sinkhorn_log",
+        ref = ot.bregman.barycenter(h.T, cost(h.shape[1]), reg, weights=lam, method="sinkhorn_log",
                                     numItermax=ITERS, stopThr=1e-4, warn=False)
         (ours,) = _solve([h], lam, reg, device, stencil=stencil)
         assert np.abs(ours - ref).max() <= 1e-10 * np.abs(ref).max(), (name, reg, stencil)
@@ -79,7 +51,7 @@ def test_equals_pot_sinkhorn_log(device: str, stencil: str, reg: float) -> None:
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_segments_stop_on_their_own_and_match_the_compiled_solver(device: str) -> None:
-    hists = _segments((7, 300, 2000))
+    hists = segments((7, 300, 2000))
     lam = np.array([0.1, 0.3, 0.2, 0.25, 0.15])
     kw = {"reg": 1.0, "stop_threshold": 1e-4, "max_iter": 200}
     ref, ref_segs, _ = fast.plain_barycenters(hists, lam, **kw)
@@ -138,10 +110,10 @@ def test_triton_solver_equals_pot_sinkhorn_log(device: str, reg: float, monkeypa
     to_log = triton_solver._Blocks.to_log
     monkeypatch.setattr(triton_solver._Blocks, "to_log", lambda self: (switches.append(1), to_log(self)))
     rng = np.random.default_rng(int(reg * 100) + 1)
-    for name, h in _hists(40, rng).items():
+    for name, h in cases(40, rng).items():
         lam = rng.random(h.shape[0]) + 0.1
         lam /= lam.sum()
-        ref = ot.bregman.barycenter(h.T, _cost(h.shape[1]), reg, weights=lam, method="sinkhorn_log",
+        ref = ot.bregman.barycenter(h.T, cost(h.shape[1]), reg, weights=lam, method="sinkhorn_log",
                                     numItermax=TRITON_ITERS, stopThr=1e-4, warn=False)
         bs, segs, vs = triton_solver.barycenters_triton([torch.tensor(h, device=device)], torch.tensor(lam),
                                                         reg=reg, stop_threshold=1e-4, max_iter=TRITON_ITERS)
@@ -155,7 +127,7 @@ def test_triton_solver_equals_pot_sinkhorn_log(device: str, reg: float, monkeypa
 @pytest.mark.parametrize("device", DEVICES)
 def test_triton_segments_stop_on_their_own(device: str) -> None:
     """Three tensors in one solve, each as the log-domain solver gives it alone (the small one stops first)."""
-    hists = _segments((7, 30, 80))
+    hists = segments((7, 30, 80))
     lam = torch.tensor([0.1, 0.3, 0.2, 0.25, 0.15], dtype=torch.float64)
     bs, segs, _ = triton_solver.barycenters_triton([torch.tensor(h, device=device) for h in hists], lam,
                                                    reg=1.0, stop_threshold=2e-3, max_iter=40)
