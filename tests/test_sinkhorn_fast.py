@@ -48,35 +48,46 @@ def segments(sizes: tuple[int, ...], rows: int = 5, seed: int = 3) -> list[np.nd
     return out
 
 
-def _solve(solver: str, hists: list[np.ndarray], lam: np.ndarray, reg: float, iters: int = ITERS) -> list[np.ndarray]:
-    """Run one plain solver and continue any escaped segment in the log domain, as ``fuse`` does."""
+def solve(solver: str, hists: list[np.ndarray], lam: np.ndarray, reg: float, iters: int = ITERS,
+          device: str = "cpu", **options) -> list[np.ndarray]:
+    """Run one plain solver (``options`` go to the torch one) and continue any escaped segment in the log
+    domain, as ``fuse`` does."""
     kw = {"reg": reg, "stop_threshold": 1e-4, "max_iter": iters}
     if solver == "plain":
         bs, segs, vs = fast.plain_barycenters(hists, lam, **kw)
         bs = [torch.from_numpy(b) for b in bs]
         vs = [None if v is None else torch.from_numpy(v) for v in vs]
     else:
-        bs, segs, vs = fast_torch.plain_barycenters_torch([torch.tensor(h) for h in hists], torch.tensor(lam), **kw)
+        bs, segs, vs = fast_torch.plain_barycenters_torch([torch.tensor(h, device=device) for h in hists],
+                                                          torch.tensor(lam), **kw, **options)
     out = []
     for h, b, seg, v in zip(hists, bs, segs, vs, strict=True):
         if v is not None:
-            b, _ = sinkhorn_barycenter_1d(torch.tensor(h), lam, warn=False, log_v0=torch.log(v),
-                                          start=seg.escaped_at, **kw)
-        out.append(b.numpy())
+            b, _ = sinkhorn_barycenter_1d(torch.tensor(h, device=device), torch.tensor(lam, device=device),
+                                          warn=False, log_v0=torch.log(v), start=seg.escaped_at, **kw)
+        out.append(b.cpu().numpy())
     return out
 
 
-@pytest.mark.parametrize("solver", ["plain", "plain-torch"])
+CUDA = torch.cuda.is_available()
+_GPU = pytest.mark.skipif(not CUDA, reason="no CUDA GPU here")
+PLAIN_SOLVERS = [  # (solver, device, options): the compiled one, and the torch one's stencils on CPU and CUDA
+    ("plain", "cpu", {}), ("plain-torch", "cpu", {"stencil": "shift"}), ("plain-torch", "cpu", {"stencil": "conv"}),
+    pytest.param("plain-torch", "cuda", {"stencil": "shift"}, marks=_GPU),
+    pytest.param("plain-torch", "cuda", {"stencil": "conv"}, marks=_GPU)]
+
+
+@pytest.mark.parametrize(("solver", "device", "options"), PLAIN_SOLVERS)
 @pytest.mark.parametrize("reg", [0.05, 0.1, 1.0, 10.0])
-def test_plain_solvers_equal_pot_sinkhorn_log(solver: str, reg: float) -> None:
+def test_plain_solvers_equal_pot_sinkhorn_log(solver: str, device: str, options: dict, reg: float) -> None:
     rng = np.random.default_rng(int(reg * 100))
     for name, h in cases(256, rng).items():
         lam = rng.random(h.shape[0]) + 0.1
         lam /= lam.sum()
         ref = ot.bregman.barycenter(h.T, cost(h.shape[1]), reg, weights=lam, method="sinkhorn_log",
                                     numItermax=ITERS, stopThr=1e-4, warn=False)
-        (ours,) = _solve(solver, [h], lam, reg)
-        assert np.abs(ours - ref).max() <= 1e-10 * np.abs(ref).max(), (name, reg)
+        (ours,) = solve(solver, [h], lam, reg, device=device, **options)
+        assert np.abs(ours - ref).max() <= 1e-10 * np.abs(ref).max(), (name, reg, solver, device, options)
 
 
 @pytest.mark.slow
@@ -88,7 +99,7 @@ def test_plain_solver_equals_pot_at_n_4096() -> None:
     lam = np.array([0.5, 0.3, 0.2])
     ref = ot.bregman.barycenter(h.T, cost(4096), 0.1, weights=lam, method="sinkhorn_log", numItermax=8,
                                 stopThr=0.0, warn=False)
-    (ours,) = _solve("plain", [h], lam, 0.1, iters=8)
+    (ours,) = solve("plain", [h], lam, 0.1, iters=8)
     assert np.abs(ours - ref).max() <= 1e-10 * np.abs(ref).max()
 
 

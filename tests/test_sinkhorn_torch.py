@@ -1,7 +1,8 @@
-"""The torch entropic solver (blocks of iterations, CUDA graphs on a GPU) against POT and the compiled one.
+"""The torch and Triton entropic solvers (blocks of iterations, CUDA graphs on a GPU) against POT and the
+compiled one (the torch solver's equality with POT, both stencils, is in test_sinkhorn_fast).
 
-The same code runs on CPU here (eager blocks) and on CUDA (each block one captured graph);
-the CUDA cases run wherever a GPU is present and are skipped elsewhere.
+The same code runs on CPU here (eager blocks; Triton's interpreter) and on CUDA (each block one
+captured graph); the CUDA cases run wherever a GPU is present and are skipped elsewhere.
 """
 
 from __future__ import annotations
@@ -14,39 +15,9 @@ import torch
 from aggregator.fusion import fuse_with_report, sinkhorn_barycenter_1d
 from aggregator.fusion import sinkhorn_fast as fast
 from aggregator.fusion import sinkhorn_torch as st
-from tests.test_sinkhorn_fast import cases, cost, segments
+from tests.test_sinkhorn_fast import _GPU, CUDA, ITERS, cases, cost, segments, solve
 
-ITERS = 120
-CUDA = torch.cuda.is_available()
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="no CUDA GPU here"))]
-
-
-def _solve(hists: list[np.ndarray], lam: np.ndarray, reg: float, device: str, **kw) -> list[np.ndarray]:
-    """The torch solver, then the log domain for any segment it hands back (as ``fuse`` does)."""
-    opts = {"reg": reg, "stop_threshold": 1e-4, "max_iter": ITERS}
-    bs, segs, vs = st.plain_barycenters_torch([torch.tensor(h, device=device) for h in hists],
-                                              torch.tensor(lam), **opts, **kw)
-    out = []
-    for h, b, seg, v in zip(hists, bs, segs, vs, strict=True):
-        if v is not None:
-            b, _ = sinkhorn_barycenter_1d(torch.tensor(h, device=device), torch.tensor(lam, device=device), warn=False,
-                                          log_v0=torch.log(v), start=seg.escaped_at, **opts)
-        out.append(b.cpu().numpy())
-    return out
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("stencil", st.STENCILS)
-@pytest.mark.parametrize("reg", [0.05, 1.0, 10.0])
-def test_equals_pot_sinkhorn_log(device: str, stencil: str, reg: float) -> None:
-    rng = np.random.default_rng(int(reg * 100))
-    for name, h in cases(200, rng).items():
-        lam = rng.random(h.shape[0]) + 0.1
-        lam /= lam.sum()
-        ref = ot.bregman.barycenter(h.T, cost(h.shape[1]), reg, weights=lam, method="sinkhorn_log",
-                                    numItermax=ITERS, stopThr=1e-4, warn=False)
-        (ours,) = _solve([h], lam, reg, device, stencil=stencil)
-        assert np.abs(ours - ref).max() <= 1e-10 * np.abs(ref).max(), (name, reg, stencil)
+DEVICES = ["cpu", pytest.param("cuda", marks=_GPU)]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -68,8 +39,8 @@ def test_graphs_off_and_stencils_agree_on_cpu() -> None:
     h = rng.random((6, 3000))
     h /= h.sum(1, keepdims=True)
     lam = np.full(6, 1 / 6)
-    a = _solve([h], lam, 0.1, "cpu", stencil="shift", graphs=False)[0]
-    b = _solve([h], lam, 0.1, "cpu", stencil="conv", graphs=False)[0]
+    a = solve("plain-torch", [h], lam, 0.1, ITERS, stencil="shift", graphs=False)[0]
+    b = solve("plain-torch", [h], lam, 0.1, ITERS, stencil="conv", graphs=False)[0]
     assert np.abs(a - b).max() <= 1e-13 * np.abs(a).max()
 
 
