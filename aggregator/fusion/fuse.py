@@ -184,17 +184,27 @@ def _fedwb_exact(rows: torch.Tensor, lam: list[float]) -> torch.Tensor:
     return _finish(p, b, rows.device)
 
 
-def _pick_solver(solver: str, device: torch.device) -> str:
-    """``auto``: the compiled plain-domain solver on CPU, the torch plain one elsewhere."""
+def _pick_solver(solver: str, device: torch.device, k_rows: int = 0) -> str:
+    """The entropic solver that runs for ``solver`` on ``device`` with ``k_rows`` models.
+
+    ``auto``: the compiled plain-domain solver on CPU, the Triton one on CUDA, the torch plain
+    one elsewhere. A named solver that cannot run here gives way to the same iterate where it
+    can: ``plain`` is CPU-only; ``triton`` needs CUDA (or Triton's interpreter) and K rows that
+    fit one of its tiles.
+    """
     if solver not in SOLVERS:
         raise ValueError(f"unknown entropic solver {solver!r}: use one of {', '.join(SOLVERS)}")
-    if solver != "auto":
-        return solver
-    if device.type == "cpu" and _fast.available():
-        return "plain"
-    if device.type == "cuda" and _triton_solver.available():
-        return "triton"
-    return "plain-torch"
+    if solver == "auto":
+        if device.type == "cpu" and _fast.available():
+            return "plain"
+        solver = "triton" if device.type == "cuda" and _triton_solver.available() else "plain-torch"
+    if solver == "plain" and device.type != "cpu":
+        solver = "plain-torch"  # the compiled kernel is CPU-only; same iterate on the device
+    if solver == "triton" and k_rows > _triton_solver.MAX_ROWS:
+        solver = "plain-torch"  # a Triton program holds all K rows of its tile
+    if solver == "triton" and not _triton_solver.runs_on(device):
+        solver = "plain" if device.type == "cpu" and _fast.available() else "plain-torch"  # same iterate
+    return solver
 
 
 def _pot_plain(hists: torch.Tensor, lam: torch.Tensor, *, reg: float, stop_threshold: float,
@@ -224,14 +234,8 @@ def _pot_plain(hists: torch.Tensor, lam: torch.Tensor, *, reg: float, stop_thres
 def _fedwb_sinkhorn_all(prepared: list[_Prepared], opts: dict[str, Any], report: FusionReport,
                         device: torch.device) -> dict[str, torch.Tensor]:
     """Entropic FedWB of every prepared tensor: one solve per group of tensors with the same rows."""
-    solver = _pick_solver(opts["solver"], device)
-    if solver == "plain" and device.type != "cpu":
-        solver = "plain-torch"  # the compiled kernel is CPU-only; same iterate on the device
     k_rows = max((p.hists.shape[0] for p in prepared if p.hists is not None), default=0)
-    if solver == "triton" and k_rows > _triton_solver.MAX_ROWS:
-        solver = "plain-torch"  # a Triton program holds all K rows of its tile
-    if solver == "triton" and not _triton_solver.runs_on(device):
-        solver = "plain" if device.type == "cpu" and _fast.available() else "plain-torch"  # same iterate
+    solver = _pick_solver(opts["solver"], device, k_rows)
     report.sinkhorn_solver = solver
     out: dict[str, torch.Tensor] = {}
     groups: dict[tuple, list[_Prepared]] = {}
