@@ -25,6 +25,7 @@ import torch
 
 from aggregator.fusion.robust import delta_norm as update_norm
 from schemas import ModelUpdate
+from schemas.chunks import tensor_meta
 
 
 class Outcome(StrEnum):
@@ -157,6 +158,22 @@ class UpdateBuffer:
                              f"an update from base version {held.update.base_version} of this agent is buffered")
         return None
 
+    def precheck(self, update: ModelUpdate, topic_agent: str | None,
+                 reference: dict[str, torch.Tensor]) -> Admission | None:
+        """The verdicts that need no tensor bytes and cannot change while a chunked update arrives
+        (duplicate, unknown agent, job, sender, names/shapes/dtypes); ``check`` runs in full later."""
+        if update.update_id in self._seen:
+            return Admission(Outcome.DUPLICATE, "duplicate", f"update {update.update_id} already counted")
+        if self.agent_caps is not None and update.agent_id not in self.agent_caps:
+            return Admission(Outcome.REJECTED, "unknown_agent", f"agent {update.agent_id!r} is not in the agents file")
+        if update.job != self.job:
+            return Admission(Outcome.REJECTED, "wrong_job", f"job {update.job!r} is not {self.job!r}")
+        if topic_agent is not None and update.agent_id != topic_agent:
+            return Admission(Outcome.REJECTED, "agent_mismatch",
+                             f"agent_id {update.agent_id!r} published on {topic_agent!r}'s topic")
+        mismatch = shape_mismatch(update.weights, reference)
+        return Admission(Outcome.REJECTED, "shape_mismatch", mismatch) if mismatch else None
+
     def sample_cap(self, agent: str) -> int | None:
         """The most ``num_samples`` counted for ``agent``: its own cap, else the global one."""
         own = (self.agent_caps or {}).get(agent)
@@ -211,8 +228,8 @@ def shape_mismatch(weights: dict[str, torch.Tensor], reference: dict[str, torch.
         extra = sorted(set(weights) - set(reference))[:3]
         return f"tensor names differ from the global model (missing {missing}, extra {extra})"
     for name, ref in reference.items():
-        t = weights[name]
-        if tuple(t.shape) != tuple(ref.shape) or t.dtype != ref.dtype:
-            return (f"{name}: {t.dtype}{list(t.shape)} does not match the global model's "
+        shape, dtype = tensor_meta(weights, name)  # a chunked update's tensors are not read for this
+        if shape != tuple(ref.shape) or dtype != ref.dtype:
+            return (f"{name}: {dtype}{list(shape)} does not match the global model's "
                     f"{ref.dtype}{list(ref.shape)}")
     return ""

@@ -5,6 +5,9 @@ Every write is atomic (temporary file, fsync, rename). Layout of ``state_dir``::
     model-<version>.safetensors   the global model of that version (the latest two are kept)
     state.json                    version, policy, counters, history, ids of fused updates
     inbox/<update_id>.msgpack     accepted updates not yet fused (the raw wire payload)
+    inbox/<update_id>.manifest    a chunked update (schemas.chunks): its manifest, and
+    inbox/<update_id>.data        its data section, moved here from spool/ when complete
+    spool/                        chunked updates still arriving
     partial.msgpack               a site aggregator's partial aggregate the center has not fused yet
 
 An update is acknowledged to the broker only once it is in the inbox, so a ``kill -9``
@@ -28,6 +31,7 @@ from safetensors.torch import load_file, save_file
 
 STATE = "state.json"
 INBOX = "inbox"
+SPOOL = "spool"
 PARTIAL = "partial.msgpack"  # a site's partial aggregate not yet in a central global model
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 
@@ -108,12 +112,50 @@ class Checkpoint:
             raise ValueError(f"unsafe update id {update_id!r}")
         _atomic_write(self.dir / INBOX / f"{update_id}.msgpack", payload, fsync=self.fsync_inbox)
 
+    def inbox_put_chunked(self, update_id: str, manifest: bytes, data: Path) -> Path:
+        """A complete chunked update: its data file moves into the inbox, then its manifest is
+        written (the manifest is what makes the entry count). Returns the data file's new path."""
+        if not _SAFE_ID.match(update_id):
+            raise ValueError(f"unsafe update id {update_id!r}")
+        target = self.dir / INBOX / f"{update_id}.data"
+        os.replace(data, target)
+        if self.fsync_inbox:
+            with open(target, "rb+") as f:
+                os.fsync(f.fileno())
+        _atomic_write(self.dir / INBOX / f"{update_id}.manifest", manifest, fsync=self.fsync_inbox)
+        return target
+
+    @property
+    def spool(self) -> Path:
+        """Where chunked updates are reassembled (same file system as the inbox: moves are renames)."""
+        path = self.dir / SPOOL
+        path.mkdir(exist_ok=True)
+        return path
+
     def inbox_drop(self, update_ids: list[str]) -> None:
         for uid in update_ids:
             if _SAFE_ID.match(uid):
-                (self.dir / INBOX / f"{uid}.msgpack").unlink(missing_ok=True)
+                for suffix in (".msgpack", ".manifest", ".data"):
+                    (self.dir / INBOX / f"{uid}{suffix}").unlink(missing_ok=True)
 
-    def inbox(self) -> list[tuple[str, bytes]]:
-        """The accepted, unfused updates (id, payload), oldest first."""
-        files = sorted((self.dir / INBOX).glob("*.msgpack"), key=lambda p: p.stat().st_mtime)
-        return [(p.stem, p.read_bytes()) for p in files]
+    def inbox(self) -> list[tuple[str, bytes | tuple[bytes, Path]]]:
+        """The accepted, unfused updates, oldest first: ``(id, payload)``, or ``(id, (manifest,
+        data file))`` for a chunked one."""
+        files = [p for p in (self.dir / INBOX).iterdir() if p.suffix in (".msgpack", ".manifest")]
+        out: list[tuple[str, bytes | tuple[bytes, Path]]] = []
+        for p in sorted(files, key=lambda p: p.stat().st_mtime):
+            if p.suffix == ".msgpack":
+                out.append((p.stem, p.read_bytes()))
+            elif (data := p.with_suffix(".data")).exists():
+                out.append((p.stem, (p.read_bytes(), data)))
+        keep = {uid for uid, _ in out}
+        for p in (self.dir / INBOX).glob("*.data"):
+            if p.stem not in keep:
+                p.unlink(missing_ok=True)  # a crash between the move and the manifest: never confirmed
+        return out
+
+    def clear_spool(self) -> None:
+        """Drop transfers that were still arriving (at start: their senders resend them)."""
+        if (self.dir / SPOOL).exists():
+            for p in (self.dir / SPOOL).iterdir():
+                p.unlink(missing_ok=True)

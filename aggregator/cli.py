@@ -129,6 +129,9 @@ def aggregator(
                                                       "center through the site broker's bridge.")] = None,
     site: Annotated[str | None, typer.Option(help="With --upstream: this site's id at the center.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of version 0.")] = None,
+    chunk_mib: Annotated[float | None, typer.Option(min=0, max=255, help="Global models larger than 128 MiB travel "
+                                                                         "as a manifest plus chunks of this many "
+                                                                         "MiB (0: never) [default: 16].")] = None,
     config: Annotated[Path | None, typer.Option(help="JSON or TOML file with these settings.")] = None,
     username: User = None, password: Password = None, tls_ca: TlsCa = None, tls_cert: TlsCert = None,
     tls_key: TlsKey = None,
@@ -155,6 +158,7 @@ def aggregator(
         "clip_factor": clip_factor, "max_num_samples": max_num_samples, "server_lr": server_lr,
         "agents_file": agents_file,
         "signing_key": signing_key, "upstream": upstream, "site": site,
+        "chunk_bytes": chunk_size(chunk_mib) if chunk_mib is not None else None,
         "password": password, "tls_ca": tls_ca, "tls_cert": tls_cert, "tls_key": tls_key,
     }
     base.update({k: v for k, v in given.items() if v is not None})
@@ -179,6 +183,14 @@ def aggregator(
             typer.echo(f"error: {'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg']}", err=True)
         raise typer.Exit(2) from None
     raise typer.Exit(run_service(settings))
+
+
+def chunk_size(mib: float) -> int:
+    """``--chunk-mib`` in bytes (0: chunking off); a size below 1 KiB is an error."""
+    size = int(mib * 1024 * 1024)
+    if 0 < size < 1024:
+        fail(f"--chunk-mib {mib:g} is below 1 KiB; use 0 to turn chunking off")
+    return size
 
 
 def read_config(path: Path | None) -> dict[str, Any]:

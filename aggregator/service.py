@@ -17,6 +17,7 @@ import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiomqtt
@@ -30,6 +31,7 @@ from aggregator.fusion.fedavg import server_step
 from aggregator.fusion.robust import bound_influence
 from aggregator.metrics import Metrics
 from aggregator.settings import AggregatorSettings
+from aggregator.transfers import Transfers
 from schemas import (
     AggregatorStatus,
     BrokerAddress,
@@ -41,6 +43,17 @@ from schemas import (
     Topics,
     UpdateAck,
     WireError,
+)
+from schemas.chunks import (
+    CHUNK,
+    MANIFEST,
+    FileWeights,
+    Outgoing,
+    build_message,
+    envelope_message,
+    peek_kind,
+    unpack_chunk,
+    unpack_manifest,
 )
 from schemas.codec import MQTT_MAX_PACKET
 from schemas.signing import load_private_key, sign
@@ -65,10 +78,15 @@ def wire_reason(exc: WireError) -> str:
     return "malformed"
 
 
-def too_big(what: str, version: int, size: int) -> str:
-    """The one-line error for a model that one MQTT packet cannot carry."""
-    return (f"{what} (v{version}) is {size:,} bytes: over MQTT's limit of {MQTT_MAX_PACKET:,} bytes per packet; "
-            "models this large need chunked transfer, which fedwb does not have yet")
+def too_big(what: str, version: int, size: int, where: str = "--chunk-mib") -> str:
+    """The one-line error for a model that one MQTT packet cannot carry and chunking is off for."""
+    return (f"{what} (v{version}) is {size:,} bytes: over MQTT's limit of {MQTT_MAX_PACKET:,} bytes per packet, "
+            f"and chunked transfer is off ({where} 0); turn it on to send models this large")
+
+
+def model_bytes(weights: Any) -> int:
+    """The tensors' size in bytes (what the wire carries, less a small envelope)."""
+    return sum(t.numel() * t.element_size() for t in weights.values())
 
 
 def resolve_device(name: str) -> torch.device:
@@ -179,6 +197,9 @@ class Aggregator:
         self._connected = False  # a session came up since the last connection error
         self.reconnects = 0  # sessions lost (a kick by another client with our id would count here)
         self._signing_key = load_private_key(settings.signing_key) if settings.signing_key else None
+        self._publish_lock = asyncio.Lock()
+        self._spool_tmp: str | None = None  # the spool directory when there is no state dir
+        self.transfers: Transfers | None = None  # opened with the first chunked update
 
     # ------------------------------------------------------------------ state
     def _state(self) -> dict[str, Any]:
@@ -222,13 +243,14 @@ class Aggregator:
         fused = {uid for h in self.history[-50:] for uid in h.get("update_ids", [])}
         counted = set(st.get("buffered_ids", []))
         restored = 0
+        self.checkpoint.clear_spool()  # transfers still arriving at the crash: their senders resend them
         for uid, payload in self.checkpoint.inbox():
             if uid in fused:
                 self.checkpoint.inbox_drop([uid])
                 continue
             try:
-                upd = schemas.unpack(payload, ModelUpdate, max_bytes=self.s.max_payload_bytes)
-            except WireError:
+                upd = self._stored_update(payload)
+            except (WireError, OSError):
                 self.checkpoint.inbox_drop([uid])
                 continue
             adm = self.buffer.readmit(upd, self.version, self.weights, time.monotonic())
@@ -239,6 +261,15 @@ class Aggregator:
             self.checkpoint.inbox_drop(drop)  # a replaced or no longer admissible update never comes back
         self.log.info("job %s: resumed at version %d (policy %s), %d buffered updates restored",
                       self.s.job, self.version, self.policy.describe(), restored)
+
+    def _stored_update(self, payload: bytes | tuple[bytes, Path]) -> ModelUpdate:
+        """An inbox entry as an update: a one-packet payload, or a chunked one's manifest and data file."""
+        if isinstance(payload, bytes):
+            return schemas.unpack(payload, ModelUpdate, max_bytes=self.s.max_payload_bytes)
+        manifest = unpack_manifest(payload[0], max_bytes=self.s.max_model_bytes)
+        if payload[1].stat().st_size != manifest.total_bytes:
+            raise WireError(f"{payload[1]}: not the size its manifest says")
+        return build_message(ModelUpdate, manifest, FileWeights(payload[1], manifest))
 
     def _initial_weights(self) -> dict[str, torch.Tensor]:
         if self.s.init:
@@ -283,20 +314,42 @@ class Aggregator:
                                        qos=1, retain=True)
 
     async def _publish_global(self) -> None:
+        async with self._publish_lock:  # one version's chunks never interleave with the next one's
+            await self._publish_global_locked()
+
+    async def _publish_global_locked(self) -> None:
         if self._client is None or self.published_version >= self.version:
             return
-        last = self.history[-1] if self.history and self.history[-1]["version"] == self.version else {}
-        msg = GlobalModel(job=self.s.job, version=self.version, policy=last.get("policy", "init"),
+        version = self.version
+        last = self.history[-1] if self.history and self.history[-1]["version"] == version else {}
+        msg = GlobalModel(job=self.s.job, version=version, policy=last.get("policy", "init"),
                           method=last.get("method", "init"), weights=self.weights,
                           contributors=last.get("contributors", []),
                           info={k: v for k, v in last.items() if k not in ("update_ids",)})
         if self._signing_key is not None:
             msg = await asyncio.to_thread(sign, msg, self._signing_key)
-        payload = await asyncio.to_thread(schemas.pack, msg)
-        if len(payload) > MQTT_MAX_PACKET:
-            raise ValueError(too_big("global model", self.version, len(payload)))
-        await self._client.publish(self.topics.global_model, payload, qos=1, retain=True)
-        self.published_version = self.version
+        size = model_bytes(self.weights)
+        if self.s.chunk_bytes and size > self.s.chunk_above:
+            await self._publish_chunked(msg)
+        else:
+            if size > MQTT_MAX_PACKET:
+                raise ValueError(too_big("global model", version, size, "--chunk-mib"))
+            payload = await asyncio.to_thread(schemas.pack, msg)
+            await self._client.publish(self.topics.global_model, payload, qos=1, retain=True)
+        self.published_version = version
+
+    async def _publish_chunked(self, msg: GlobalModel) -> None:
+        """The manifest (retained, on the global topic) first, then each chunk retained on its own
+        topic: a subscriber that joins at any moment gets the newest manifest and, from the retained
+        chunks, every piece of it (older versions' chunks fail the manifest's digests and are ignored)."""
+        out = await asyncio.to_thread(Outgoing, msg, f"global-v{msg.version}", self.s.chunk_bytes)
+        await self._client.publish(self.topics.global_model, out.manifest_payload(), qos=1, retain=True)
+        chunks = out.chunk_payloads()
+        for index in range(out.n_chunks):
+            payload = await asyncio.to_thread(next, chunks)
+            await self._client.publish(self.topics.global_chunk(index), payload, qos=1, retain=True)
+        self.log.info("global v%d published in %d chunks (%s bytes)", msg.version, out.n_chunks,
+                      f"{out.total:,}")
 
     # ------------------------------------------------------------------ messages
     async def _on_message(self, message: aiomqtt.Message) -> None:
@@ -342,31 +395,143 @@ class Aggregator:
 
     async def _on_update(self, topic: str, payload: bytes) -> None:
         agent = self.topics.agent_of(topic) or "?"
+        kind = peek_kind(payload)
+        if kind == MANIFEST:
+            await self._on_manifest(agent, payload)
+            return
+        if kind == CHUNK:
+            await self._on_chunk(agent, payload)
+            return
         try:  # cheap envelope checks first (size, tensor count); big payloads decode off the event loop
             update = self._decode(payload) if len(payload) < INLINE_DECODE_BYTES else \
                 await asyncio.to_thread(self._decode, payload)
         except WireError as exc:
-            reason = wire_reason(exc)
-            self.counters.reject(reason)
-            self.metrics.update(reason)
-            self._warn_once(agent, reason, str(exc))
+            self._reject_wire(agent, exc)
             return
+
+        async def persist() -> None:
+            if self.checkpoint is not None:
+                await asyncio.to_thread(self.checkpoint.inbox_put, update.update_id, payload)
+
+        await self._admit(agent, update, persist)
+
+    def _reject_wire(self, agent: str, exc: WireError) -> None:
+        reason = wire_reason(exc)
+        self.counters.reject(reason)
+        self.metrics.update(reason)
+        self._warn_once(agent, reason, str(exc))
+
+    async def _admit(self, agent: str, update: ModelUpdate, persist: Any) -> Admission:
+        """Check, persist (``await persist()``), buffer, count and confirm one decoded update."""
         adm = self.buffer.check(update, agent, self.version, self.weights)
-        if adm is None and self.checkpoint is not None:
-            await asyncio.to_thread(self.checkpoint.inbox_put, update.update_id, payload)
-        if adm is None:  # checked once: a second check would count the rate-limit window twice
-            adm = self.buffer.add(update, time.monotonic())
-            if adm.replaced_id and self.checkpoint is not None:
-                self.checkpoint.inbox_drop([adm.replaced_id])
+        if adm is None:
+            await persist()
+            adm = self.buffer.add(update, time.monotonic())  # checked once: a second check counts the rate twice
+            if adm.replaced_id:
+                self._forget([adm.replaced_id])
+        self._verdict(agent, update.update_id, update.agent_id, adm)
+        return adm
+
+    def _verdict(self, agent: str, update_id: str, claimed: str, adm: Admission) -> None:
+        """Count an admission, confirm it to its publisher, warn about rejections."""
         self.counters.count(adm)
         self.metrics.update(adm.reason or adm.outcome.value)
-        if agent == update.agent_id:  # confirm to the publisher (durable by now), never to a third party
-            self._queue_ack(UpdateAck(job=self.s.job, agent_id=agent, update_id=update.update_id,
+        if agent == claimed:  # confirm to the publisher (durable by now), never to a third party
+            self._queue_ack(UpdateAck(job=self.s.job, agent_id=agent, update_id=update_id,
                                       outcome=adm.outcome.value, reason=adm.reason, version=self.version))
         if adm.outcome == Outcome.REJECTED:
             self._warn_once(agent, adm.reason, adm.detail)
         elif adm.outcome == Outcome.STALE:
             self.log.info("dropped stale update from %s: %s", agent, adm.detail)
+
+    # ------------------------------------------------------------------ chunked updates
+    def _spool(self) -> Transfers:
+        if self.transfers is None:
+            if self.checkpoint is not None:
+                spool = self.checkpoint.spool
+            else:
+                import tempfile
+
+                self._spool_tmp = tempfile.mkdtemp(prefix="fedwb-spool-")
+                spool = Path(self._spool_tmp)
+            self.transfers = Transfers(spool, self.s.max_transfers, self.s.transfer_timeout)
+        return self.transfers
+
+    async def _on_manifest(self, agent: str, payload: bytes) -> None:
+        """Open a chunked update after the checks that need no tensor bytes (job, sender, names,
+        shapes, dtypes, size, duplicate); a verdict here is confirmed at once, before any chunk."""
+        transfers = self._spool()
+        try:
+            manifest = unpack_manifest(payload, max_bytes=self.s.max_model_bytes)
+            envelope = envelope_message(ModelUpdate, manifest)
+            if manifest.transfer_id != envelope.update_id:
+                raise WireError("a chunked update's transfer id must be its update id")
+        except WireError as exc:
+            self._reject_wire(agent, exc)
+            return
+        envelope.__dict__["weights"] = manifest.meta_weights()  # shapes and dtypes only
+        early = self.buffer.precheck(envelope, agent, self.weights)
+        if early is not None:
+            self._verdict(agent, envelope.update_id, envelope.agent_id, early)
+            return
+        try:
+            opened = await asyncio.to_thread(transfers.start, agent, manifest, payload)
+        except (WireError, OSError) as exc:
+            self._reject_wire(agent, WireError(str(exc)))
+            return
+        self.log.info("chunked update %s from %s %s: %d chunks, %s bytes", envelope.update_id, agent, opened,
+                      manifest.n_chunks(), f"{manifest.total_bytes:,}")
+        if manifest.n_chunks() == 0:
+            await self._complete(agent)
+
+    async def _on_chunk(self, agent: str, payload: bytes) -> None:
+        transfers = self._spool()
+        try:
+            transfer_id, index, data = unpack_chunk(payload)
+        except WireError as exc:
+            self._reject_wire(agent, exc)
+            return
+        held = transfers.get(agent, transfer_id)
+        if held is None:
+            return  # a chunk of a transfer already decided (duplicate, rejected, done) or expired: dropped
+        try:
+            await asyncio.to_thread(held.reassembly.add, index, data)
+        except (WireError, OSError) as exc:
+            self.counters.reject("bad_chunk")
+            self.metrics.update("bad_chunk")
+            self._warn_once(agent, "bad_chunk", str(exc))
+            return
+        if held.reassembly.complete:
+            await self._complete(agent)
+
+    async def _complete(self, agent: str) -> None:
+        """A transfer has all its chunks: check the tensors (one at a time), then admit the update."""
+        held = self._spool().finish(agent)
+        try:
+            weights = await asyncio.to_thread(held.reassembly.weights)
+            update = build_message(ModelUpdate, held.manifest, weights)
+        except (WireError, OSError) as exc:
+            held.reassembly.discard()
+            self._reject_wire(agent, exc if isinstance(exc, WireError) else WireError(str(exc)))
+            return
+
+        async def persist() -> None:
+            if self.checkpoint is not None:
+                path = await asyncio.to_thread(self.checkpoint.inbox_put_chunked, update.update_id, held.payload,
+                                               held.path)
+                update.__dict__["weights"] = FileWeights(path, held.manifest)
+
+        adm = await self._admit(agent, update, persist)
+        if not adm.kept:
+            held.reassembly.discard()
+
+    def _forget(self, update_ids: list[str]) -> None:
+        """Updates that are fused, replaced or no longer admissible: their stored copies go."""
+        if self.checkpoint is not None:
+            self.checkpoint.inbox_drop(update_ids)
+        if self.transfers is not None:
+            for uid in update_ids:
+                (self.transfers.spool / f"{Path(uid).name}.data").unlink(missing_ok=True)
 
     def _queue_ack(self, ack: UpdateAck) -> None:
         """Acks are coalesced per agent (retained: the latest is what counts) and sent by ``_acker``."""
@@ -472,13 +637,11 @@ class Aggregator:
             self.history.append(record)
             self.policy, self.policy_state, self._clip_reference = policy, new_state, clip_ref
             self.round_started = time.monotonic()
-            if self.checkpoint is not None:
-                self.checkpoint.inbox_drop(record["update_ids"])
+            self._forget(record["update_ids"])
             return
         self._commit(rnd, record, fused, choice, report, policy, new_state, pending, clip_ref)
         await self._publish_after_fusion()
-        if self.checkpoint is not None:
-            self.checkpoint.inbox_drop(record["update_ids"])
+        self._forget(record["update_ids"])
 
     async def _compute_round(self, rnd: Round, policy: PolicySpec, policy_state: PolicyState) -> tuple:
         """Bound each update's influence, pick the method, fuse (off the loop); returns the round record."""
@@ -517,6 +680,10 @@ class Aggregator:
         Its ``num_samples`` is the sum of the round's weights (``n_k (1+tau_k)^-alpha``), so the
         center's FedAvg of the sites' partials equals the flat FedAvg of all updates.
         """
+        if model_bytes(fused) > MQTT_MAX_PACKET:
+            raise ValueError(f"a partial aggregate of {model_bytes(fused):,} bytes is over MQTT's limit of "
+                             f"{MQTT_MAX_PACKET:,} bytes per packet; chunked transfer between a site and the "
+                             "center is not supported yet")
         weight = max(1, round(math.fsum(rnd.weights)))
         partial = ModelUpdate(job=self.s.job, agent_id=self.s.site, base_version=self.version, num_samples=weight,
                               weights=fused, metrics={"contributors": float(len(rnd.updates))})
@@ -648,6 +815,10 @@ class Aggregator:
             self._maybe_fuse()
             await self._resend_partial()
             now = time.monotonic()
+            if self.transfers is not None:
+                for agent in self.transfers.expire(now):
+                    self.log.warning("chunked update from %s: no chunk for %.0fs, dropped (the agent resends it)",
+                                     agent, self.s.transfer_timeout)
             if now - last_status >= self.s.status_interval:
                 last_status = now
                 await self._publish_status()
@@ -704,9 +875,9 @@ class Aggregator:
         if self._prepared:
             return
         self._restore()
-        size = sum(t.numel() * t.element_size() for t in self.weights.values())
-        if size > MQTT_MAX_PACKET:
-            raise ValueError(too_big("the model", self.version, size))
+        size = model_bytes(self.weights)
+        if size > MQTT_MAX_PACKET and not self.s.chunk_bytes:
+            raise ValueError(too_big("the model", self.version, size, "--chunk-mib"))
         self.metrics.start()
         self._prepared = True
 
@@ -735,6 +906,12 @@ class Aggregator:
                 partial_id = self.history[-1].get("partial_update_id")
             state = {**self._state(), "partial_id": partial_id}
             await asyncio.to_thread(self.checkpoint.save, self.version, self.weights, state)
+        if self.transfers is not None:
+            self.transfers.close()
+        if self._spool_tmp is not None:
+            import shutil
+
+            shutil.rmtree(self._spool_tmp, ignore_errors=True)
         self.metrics.stop()
         self.log.info("aggregator stopped at version %d", self.version)
 

@@ -50,6 +50,14 @@ class AggregatorSettings(BaseSettings):
     fsync_inbox: bool = False  # also fsync each accepted update (survives power loss; slower ingest)
     max_rounds: int | None = Field(default=None, ge=1)
     max_payload_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
+    # Models larger than one MQTT packet (schemas.chunks): a global model whose tensors pass chunk_above bytes is
+    # sent as a manifest plus chunk_bytes chunks (0: never; then such a model is an error naming its size);
+    # chunked updates up to max_model_bytes are received, at most max_transfers at a time, spooled to disk.
+    chunk_bytes: int = Field(default=16 * 1024 * 1024, ge=0)
+    chunk_above: int = Field(default=128 * 1024 * 1024, ge=1024)
+    max_model_bytes: int = Field(default=4 * 1024**3, ge=1024)
+    max_transfers: int = Field(default=16, ge=1)
+    transfer_timeout: float = Field(default=300.0, gt=0)  # a transfer with no chunk for this long is dropped
     status_interval: float = Field(default=2.0, gt=0)
     client_id: str | None = None  # default fedwb-aggregator-<job>: stable, for the persistent session
     session_expiry: int = Field(default=7 * 24 * 3600, ge=0)
@@ -62,6 +70,8 @@ class AggregatorSettings(BaseSettings):
             raise ValueError(f"min_updates ({self.min_updates}) cannot exceed quorum ({self.quorum})")
         if self.task is None and self.init is None:
             raise ValueError("give --task or --init to build version 0")
+        if self.chunk_bytes and not 1024 <= self.chunk_bytes <= 255 * 1024 * 1024:
+            raise ValueError(f"chunk_bytes must be 0 (off) or between 1 KiB and 255 MiB, got {self.chunk_bytes}")
         if self.upstream and not self.site:
             raise ValueError("a site aggregator (--upstream bridge) needs --site NAME, its id at the center")
         return self

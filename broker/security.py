@@ -42,16 +42,17 @@ def job_acl(job: str, agents: list[str], prefix: str = "fedwb", site: str | None
     lines = [f"# job {job}"]
     for agent in agents:
         lines += [f"user {agent}", f"topic write {base}/update/{agent}", f"topic write {base}/status/agent/{agent}",
-                  f"topic read {base}/global", f"topic read {base}/status/#", f"topic read {base}/ack/{agent}", ""]
+                  f"topic read {base}/global", f"topic read {base}/global/chunk/+", f"topic read {base}/status/#",
+                  f"topic read {base}/ack/{agent}", ""]
     lines += [f"user aggregator-{job}", f"topic read {base}/update/+", f"topic read {base}/control",
-              f"topic readwrite {base}/global", f"topic readwrite {base}/status/aggregator",
-              f"topic write {base}/ack/+", "",
-              f"user operator-{job}", f"topic readwrite {base}/control", f"topic read {base}/status/#",
-              f"topic read {base}/global", ""]
+              f"topic readwrite {base}/global", f"topic readwrite {base}/global/chunk/+",
+              f"topic readwrite {base}/status/aggregator", f"topic write {base}/ack/+"]
     if site is not None:
         up = f"{UPSTREAM_PREFIX}/{job}"
-        lines[-8:-8] = [f"topic write {up}/update/{_check_name('site', site)}", f"topic read {up}/global",
-                        f"topic read {up}/ack/{site}"]
+        lines += [f"topic write {up}/update/{_check_name('site', site)}", f"topic read {up}/global",
+                  f"topic read {up}/ack/{site}"]
+    lines += ["", f"user operator-{job}", f"topic readwrite {base}/control", f"topic read {base}/status/#",
+              f"topic read {base}/global", f"topic read {base}/global/chunk/+", ""]
     return "\n".join(lines) + "\n"
 
 

@@ -31,6 +31,18 @@ import torch
 
 import schemas
 from schemas import AgentStatus, BrokerAddress, GlobalModel, ModelUpdate, Topics, UpdateAck, WireError
+from schemas.chunks import (
+    MANIFEST,
+    MemoryStore,
+    Outgoing,
+    Reassembly,
+    build_message,
+    envelope_message,
+    peek_kind,
+    tensor_meta,
+    unpack_chunk,
+    unpack_manifest,
+)
 from schemas.codec import MQTT_MAX_PACKET
 
 log = logging.getLogger("fedwb.agent")
@@ -66,6 +78,9 @@ class AgentSettings:
     max_memory_mb: float | None = None  # memory guard: leave (exit 3) when the RSS passes this after a round
     confirm_timeout: float = 60.0  # resend an update the aggregator has not confirmed after this many seconds
     exit_wait: float = 30.0  # at the natural end (max_rounds), wait this long for the last confirmation
+    chunk_bytes: int = 16 * 1024 * 1024  # updates over chunk_above bytes go as a manifest + chunks; 0: never
+    chunk_above: int = 128 * 1024 * 1024
+    max_model_bytes: int = 4 * 1024**3  # the largest chunked global model accepted
 
 
 class _Crash(Exception):
@@ -92,8 +107,9 @@ class Agent:
         self._new_global = asyncio.Event()
         self.trained_from = -1
         self.rounds = 0
-        self.pending: tuple[str, bytes] | None = None  # (update_id, payload) not yet published
-        self.unconfirmed: tuple[str, bytes] | None = None  # published, not yet confirmed by the aggregator
+        self.pending: tuple[str, bytes | Outgoing] | None = None  # (update_id, payload or chunks) not yet published
+        self.unconfirmed: tuple[str, bytes | Outgoing] | None = None  # published, not confirmed by the aggregator
+        self._incoming: Reassembly | None = None  # a chunked global model on its way
         self._published_at = 0.0
         self.resends = 0
         self.started = time.monotonic()
@@ -110,7 +126,7 @@ class Agent:
         self.state = "online"
         self.reconnects = 0
         self.refused: dict[str, int] = {}  # global models refused, by reason
-        self._shapes = {n: (tuple(t.shape), t.dtype) for n, t in task.initial_weights().items()}
+        self._shapes = model_shapes(task)
         self._verify_key = None
         if settings.verify_key:
             from schemas.signing import load_public_key
@@ -132,22 +148,72 @@ class Agent:
 
     async def _consume(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
-            if str(message.topic) == self.topics.ack(self.s.agent_id):
-                self._on_ack(bytes(message.payload))
+            topic, payload = str(message.topic), bytes(message.payload)
+            if topic == self.topics.ack(self.s.agent_id):
+                self._on_ack(payload)
+                continue
+            if topic != self.topics.global_model:
+                await self._on_global_chunk(client, payload)
+                continue
+            if peek_kind(payload) == MANIFEST:
+                await self._on_global_manifest(client, payload)
                 continue
             try:
-                g = schemas.unpack(bytes(message.payload), GlobalModel, max_bytes=self.s.max_payload_bytes)
+                g = schemas.unpack(payload, GlobalModel, max_bytes=self.s.max_payload_bytes)
             except WireError as exc:
                 log.warning("%s: ignored a malformed global model: %s", self.s.agent_id, exc)
                 continue
-            if self.latest is not None and g.version <= self.latest.version and g.job == self.s.job:
-                continue  # a redelivery or an older version: nothing new
-            problem = await asyncio.to_thread(self._refusal, g)
-            if problem:
-                self._refuse(g, *problem)
-                continue
-            self.latest = g  # only the newest is kept: bounded memory
-            self._new_global.set()
+            await self._offer(g)
+
+    async def _offer(self, g: GlobalModel) -> None:
+        """Take ``g`` as the model of the next round unless it is old news or refused."""
+        if self.latest is not None and g.version <= self.latest.version and g.job == self.s.job:
+            return  # a redelivery or an older version: nothing new
+        problem = await asyncio.to_thread(self._refusal, g)
+        if problem:
+            self._refuse(g, *problem)
+            return
+        self.latest = g  # only the newest is kept: bounded memory
+        self._new_global.set()
+
+    async def _on_global_manifest(self, client: aiomqtt.Client, payload: bytes) -> None:
+        """A global model in chunks: check what needs no tensor bytes, then collect its chunks
+        (subscribing to them now delivers the retained ones, whatever arrived before)."""
+        try:
+            manifest = unpack_manifest(payload, max_bytes=self.s.max_model_bytes)
+            g = envelope_message(GlobalModel, manifest)
+        except WireError as exc:
+            log.warning("%s: ignored a malformed chunked global model: %s", self.s.agent_id, exc)
+            return
+        if (self.latest is not None and g.version <= self.latest.version and g.job == self.s.job) or \
+                (self._incoming is not None and self._incoming.manifest == manifest):
+            return
+        g.__dict__["weights"] = manifest.meta_weights()
+        problem = self._refusal(g, signature=False)
+        if problem:
+            self._refuse(g, *problem)
+            return
+        self._incoming = Reassembly(manifest, MemoryStore(manifest.total_bytes))
+        await client.subscribe(self.topics.global_chunks, qos=1)
+
+    async def _on_global_chunk(self, client: aiomqtt.Client, payload: bytes) -> None:
+        incoming = self._incoming
+        if incoming is None:
+            return
+        try:
+            transfer_id, index, data = unpack_chunk(payload)
+            if transfer_id != incoming.manifest.transfer_id:
+                return  # a retained chunk of another version
+            await asyncio.to_thread(incoming.add, index, data)
+            if not incoming.complete:
+                return
+            g = build_message(GlobalModel, incoming.manifest, await asyncio.to_thread(incoming.weights))
+        except WireError as exc:
+            log.warning("%s: ignored a global model chunk: %s", self.s.agent_id, exc)
+            return
+        self._incoming = None
+        await client.unsubscribe(self.topics.global_chunks)
+        await self._offer(g)
 
     def _on_ack(self, payload: bytes) -> None:
         """The aggregator confirmed an update: stop keeping it (any verdict ends the resends)."""
@@ -167,15 +233,15 @@ class Agent:
             self._sent.set()
         self._wake.set()
 
-    def _refusal(self, g: GlobalModel) -> tuple[str, str] | None:
+    def _refusal(self, g: GlobalModel, signature: bool = True) -> tuple[str, str] | None:
         """Why ``g`` is not a global model of this job to train from: (reason, detail), or None."""
         if g.job != self.s.job:
             return "wrong_job", f"job {g.job!r}"
-        shapes = {n: (tuple(t.shape), t.dtype) for n, t in g.weights.items()}
+        shapes = {n: tensor_meta(g.weights, n) for n in g.weights}
         if shapes != self._shapes:
             bad = sorted(n for n in set(shapes) | set(self._shapes) if shapes.get(n) != self._shapes.get(n))
             return "shape_mismatch", f"tensors {bad[:3]} differ from this task's model"
-        if self._verify_key is not None:
+        if self._verify_key is not None and signature:
             from schemas.signing import verify
 
             if not g.signature:
@@ -253,11 +319,17 @@ class Agent:
         update = ModelUpdate(job=self.s.job, agent_id=self.s.agent_id, base_version=g.version,
                              num_samples=result.num_samples, weights=result.weights,
                              metrics={**result.metrics, "train_seconds": spent})
-        payload = await asyncio.to_thread(schemas.pack, update)
-        if len(payload) > MQTT_MAX_PACKET:
-            log.error("%s: update of round %d is %s bytes, over MQTT's limit of %s bytes per packet; not sent",
-                      self.s.agent_id, self.rounds, f"{len(payload):,}", f"{MQTT_MAX_PACKET:,}")
-            return
+        size = sum(t.numel() * t.element_size() for t in result.weights.values())
+        if self.s.chunk_bytes and size > self.s.chunk_above:
+            payload: bytes | Outgoing = await asyncio.to_thread(Outgoing, update, update.update_id,
+                                                                self.s.chunk_bytes)
+        else:
+            payload = await asyncio.to_thread(schemas.pack, update)
+            if len(payload) > MQTT_MAX_PACKET:
+                log.error("%s: update of round %d is %s bytes, over MQTT's limit of %s bytes per packet, and "
+                          "chunked transfer is off (--chunk-mib 0); not sent", self.s.agent_id, self.rounds,
+                          f"{len(payload):,}", f"{MQTT_MAX_PACKET:,}")
+                return
         if self.s.delay is not None:
             await self._pause(self.s.delay(self.rng))
         self.pending = (update.update_id, payload)  # one slot: a newer update replaces an unsent older one
@@ -309,7 +381,7 @@ class Agent:
                         published_state = health
                     if self.pending is not None:
                         item = self.pending
-                        await client.publish(self.topics.update(self.s.agent_id), item[1], qos=1)
+                        await self._publish_update(client, item)
                         if self.pending is item:
                             self.pending, self.unconfirmed = None, item
                             self._published_at = time.monotonic()
@@ -331,6 +403,19 @@ class Agent:
                                      retain=True)
             finally:
                 consumer.cancel()
+
+    async def _publish_update(self, client: aiomqtt.Client, item: tuple[str, bytes | Outgoing]) -> None:
+        """One packet, or the manifest and each chunk in order (stopping if a newer update replaced it)."""
+        topic = self.topics.update(self.s.agent_id)
+        if isinstance(item[1], bytes):
+            await client.publish(topic, item[1], qos=1)
+            return
+        await client.publish(topic, item[1].manifest_payload(), qos=1)
+        chunks = item[1].chunk_payloads()
+        for _ in range(item[1].n_chunks):
+            if self.pending is not item:
+                return
+            await client.publish(topic, await asyncio.to_thread(next, chunks), qos=1)
 
     async def _connection(self) -> None:
         """Keep a session up until stopped; reconnect with exponential backoff and jitter."""
@@ -374,6 +459,17 @@ class Agent:
         if trainer.done() and not trainer.cancelled() and trainer.exception() is not None:
             raise trainer.exception()
         return 3 if self.over_memory else 0
+
+
+def model_shapes(task: Any) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Names, shapes and dtypes of the task's model, built on the ``meta`` device (no memory: a
+    1 GB model costs nothing here); a task whose model cannot be built there pays for one copy."""
+    try:
+        with torch.device("meta"):
+            weights = task.build_model().state_dict()
+    except Exception:  # noqa: BLE001 - e.g. a plugin that loads a file in build_model
+        weights = task.initial_weights()
+    return {n: (tuple(t.shape), t.dtype) for n, t in weights.items()}
 
 
 def rss_mb() -> float:

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from aggregator.cli import Password, TlsCa, TlsCert, TlsKey, User, parse_task_options
+from aggregator.cli import Password, TlsCa, TlsCert, TlsKey, User, chunk_size, parse_task_options
 
 
 def agent(
@@ -56,6 +56,10 @@ def agent(
     max_memory_mb: Annotated[float | None, typer.Option(min=1, help="Memory guard: exit 3 when the RSS passes this "
                                                                     "after a round (a service manager restarts).")]
     = None,
+    chunk_mib: Annotated[float, typer.Option(min=0, max=255, help="Updates larger than 128 MiB travel as a "
+                                                                   "manifest plus chunks of this many MiB "
+                                                                   "(0: never; MQTT carries 256 MiB per packet).")]
+    = 16.0,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
 ) -> None:
     """Run an edge agent: wait for the global model, train locally, publish, repeat.
@@ -114,7 +118,7 @@ def start_agent(o: dict[str, Any]) -> int:
             password=o["password"], tls_ca=o["tls_ca"], tls_cert=o["tls_cert"], tls_key=o["tls_key"],
             slowdown=o["slowdown"], delay=parse_delay(o["delay"]) if o["delay"] else None, drop=o["drop"],
             crash=o["crash"], init=init, pretrain=o["pretrain"], verify_key=o["verify_key"], threads=o["threads"],
-            max_memory_mb=o["max_memory_mb"])
+            max_memory_mb=o["max_memory_mb"], chunk_bytes=chunk_size(o["chunk_mib"]))
         return run_agent(settings)
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))

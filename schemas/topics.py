@@ -34,6 +34,14 @@ class Topics:
     def global_model(self) -> str:
         return f"{self.base}/global"
 
+    def global_chunk(self, index: int) -> str:
+        """Chunk ``index`` of a global model too large for one packet (retained; schemas.chunks)."""
+        return f"{self.base}/global/chunk/{index}"
+
+    @property
+    def global_chunks(self) -> str:
+        return f"{self.base}/global/chunk/+"
+
     @property
     def control(self) -> str:
         return f"{self.base}/control"

@@ -103,7 +103,9 @@ def test_millions_of_tiny_tensors_are_refused_from_the_header() -> None:
         schemas.unpack(payload, ModelUpdate, tensors=2, max_tensors=10**6)
 
 
-def test_a_model_over_one_mqtt_packet_is_one_clear_error(tmp_path: Path) -> None:
-    s = AggregatorSettings(job="j", task="noop", task_options={"shapes": [[68_000_000]]}, device="cpu")
-    with pytest.raises(ValueError, match="over MQTT's limit of 268,435,455 bytes per packet"):
+def test_a_model_over_one_mqtt_packet_is_one_clear_error_when_chunking_is_off(tmp_path: Path) -> None:
+    s = AggregatorSettings(job="j", task="noop", task_options={"shapes": [[68_000_000]]}, device="cpu",
+                           chunk_bytes=0)
+    with pytest.raises(ValueError, match=r"is 272,000,000 bytes: over MQTT's limit of 268,435,455 bytes per packet, "
+                                         r"and chunked transfer is off \(--chunk-mib 0\)"):
         Aggregator(s).prepare()

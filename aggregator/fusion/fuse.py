@@ -69,6 +69,7 @@ from aggregator.fusion import sinkhorn_torch as _torch_solver
 from aggregator.fusion import sinkhorn_triton as _triton_solver
 from aggregator.fusion.fedavg import fedavg_tensor, normalize_weights
 from aggregator.fusion.sinkhorn import sinkhorn_barycenter_1d
+from schemas.chunks import tensor_meta
 
 PER_TENSOR = ("fedavg", "fedwb", "fedwb-sinkhorn")
 # passed to registered (model-level) methods
@@ -124,10 +125,9 @@ def check_models(models: Sequence[Model]) -> list[str]:
             diff = sorted(set(m.keys()) ^ set(keys))
             raise ValueError(f"model {idx} has different tensors than model 0: {diff[:5]}")
         for name in keys:
-            a, b = models[0][name], m[name]
-            if a.shape != b.shape or a.dtype != b.dtype:
-                raise ValueError(f"tensor {name!r}: model {idx} has {b.dtype}{list(b.shape)}, "
-                                 f"model 0 has {a.dtype}{list(a.shape)}")
+            (sa, da), (sb, db) = tensor_meta(models[0], name), tensor_meta(m, name)
+            if sa != sb or da != db:
+                raise ValueError(f"tensor {name!r}: model {idx} has {db}{list(sb)}, model 0 has {da}{list(sa)}")
     return keys
 
 
@@ -356,8 +356,9 @@ def fuse_with_report(models: Sequence[Model], weights: Sequence[float] | torch.T
             first = models[0][name]
             out[name] = fused.to(dtype=first.dtype, device=first.device).reshape(first.shape)
     for name in keys:
-        first = models[0][name]
-        if out[name].dtype != first.dtype or out[name].shape != first.shape:  # exact FedWB results (float64, flat)
+        shape, dtype = tensor_meta(models[0], name)  # without reading a file-backed model again
+        if out[name].dtype != dtype or tuple(out[name].shape) != shape:  # exact FedWB results (float64, flat)
+            first = models[0][name]
             out[name] = out[name].to(dtype=first.dtype, device=first.device).reshape(first.shape)
     report.seconds = time.perf_counter() - start
     return out, report

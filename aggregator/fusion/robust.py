@@ -92,13 +92,19 @@ def clip_to_median(models: Sequence[Model], reference: Model, factor: float,
     clipped: list[int] = []
     for idx, (m, norm) in enumerate(zip(models, norms, strict=True)):
         if norm <= bound or norm == 0.0:
-            out.append(dict(m))
+            out.append(_as_model(m))
             continue
         clipped.append(idx)
         scale = bound / norm
         out.append({n: (ref + (m[n].to(ref.dtype) - ref) * scale).to(m[n].dtype) if ref.is_floating_point()
                     else m[n] for n, ref in reference.items()})
     return out, Clipping(rho, bound, norms, clipped)
+
+
+def _as_model(m: Model) -> Model:
+    """A shallow copy of an in-memory model; a file-backed one (a chunked update, read one tensor
+    at a time) is passed on as it is: copying it into a dict would read every tensor at once."""
+    return dict(m) if isinstance(m, dict) else m
 
 
 def _per_float_tensor(models: Sequence[Model], newest: int, rule: Any) -> dict[str, torch.Tensor]:
@@ -182,7 +188,7 @@ def bound_influence(models: Sequence[Model], weights: Sequence[float], reference
     total = math.fsum(weights)
     lam = [w / total for w in weights]
     report: dict[str, Any] = {"share_cap": round(share_cap, 6)}
-    out = [dict(m) for m in models]
+    out = [_as_model(m) for m in models]
     if clip_factor > 0 and reference:
         out, clip = clip_to_median(models, reference, clip_factor, previous)
         report.update(clip_reference=clip.reference, clip_bound=clip.bound, clipped=clip.clipped,

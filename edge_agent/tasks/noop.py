@@ -37,7 +37,7 @@ class _Params(torch.nn.Module):
     def __init__(self, shapes: list[list[int]]) -> None:
         super().__init__()
         for i, shape in enumerate(shapes):
-            self.register_parameter(f"t{i}", torch.nn.Parameter(torch.randn(*shape) * 0.1))
+            self.register_parameter(f"t{i}", torch.nn.Parameter(torch.randn(*shape).mul_(0.1)))
 
 
 class NoopTask(Task):
@@ -52,6 +52,12 @@ class NoopTask(Task):
 
     def build_model(self) -> torch.nn.Module:
         return _Params(self.shapes)
+
+    def initial_weights(self) -> StateDict:
+        """Version 0 without the base class's copy: this task is what big-model benches load, and a
+        second copy would double the aggregator's peak memory for nothing (the module is dropped)."""
+        torch.manual_seed(self.seed)
+        return {k: v.detach() for k, v in self.build_model().state_dict().items()}
 
     def train(self, weights: StateDict, budget: int) -> TrainResult:
         out = {k: v + self.noise * torch.randn(v.shape, generator=self._gen, dtype=v.dtype)
