@@ -64,6 +64,7 @@ class DQNConfig:
     double_dqn: bool = False
     max_grad_norm: float = 10.0  # 0: no clipping
     reset_optimizer: bool = False  # clear Adam's moments when a global model arrives (they belong to the old one)
+    prox_mu: float = 0.0  # FedProx (Li et al. 2020): + mu/2 ||w - w_global||^2 in the local loss; 0: off
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -264,6 +265,7 @@ class CartPoleTask(Task):
         self.rb = ReplayBuffer(self.cfg.buffer_size, 4, self.rng)
         self.global_step = 0
         self.episode_return = 0.0
+        self.anchor: list[torch.Tensor] = []  # the last global model's parameters (FedProx)
         self.recent_returns: list[float] = []  # the paper's metric: training episodes, moving average of 50
 
     def build_model(self) -> nn.Module:
@@ -277,6 +279,8 @@ class CartPoleTask(Task):
         """A global model replaces the online and the target network; the buffer stays."""
         self.q.load_state_dict(weights)
         self.target.load_state_dict(weights)
+        if self.cfg.prox_mu > 0:  # the round's anchor: local steps are pulled back towards it
+            self.anchor = [p.detach().clone() for p in self.q.parameters()]
         if self.cfg.reset_optimizer:
             self.optimizer.state.clear()
 
@@ -297,6 +301,9 @@ class CartPoleTask(Task):
             td_target = rewards + cfg.gamma * next_q * (1 - dones)
         q_value = self.q(obs).gather(1, actions[:, None]).squeeze(1)
         loss = nn.functional.smooth_l1_loss(q_value, td_target)  # Huber
+        if cfg.prox_mu > 0 and self.anchor:
+            loss = loss + 0.5 * cfg.prox_mu * sum(((p - a) ** 2).sum() for p, a in zip(self.q.parameters(),
+                                                                                   self.anchor, strict=True))
         self.optimizer.zero_grad()
         loss.backward()
         if cfg.max_grad_norm > 0:
