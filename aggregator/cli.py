@@ -131,7 +131,7 @@ def aggregator(
     seed: Annotated[int | None, typer.Option(help="Seed of version 0.")] = None,
     chunk_mib: Annotated[float | None, typer.Option(min=0, max=255, help="Global models larger than 128 MiB travel "
                                                                          "as a manifest plus chunks of this many "
-                                                                         "MiB (0: never) [default: 16].")] = None,
+                                                                         "MiB (0: never) [default: 8].")] = None,
     config: Annotated[Path | None, typer.Option(help="JSON or TOML file with these settings.")] = None,
     username: User = None, password: Password = None, tls_ca: TlsCa = None, tls_cert: TlsCert = None,
     tls_key: TlsKey = None,

@@ -52,6 +52,7 @@ from schemas.chunks import (
     build_message,
     envelope_message,
     peek_kind,
+    return_big_buffers,
     unpack_chunk,
     unpack_manifest,
 )
@@ -874,6 +875,7 @@ class Aggregator:
         """Load or create the state and open the metrics port (idempotent; errors are the operator's)."""
         if self._prepared:
             return
+        return_big_buffers()
         self._restore()
         size = model_bytes(self.weights)
         if size > MQTT_MAX_PACKET and not self.s.chunk_bytes:

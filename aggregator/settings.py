@@ -8,6 +8,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas import PolicySpec
+from schemas.chunks import CHUNK_BYTES
 
 
 class AggregatorSettings(BaseSettings):
@@ -53,7 +54,7 @@ class AggregatorSettings(BaseSettings):
     # Models larger than one MQTT packet (schemas.chunks): a global model whose tensors pass chunk_above bytes is
     # sent as a manifest plus chunk_bytes chunks (0: never; then such a model is an error naming its size);
     # chunked updates up to max_model_bytes are received, at most max_transfers at a time, spooled to disk.
-    chunk_bytes: int = Field(default=16 * 1024 * 1024, ge=0)
+    chunk_bytes: int = Field(default=CHUNK_BYTES, ge=0)
     chunk_above: int = Field(default=128 * 1024 * 1024, ge=1024)
     max_model_bytes: int = Field(default=4 * 1024**3, ge=1024)
     max_transfers: int = Field(default=16, ge=1)

@@ -4,7 +4,7 @@
 
 Real processes: mosquitto (the project's config), ``fedwb aggregator`` (noop task, quorum =
 agents, ``--max-rounds versions``) and N ``fedwb agent`` s, all with the default chunking
-(models over 128 MiB travel as a manifest plus 16 MiB chunks). The model is ``--tensors``
+(models over 128 MiB travel as a manifest plus 8 MiB chunks). The model is ``--tensors``
 float32 tensors of ``--mib`` MiB in all. Every process's resident memory (VmRSS, file-backed
 pages included) is sampled every 0.2 s; the result is the peak per process, the aggregator's
 peak over the model size (the goal of issue 16: at most 3), the wall time to the last version
@@ -39,7 +39,8 @@ def shapes(mib: int, tensors: int) -> str:
     return ",".join([str(per)] * tensors)
 
 
-def run(mib: int, agents: int, versions: int, tensors: int, state: bool, timeout: float) -> dict[str, Any]:
+def run(mib: int, agents: int, versions: int, tensors: int, state: bool, timeout: float,
+        chunk_mib: float | None = None) -> dict[str, Any]:
     from broker import start_broker
     from fedwb import executable
 
@@ -48,6 +49,8 @@ def run(mib: int, agents: int, versions: int, tensors: int, state: bool, timeout
     broker = start_broker(kind="mosquitto", data_dir=root / "broker")
     spec = shapes(mib, tensors)
     common = ["--broker", broker.url, "--job", "big", "--task", "noop", "--task-option", f"shapes={spec}"]
+    if chunk_mib is not None:
+        common += ["--chunk-mib", str(chunk_mib)]
     logs = []
 
     def spawn(cmd: list[str], name: str) -> subprocess.Popen:
@@ -64,11 +67,14 @@ def run(mib: int, agents: int, versions: int, tensors: int, state: bool, timeout
         procs[f"agent-{i}"] = spawn([fedwb, "agent", *common, "--agent-id", f"a{i}", "--seed", str(i),
                                      "--max-rounds", str(versions)], f"agent-{i}")
     peak = dict.fromkeys(procs, 0.0)
+    peak_at = dict.fromkeys(procs, 0.0)
     last_report = started
     try:
         while aggregator.poll() is None and time.monotonic() - started < timeout:
             for name, p in procs.items():
-                peak[name] = max(peak[name], rss_mib(p.pid))
+                now = rss_mib(p.pid)
+                if now > peak[name]:
+                    peak[name], peak_at[name] = now, time.monotonic() - started
             if time.monotonic() - last_report > 15:
                 last_report = time.monotonic()
                 progress(f"  {time.monotonic() - started:.0f}s: peak RSS " +
@@ -92,7 +98,9 @@ def run(mib: int, agents: int, versions: int, tensors: int, state: bool, timeout
     return {"model_mib": model_mib, "tensors": tensors, "agents": agents, "versions_asked": versions,
             "versions_reached": reached, "aggregator_exit": aggregator.returncode, "wall_seconds": round(wall, 1),
             "peak_rss_mib": {k: round(v) for k, v in peak.items()},
+            "peak_at_seconds": {k: round(v, 1) for k, v in peak_at.items()},
             "aggregator_rss_over_model": round(peak["aggregator"] / model_mib, 2), "state_dir": state,
+            "chunk_mib": chunk_mib,
             "logs": str(root)}
 
 
@@ -103,12 +111,13 @@ def main() -> None:
     ap.add_argument("--versions", type=int, default=3)
     ap.add_argument("--tensors", type=int, default=16, help="tensors the model is split into")
     ap.add_argument("--state-dir", action="store_true", help="run the aggregator with a durable state dir")
+    ap.add_argument("--chunk-mib", type=float, default=None, help="chunk size (default: the services' default)")
     ap.add_argument("--timeout", type=float, default=900.0)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     ensure_project_python("bench.bigmodel")
     progress(f"bigmodel: {args.mib} MiB model, {args.agents} agents, {args.versions} versions")
-    result = run(args.mib, args.agents, args.versions, args.tensors, args.state_dir, args.timeout)
+    result = run(args.mib, args.agents, args.versions, args.tensors, args.state_dir, args.timeout, args.chunk_mib)
     result["machine"] = machine()
     emit(result, args.json)
 

@@ -32,6 +32,7 @@ import torch
 import schemas
 from schemas import AgentStatus, BrokerAddress, GlobalModel, ModelUpdate, Topics, UpdateAck, WireError
 from schemas.chunks import (
+    CHUNK_BYTES,
     MANIFEST,
     MemoryStore,
     Outgoing,
@@ -39,6 +40,7 @@ from schemas.chunks import (
     build_message,
     envelope_message,
     peek_kind,
+    return_big_buffers,
     tensor_meta,
     unpack_chunk,
     unpack_manifest,
@@ -78,7 +80,7 @@ class AgentSettings:
     max_memory_mb: float | None = None  # memory guard: leave (exit 3) when the RSS passes this after a round
     confirm_timeout: float = 60.0  # resend an update the aggregator has not confirmed after this many seconds
     exit_wait: float = 30.0  # at the natural end (max_rounds), wait this long for the last confirmation
-    chunk_bytes: int = 16 * 1024 * 1024  # updates over chunk_above bytes go as a manifest + chunks; 0: never
+    chunk_bytes: int = CHUNK_BYTES  # updates over chunk_above bytes go as a manifest + chunks; 0: never
     chunk_above: int = 128 * 1024 * 1024
     max_model_bytes: int = 4 * 1024**3  # the largest chunked global model accepted
 
@@ -486,6 +488,7 @@ def rss_mb() -> float:
 
 
 def run_agent(settings: AgentSettings) -> int:
+    return_big_buffers()  # big models pass through multi-MB buffers: give them back when freed
     torch.set_num_threads(settings.threads or max(1, min(2, torch.get_num_threads())))
 
     async def main() -> int:

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from aggregator.cli import Password, TlsCa, TlsCert, TlsKey, User, chunk_size, parse_task_options
+from schemas.chunks import CHUNK_BYTES
 
 
 def agent(
@@ -59,7 +60,7 @@ def agent(
     chunk_mib: Annotated[float, typer.Option(min=0, max=255, help="Updates larger than 128 MiB travel as a "
                                                                    "manifest plus chunks of this many MiB "
                                                                    "(0: never; MQTT carries 256 MiB per packet).")]
-    = 16.0,
+    = CHUNK_BYTES / 2**20,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
 ) -> None:
     """Run an edge agent: wait for the global model, train locally, publish, repeat.

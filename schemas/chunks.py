@@ -39,10 +39,29 @@ from pydantic import BaseModel, Field, ValidationError
 from schemas.codec import _NAMES, DTYPES, WireError, _all_finite, _as_tensor, _plain
 from schemas.messages import SCHEMA_VERSION
 
-CHUNK_BYTES = 16 * 1024 * 1024  # small enough to interleave with other traffic, large enough to be cheap
+CHUNK_BYTES = 8 * 1024 * 1024  # the aggregator holds ~20 in flight (the broker's inflight limit): 160 MiB
 MANIFEST = "ChunkManifest"
 CHUNK = "ModelChunk"
 MAX_CHUNKS = 1 << 20
+
+
+def return_big_buffers(threshold: int = 1 << 20) -> bool:
+    """Make glibc serve every allocation of ``threshold`` bytes or more with its own mapping.
+
+    Receiving a big model moves gigabytes through short-lived multi-MB buffers (packets,
+    chunk payloads) in several threads; with glibc's adaptive threshold those land in the
+    heap arenas and are kept after they are freed (measured: +0.9 GB resident after three
+    512 MB updates). A fixed threshold returns each one to the OS on free. False where
+    there is no glibc (nothing to do).
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, int(threshold)))  # M_MMAP_THRESHOLD (malloc.h)
+    except (OSError, AttributeError):
+        return False
 
 
 class TensorSpec(BaseModel):
@@ -306,6 +325,11 @@ def tensor_meta(weights: Mapping[str, Any], name: str) -> tuple[tuple[int, ...],
         return weights.meta(name)
     t = weights[name]
     return tuple(t.shape), t.dtype
+
+
+def tensor_device(weights: Mapping[str, Any], name: str) -> torch.device:
+    """Where ``weights[name]`` lives (a file-backed tensor is read onto the CPU)."""
+    return torch.device("cpu") if isinstance(weights, FileWeights) else weights[name].device
 
 
 class Reassembly:

@@ -118,3 +118,26 @@ def test_compose_names_only_existing_commands() -> None:
     assert {"aggregator", "agent"} <= set(used)
 
 
+
+
+async def test_chunked_models_pass_the_generated_acl_and_agents_cannot_forge_chunks(secure, job: str) -> None:
+    """The generated ACL lets agents read global/chunk/+ (and only the aggregator write it)."""
+    from edge_agent.agent import Agent, AgentSettings
+    from schemas.chunks import pack_chunk
+    from tests.test_faults import wait_for
+
+    b, users, _ = secure
+    small = {"chunk_bytes": 4096, "chunk_above": 1024}
+    s = AggregatorSettings(broker=b.url, job=job, task="noop", task_options={"shapes": [[64, 64]]}, quorum=1,
+                           status_interval=0.2, device="cpu", **creds(users, f"aggregator-{job}"), **small)
+    async with running(s) as agg:
+        await wait_for(lambda: agg.published_version == 0, 15, "chunked v0 published")
+        async with client(b, "a1", **creds(users, "agent-1")) as a1:  # a forged chunk 0 is not delivered
+            await a1.publish(Topics(job).global_chunk(0), pack_chunk("global-v0", 0, b"x" * 4096), qos=1,
+                             retain=True)
+        dev = Agent(AgentSettings(broker=b.url, job=job, agent_id="agent-0", task="noop",
+                                  task_options={"shapes": [[64, 64]]}, max_rounds=1, exit_wait=30,
+                                  **creds(users, "agent-0"), **small))
+        await asyncio.wait_for(dev.run(), 60)
+        assert dev.trained_from == 0 and dev.verdicts == {"accepted": 1}
+        await wait_for(lambda: agg.version == 1, 15, "the chunked update fused")

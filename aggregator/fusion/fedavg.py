@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -26,17 +26,25 @@ def normalize_weights(weights: Sequence[float] | torch.Tensor, k: int) -> list[f
     return [w / total for w in values]
 
 
-def fedavg_tensor(tensors: Sequence[torch.Tensor], lam: Sequence[float]) -> torch.Tensor:
+def fedavg_tensor(tensors: Iterable[torch.Tensor], lam: Sequence[float]) -> torch.Tensor:
     r"""Weighted mean :math:`W = \sum_k \lambda_k W_k` (``lam`` already normalized).
 
     Accumulates in the inputs' dtype for float32/float64 (what a plain weighted sum costs)
-    and in float32 for half-precision inputs; returns the inputs' dtype.
+    and in float32 for half-precision inputs; returns the inputs' dtype. ``tensors`` may be
+    a generator: each is added and dropped before the next is read.
     """
-    dtype = tensors[0].dtype
+    it = iter(tensors)
+    first = next(it)
+    dtype = first.dtype
     acc_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
-    acc = tensors[0].to(acc_dtype) * lam[0]
-    for t, w in zip(tensors[1:], lam[1:], strict=True):
+    acc = first.to(acc_dtype) * lam[0]
+    del first
+    n = 1
+    for t, w in zip(it, lam[1:], strict=False):
         acc.add_(t.to(acc_dtype), alpha=w)
+        n += 1
+    if n != len(lam):
+        raise ValueError(f"got {n} tensors for {len(lam)} weights")
     return acc.to(dtype)
 
 

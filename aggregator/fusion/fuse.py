@@ -69,7 +69,7 @@ from aggregator.fusion import sinkhorn_torch as _torch_solver
 from aggregator.fusion import sinkhorn_triton as _triton_solver
 from aggregator.fusion.fedavg import fedavg_tensor, normalize_weights
 from aggregator.fusion.sinkhorn import sinkhorn_barycenter_1d
-from schemas.chunks import tensor_meta
+from schemas.chunks import tensor_device, tensor_meta
 
 PER_TENSOR = ("fedavg", "fedwb", "fedwb-sinkhorn")
 # passed to registered (model-level) methods
@@ -333,14 +333,15 @@ def fuse_with_report(models: Sequence[Model], weights: Sequence[float] | torch.T
     pending: list[_Prepared] = []  # entropic tensors, solved together after the loop
     target = torch.device("cpu")
     for name in keys:
-        first = models[0][name]
-        target = torch.device(device) if device is not None else first.device
+        shape, dtype = tensor_meta(models[0], name)  # a file-backed model is read only for the math below
+        home = tensor_device(models[0], name)
+        target = torch.device(device) if device is not None else home
         report.device = str(target)
-        if not (first.is_floating_point() or first.is_complex()):
+        if not (dtype.is_floating_point or dtype.is_complex):
             rule, fused = "newest", models[newest_idx][name].clone()
-        elif method == "fedavg" or first.numel() < 2 or (first.ndim <= 1 and biases == "fedavg"):
-            rule = "fedavg"
-            fused = fedavg_tensor([m[name].to(target) for m in models], lam).to(first.device)
+        elif method == "fedavg" or math.prod(shape) < 2 or (len(shape) <= 1 and biases == "fedavg"):
+            rule = "fedavg"  # one model's tensor at a time: K file-backed updates cost one tensor, not K
+            fused = fedavg_tensor((m[name].to(target) for m in models), lam).to(home)
         else:
             rule = method
             rows = torch.stack([m[name].reshape(-1).to(target) for m in models])

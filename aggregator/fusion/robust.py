@@ -60,12 +60,18 @@ def cap_shares(lam: Sequence[float], cap: float) -> tuple[list[float], list[int]
     return shares, [i for i in range(k) if shares[i] < lam[i] * (1 - 1e-12)]
 
 
+NORM_SLICE = 1 << 20  # elements per float64 slice: the norm's temporaries stay a few MB for any tensor
+
+
 def delta_norm(model: Model, reference: Model) -> float:
-    r""":math:`\lVert W_k - W_g \rVert_2` over the float tensors."""
+    r""":math:`\lVert W_k - W_g \rVert_2` over the float tensors (in float64, a slice at a time)."""
     total = 0.0
     for name, ref in reference.items():
         if ref.is_floating_point():
-            total += float(((model[name].double() - ref.double()) ** 2).sum())
+            a, b = model[name].reshape(-1), ref.reshape(-1)
+            for i in range(0, b.numel(), NORM_SLICE):
+                d = a[i:i + NORM_SLICE].double() - b[i:i + NORM_SLICE].double()
+                total += float(torch.dot(d, d))
     return math.sqrt(total)
 
 
