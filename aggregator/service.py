@@ -72,8 +72,9 @@ def wire_reason(exc: WireError) -> str:
     text = str(exc)
     for key, reason in (("invalid ModelUpdate", "invalid_field"), ("tensors, ", "tensor_count"), ("NaN", "non_finite"),
                         ("exceeds the limit", "oversize"), ("schema version", "schema_version"),
-                        ("needs", "shape_bytes"),
-                        ("msgpack", "not_msgpack"), ("dtype", "dtype")):
+                        ("needs", "shape_bytes"), ("(too_many)", "too_many_transfers"),
+                        ("msgpack", "not_msgpack"), ("dtype", "dtype"), ("anifest", "invalid_manifest"),
+                        ("transfer id", "invalid_manifest"), ("ModelChunk", "malformed_chunk")):
         if key in text:
             return reason
     return "malformed"
@@ -455,7 +456,7 @@ class Aggregator:
 
                 self._spool_tmp = tempfile.mkdtemp(prefix="fedwb-spool-")
                 spool = Path(self._spool_tmp)
-            self.transfers = Transfers(spool, self.s.max_transfers, self.s.transfer_timeout)
+            self.transfers = Transfers(spool, self.s.max_transfers, self.s.transfer_timeout, self.s.max_spool_bytes)
         return self.transfers
 
     async def _on_manifest(self, agent: str, payload: bytes) -> None:
@@ -463,7 +464,10 @@ class Aggregator:
         shapes, dtypes, size, duplicate); a verdict here is confirmed at once, before any chunk."""
         transfers = self._spool()
         try:
-            manifest = unpack_manifest(payload, max_bytes=self.s.max_model_bytes)
+            manifest = await asyncio.to_thread(unpack_manifest, payload, max_bytes=self.s.max_model_bytes,
+                                               tensors=len(self.weights) or None) \
+                if len(payload) >= INLINE_DECODE_BYTES else \
+                unpack_manifest(payload, max_bytes=self.s.max_model_bytes, tensors=len(self.weights) or None)
             envelope = envelope_message(ModelUpdate, manifest)
             if manifest.transfer_id != envelope.update_id:
                 raise WireError("a chunked update's transfer id must be its update id")

@@ -58,6 +58,7 @@ class AggregatorSettings(BaseSettings):
     chunk_above: int = Field(default=128 * 1024 * 1024, ge=1024)
     max_model_bytes: int = Field(default=4 * 1024**3, ge=1024)
     max_transfers: int = Field(default=16, ge=1)
+    max_spool_bytes: int = Field(default=16 * 1024**3, ge=1024)  # disk for the transfers open at once
     transfer_timeout: float = Field(default=300.0, gt=0)  # a transfer with no chunk for this long is dropped
     status_interval: float = Field(default=2.0, gt=0)
     client_id: str | None = None  # default fedwb-aggregator-<job>: stable, for the persistent session

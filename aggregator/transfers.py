@@ -37,8 +37,9 @@ class Open:
 class Transfers:
     """The open chunked transfers of an aggregator, by agent."""
 
-    def __init__(self, spool: Path, max_open: int, timeout: float) -> None:
+    def __init__(self, spool: Path, max_open: int, timeout: float, max_bytes: int | None = None) -> None:
         self.spool, self.max_open, self.timeout = spool, max_open, timeout
+        self.max_bytes = max_bytes  # the open transfers' sizes together (disk), None: no bound
         self.open: dict[str, Open] = {}
         self.orphan_chunks = 0  # chunks of no open transfer (a rejected, finished or expired one): dropped
 
@@ -58,6 +59,10 @@ class Transfers:
             self.drop(agent)
         if len(self.open) >= self.max_open:
             raise WireError(f"{len(self.open)} chunked transfers are open, the limit is {self.max_open} (too_many)")
+        spooled = sum(o.manifest.total_bytes for o in self.open.values())
+        if self.max_bytes is not None and spooled + manifest.total_bytes > self.max_bytes:
+            raise WireError(f"open chunked transfers hold {spooled:,} bytes; {manifest.total_bytes:,} more would pass "
+                            f"the spool limit of {self.max_bytes:,} (too_many)")
         path = self.spool / f"{manifest.transfer_id}.data"
         self.open[agent] = Open(manifest, payload, Reassembly(manifest, FileStore(path, manifest.total_bytes)), path)
         return "opened"

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, Field, ValidationError
 
-from schemas.codec import _NAMES, DTYPES, WireError, _all_finite, _as_tensor, _plain
+from schemas.codec import _NAMES, DEFAULT_MAX_TENSORS, DTYPES, WireError, _all_finite, _as_tensor, _plain
 from schemas.messages import SCHEMA_VERSION
 
 CHUNK_BYTES = 8 * 1024 * 1024  # the aggregator holds ~20 in flight (the broker's inflight limit): 160 MiB
@@ -186,8 +186,36 @@ def peek_kind(payload: bytes | bytearray | memoryview) -> str | None:
     return kind if kind in (MANIFEST, CHUNK) else None
 
 
-def unpack_manifest(payload: bytes, *, max_bytes: int, chunk_min: int = 1024) -> ChunkManifest:
-    """Decode and sanity-check a manifest; ``WireError`` for anything malformed or over ``max_bytes``."""
+def _tensor_entries(payload: bytes | bytearray | memoryview) -> int | None:
+    """The length of a manifest's ``tensors`` array, read from the msgpack stream without building
+    its entries (None when there is no such array: the full decoder names the problem)."""
+    import io
+
+    try:
+        unpacker = msgpack.Unpacker(io.BytesIO(payload), raw=False, strict_map_key=True,
+                                    max_buffer_size=max(1 << 20, len(payload)))
+        for _ in range(unpacker.read_map_header()):
+            if unpacker.unpack() == "tensors":
+                return unpacker.read_array_header()
+            unpacker.skip()
+    except Exception:  # noqa: BLE001 - not a map, truncated, tensors not an array
+        return None
+    return None
+
+
+def unpack_manifest(payload: bytes, *, max_bytes: int, chunk_min: int = 1024, tensors: int | None = None,
+                    max_tensors: int = DEFAULT_MAX_TENSORS) -> ChunkManifest:
+    """Decode and sanity-check a manifest; ``WireError`` for anything malformed or over ``max_bytes``.
+
+    The tensor count is checked (at most ``max_tensors``; exactly ``tensors`` when given) before
+    the entries are validated one by one, so a manifest of millions of tiny tensors costs one
+    msgpack parse, not millions of model validations.
+    """
+    count = _tensor_entries(payload)
+    if count is not None and count > max_tensors:
+        raise WireError(f"weights has {count} tensors, more than the limit of {max_tensors}")
+    if count is not None and tensors is not None and count != tensors:
+        raise WireError(f"weights has {count} tensors, the global model has {tensors} (tensor count)")
     try:
         body = msgpack.unpackb(bytes(payload), raw=False, strict_map_key=True)
     except Exception as exc:  # noqa: BLE001

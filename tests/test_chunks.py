@@ -179,7 +179,7 @@ async def test_a_chunked_update_is_checked_before_its_bytes_resumes_and_survives
     async with running(s) as a:
         await wait_for(lambda: a._client is not None, 15, "the aggregator connected")
         ref = {k: v.clone() for k, v in a.weights.items()}
-        wrong = update(job, "dev0", 0, {**ref, "p0": torch.zeros(30, 10)})
+        wrong = update(job, "dev0", 0, {**ref, "t0": torch.zeros(30, 10)})
         good = update(job, "dev1", 0, {k: v + 1 for k, v in ref.items()})
         async with client(mosquitto, "dev") as c:
             # wrong shapes: rejected from the manifest alone; its chunks are dropped unread
@@ -220,3 +220,46 @@ def test_the_aggregator_settings_bound_chunk_sizes() -> None:
     with pytest.raises(ValueError, match="chunk_bytes must be 0"):
         AggregatorSettings(task="noop", chunk_bytes=300 * 1024 * 1024)
     assert Aggregator(AggregatorSettings(task="noop", chunk_bytes=0)).s.chunk_bytes == 0
+
+
+def test_a_manifest_of_millions_of_tensors_is_refused_before_validation() -> None:
+    import time
+
+    import msgpack
+
+    from schemas.chunks import MANIFEST as KIND
+
+    body = {"kind": KIND, "schema_version": 1, "of": "ModelUpdate", "transfer_id": "x", "envelope": {},
+            "tensors": [{"name": f"t{i}", "dtype": "float32", "shape": [1], "offset": 4 * i} for i in range(2_000_000)],
+            "total_bytes": 8_000_000, "chunk_bytes": 1 << 20, "digests": ["0" * 64] * 8}
+    payload = msgpack.packb(body)
+    t0 = time.perf_counter()
+    with pytest.raises(WireError, match="weights has 2000000 tensors, more than the limit of 100000"):
+        unpack_manifest(payload, max_bytes=1 << 30)
+    with pytest.raises(WireError, match="the global model has 3"):
+        unpack_manifest(payload, max_bytes=1 << 30, tensors=3, max_tensors=10**7)
+    assert time.perf_counter() - t0 < 5  # two msgpack parses, no per-entry validation
+
+
+def test_open_transfers_are_bounded_in_count_and_bytes(tmp_path: Path) -> None:
+    from aggregator.transfers import Transfers
+
+    msg = update("j", "a", 0, model())
+    m = Outgoing(msg, msg.update_id, 10_000).manifest
+    t = Transfers(tmp_path, max_open=2, timeout=60, max_bytes=3 * m.total_bytes)
+    assert t.start("a", m, b"") == "opened" and t.start("a", m, b"") == "resumed"
+    other = m.model_copy(update={"transfer_id": "other"})
+    t.start("b", other, b"")
+    with pytest.raises(WireError, match="2 chunked transfers are open, the limit is 2"):
+        t.start("c", m.model_copy(update={"transfer_id": "third"}), b"")
+    t.max_open = 10
+    big = m.model_copy(update={"transfer_id": "big", "total_bytes": 2 * m.total_bytes})
+    with pytest.raises(WireError, match="spool limit"):
+        t.start("d", big, b"")
+    assert t.expire(now=time_after(120)) == ["a", "b"] and not any(tmp_path.iterdir())
+
+
+def time_after(seconds: float) -> float:
+    import time
+
+    return time.monotonic() + seconds
