@@ -127,13 +127,9 @@ class UpdateBuffer:
         if self.rate_limit is not None and not self._within_rate(update.agent_id):
             return Admission(Outcome.REJECTED, "rate_limited",
                              f"more than {self.rate_limit:g} updates per minute from {update.agent_id}")
-        if self.agent_caps is not None and update.agent_id not in self.agent_caps:
-            return Admission(Outcome.REJECTED, "unknown_agent", f"agent {update.agent_id!r} is not in the agents file")
-        if update.job != self.job:
-            return Admission(Outcome.REJECTED, "wrong_job", f"job {update.job!r} is not {self.job!r}")
-        if topic_agent is not None and update.agent_id != topic_agent:
-            return Admission(Outcome.REJECTED, "agent_mismatch",
-                             f"agent_id {update.agent_id!r} published on {topic_agent!r}'s topic")
+        sender = self._sender(update, topic_agent)
+        if sender is not None:
+            return sender
         if update.base_version > version:
             return Admission(Outcome.REJECTED, "from_future",
                              f"base_version {update.base_version} > current version {version}")
@@ -164,6 +160,14 @@ class UpdateBuffer:
         (duplicate, unknown agent, job, sender, names/shapes/dtypes); ``check`` runs in full later."""
         if update.update_id in self._seen:
             return Admission(Outcome.DUPLICATE, "duplicate", f"update {update.update_id} already counted")
+        sender = self._sender(update, topic_agent)
+        if sender is not None:
+            return sender
+        mismatch = shape_mismatch(update.weights, reference)
+        return Admission(Outcome.REJECTED, "shape_mismatch", mismatch) if mismatch else None
+
+    def _sender(self, update: ModelUpdate, topic_agent: str | None) -> Admission | None:
+        """Refusals about who sent it: an agent not in the agents file, another job, another agent's topic."""
         if self.agent_caps is not None and update.agent_id not in self.agent_caps:
             return Admission(Outcome.REJECTED, "unknown_agent", f"agent {update.agent_id!r} is not in the agents file")
         if update.job != self.job:
@@ -171,8 +175,7 @@ class UpdateBuffer:
         if topic_agent is not None and update.agent_id != topic_agent:
             return Admission(Outcome.REJECTED, "agent_mismatch",
                              f"agent_id {update.agent_id!r} published on {topic_agent!r}'s topic")
-        mismatch = shape_mismatch(update.weights, reference)
-        return Admission(Outcome.REJECTED, "shape_mismatch", mismatch) if mismatch else None
+        return None
 
     def sample_cap(self, agent: str) -> int | None:
         """The most ``num_samples`` counted for ``agent``: its own cap, else the global one."""

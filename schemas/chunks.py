@@ -36,7 +36,16 @@ import numpy as np
 import torch
 from pydantic import BaseModel, Field, ValidationError
 
-from schemas.codec import _NAMES, DEFAULT_MAX_TENSORS, DTYPES, WireError, _all_finite, _as_tensor, _plain
+from schemas.codec import (
+    _NAMES,
+    DEFAULT_MAX_TENSORS,
+    DTYPES,
+    WireError,
+    _all_finite,
+    _as_tensor,
+    _plain,
+    check_tensor_count,
+)
 from schemas.messages import SCHEMA_VERSION
 
 CHUNK_BYTES = 8 * 1024 * 1024  # the aggregator holds ~20 in flight (the broker's inflight limit): 160 MiB
@@ -211,11 +220,7 @@ def unpack_manifest(payload: bytes, *, max_bytes: int, chunk_min: int = 1024, te
     the entries are validated one by one, so a manifest of millions of tiny tensors costs one
     msgpack parse, not millions of model validations.
     """
-    count = _tensor_entries(payload)
-    if count is not None and count > max_tensors:
-        raise WireError(f"weights has {count} tensors, more than the limit of {max_tensors}")
-    if count is not None and tensors is not None and count != tensors:
-        raise WireError(f"weights has {count} tensors, the global model has {tensors} (tensor count)")
+    check_tensor_count(_tensor_entries(payload), tensors, max_tensors)
     try:
         body = msgpack.unpackb(bytes(payload), raw=False, strict_map_key=True)
     except Exception as exc:  # noqa: BLE001

@@ -153,6 +153,15 @@ def tensor_count(data: bytes | bytearray | memoryview) -> int | None:
     return None
 
 
+def check_tensor_count(count: int | None, tensors: int | None, max_tensors: int) -> None:
+    """``WireError`` when a payload's tensor count (None: unknown yet) is over ``max_tensors`` or
+    differs from the reference model's ``tensors``."""
+    if count is not None and count > max_tensors:
+        raise WireError(f"weights has {count} tensors, more than the limit of {max_tensors}")
+    if count is not None and tensors is not None and count != tensors:
+        raise WireError(f"weights has {count} tensors, the global model has {tensors} (tensor count)")
+
+
 def unpack(data: bytes | bytearray | memoryview, cls: type[M], *,
            max_bytes: int = DEFAULT_MAX_BYTES, tensors: int | None = None,
            max_tensors: int = DEFAULT_MAX_TENSORS) -> M:
@@ -164,11 +173,7 @@ def unpack(data: bytes | bytearray | memoryview, cls: type[M], *,
     milliseconds instead of being parsed.
     """
     if isinstance(data, bytes | bytearray | memoryview) and len(data) <= max_bytes and "weights" in cls.model_fields:
-        count = tensor_count(data)
-        if count is not None and count > max_tensors:
-            raise WireError(f"weights has {count} tensors, more than the limit of {max_tensors}")
-        if count is not None and tensors is not None and count != tensors:
-            raise WireError(f"weights has {count} tensors, the global model has {tensors} (tensor count)")
+        check_tensor_count(tensor_count(data), tensors, max_tensors)
     try:
         return _unpack(data, cls, max_bytes)
     except WireError:
