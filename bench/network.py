@@ -79,10 +79,7 @@ async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, link
 
     async def deliver() -> None:
         last = 0.0
-        while True:
-            item = await queue.get()
-            if item is None:
-                break
+        while (item := await queue.get()) is not None:
             at, data = item
             at = max(at, last)  # in order: nothing overtakes a stalled piece
             last = at
@@ -96,14 +93,14 @@ async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, link
     try:
         while data := await reader.read(PIECE):
             queue.put_nowait((link.departure(direction, len(data), time.monotonic()), data))
-    except (ConnectionError, asyncio.IncompleteReadError):
-        pass
-    queue.put_nowait(None)
-    try:
+        queue.put_nowait(None)
         await sender
-    except ConnectionError:
-        pass
-    writer.close()
+    except (ConnectionError, asyncio.IncompleteReadError):
+        pass  # the other side went away: so does this direction
+    finally:
+        sender.cancel()
+        await asyncio.gather(sender, return_exceptions=True)
+        writer.close()
 
 
 class LinkProxy:
