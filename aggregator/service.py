@@ -879,9 +879,10 @@ class Aggregator:
         """Load or create the state and open the metrics port (idempotent; errors are the operator's)."""
         if self._prepared:
             return
-        return_big_buffers()
         self._restore()
         size = model_bytes(self.weights)
+        if self.s.chunk_bytes and size > self.s.chunk_above:
+            return_big_buffers()  # chunked transfers ahead; never for small models (2.5x slower rounds at 4 MB)
         if size > MQTT_MAX_PACKET and not self.s.chunk_bytes:
             raise ValueError(too_big("the model", self.version, size, "--chunk-mib"))
         self.metrics.start()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import signal
 import time
@@ -129,6 +130,10 @@ class Agent:
         self.reconnects = 0
         self.refused: dict[str, int] = {}  # global models refused, by reason
         self._shapes = model_shapes(task)
+        size = sum(math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+                   for shape, dtype in self._shapes.values())
+        if settings.chunk_bytes and size > settings.chunk_above:
+            return_big_buffers()  # chunked transfers ahead; small models keep glibc's faster adaptive malloc
         self._verify_key = None
         if settings.verify_key:
             from schemas.signing import load_public_key
@@ -488,7 +493,6 @@ def rss_mb() -> float:
 
 
 def run_agent(settings: AgentSettings) -> int:
-    return_big_buffers()  # big models pass through multi-MB buffers: give them back when freed
     torch.set_num_threads(settings.threads or max(1, min(2, torch.get_num_threads())))
 
     async def main() -> int:
