@@ -109,12 +109,16 @@ async def _drive(aggs: dict[str, subprocess.Popen], center: str, agents: list[tu
     done.set()
     for t in tasks:
         t.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    # a cancelled client's disconnect can hang with many clients on one broker: never wait for it forever
+    await asyncio.wait(tasks, timeout=15)
     for p in aggs.values():
         if p.poll() is None:
             p.terminate()
     for p in aggs.values():
-        p.wait(30)
+        try:
+            await asyncio.to_thread(p.wait, 30)  # off the loop: the proxies of bench.network still run on it
+        except subprocess.TimeoutExpired:
+            p.kill()
     return wall, sent, rss
 
 
