@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import random
@@ -51,8 +52,10 @@ from schemas.chunks import (
     Outgoing,
     build_message,
     envelope_message,
+    model_bytes,
     peek_kind,
     return_big_buffers,
+    travels_chunked,
     unpack_chunk,
     unpack_manifest,
 )
@@ -80,15 +83,10 @@ def wire_reason(exc: WireError) -> str:
     return "malformed"
 
 
-def too_big(what: str, version: int, size: int, where: str = "--chunk-mib") -> str:
+def too_big(what: str, version: int, size: int) -> str:
     """The one-line error for a model that one MQTT packet cannot carry and chunking is off for."""
     return (f"{what} (v{version}) is {size:,} bytes: over MQTT's limit of {MQTT_MAX_PACKET:,} bytes per packet, "
-            f"and chunked transfer is off ({where} 0); turn it on to send models this large")
-
-
-def model_bytes(weights: Any) -> int:
-    """The tensors' size in bytes (what the wire carries, less a small envelope)."""
-    return sum(t.numel() * t.element_size() for t in weights.values())
+            "and chunked transfer is off (--chunk-mib 0); turn it on to send models this large")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -331,11 +329,11 @@ class Aggregator:
         if self._signing_key is not None:
             msg = await asyncio.to_thread(sign, msg, self._signing_key)
         size = model_bytes(self.weights)
-        if self.s.chunk_bytes and size > self.s.chunk_above:
+        if travels_chunked(size, self.s.chunk_bytes, self.s.chunk_above):
             await self._publish_chunked(msg)
         else:
             if size > MQTT_MAX_PACKET:
-                raise ValueError(too_big("global model", version, size, "--chunk-mib"))
+                raise ValueError(too_big("global model", version, size))
             payload = await asyncio.to_thread(schemas.pack, msg)
             await self._client.publish(self.topics.global_model, payload, qos=1, retain=True)
         self.published_version = version
@@ -418,10 +416,13 @@ class Aggregator:
         await self._admit(agent, update, persist)
 
     def _reject_wire(self, agent: str, exc: WireError) -> None:
-        reason = wire_reason(exc)
+        self._reject(agent, wire_reason(exc), str(exc))
+
+    def _reject(self, agent: str, reason: str, detail: str) -> None:
+        """Count a payload that was not taken, under ``reason``, and warn (rate-limited)."""
         self.counters.reject(reason)
         self.metrics.update(reason)
-        self._warn_once(agent, reason, str(exc))
+        self._warn_once(agent, reason, detail)
 
     async def _admit(self, agent: str, update: ModelUpdate, persist: Any) -> Admission:
         """Check, persist (``await persist()``), buffer, count and confirm one decoded update."""
@@ -463,11 +464,10 @@ class Aggregator:
         """Open a chunked update after the checks that need no tensor bytes (job, sender, names,
         shapes, dtypes, size, duplicate); a verdict here is confirmed at once, before any chunk."""
         transfers = self._spool()
+        decode = functools.partial(unpack_manifest, payload, max_bytes=self.s.max_model_bytes,
+                                   tensors=len(self.weights) or None)
         try:
-            manifest = await asyncio.to_thread(unpack_manifest, payload, max_bytes=self.s.max_model_bytes,
-                                               tensors=len(self.weights) or None) \
-                if len(payload) >= INLINE_DECODE_BYTES else \
-                unpack_manifest(payload, max_bytes=self.s.max_model_bytes, tensors=len(self.weights) or None)
+            manifest = decode() if len(payload) < INLINE_DECODE_BYTES else await asyncio.to_thread(decode)
             envelope = envelope_message(ModelUpdate, manifest)
             if manifest.transfer_id != envelope.update_id:
                 raise WireError("a chunked update's transfer id must be its update id")
@@ -502,9 +502,7 @@ class Aggregator:
         try:
             await asyncio.to_thread(held.reassembly.add, index, data)
         except (WireError, OSError) as exc:
-            self.counters.reject("bad_chunk")
-            self.metrics.update("bad_chunk")
-            self._warn_once(agent, "bad_chunk", str(exc))
+            self._reject(agent, "bad_chunk", str(exc))
             return
         if held.reassembly.complete:
             await self._complete(agent)
@@ -685,8 +683,9 @@ class Aggregator:
         Its ``num_samples`` is the sum of the round's weights (``n_k (1+tau_k)^-alpha``), so the
         center's FedAvg of the sites' partials equals the flat FedAvg of all updates.
         """
-        if model_bytes(fused) > MQTT_MAX_PACKET:
-            raise ValueError(f"a partial aggregate of {model_bytes(fused):,} bytes is over MQTT's limit of "
+        size = model_bytes(fused)
+        if size > MQTT_MAX_PACKET:
+            raise ValueError(f"a partial aggregate of {size:,} bytes is over MQTT's limit of "
                              f"{MQTT_MAX_PACKET:,} bytes per packet; chunked transfer between a site and the "
                              "center is not supported yet")
         weight = max(1, round(math.fsum(rnd.weights)))
@@ -881,10 +880,10 @@ class Aggregator:
             return
         self._restore()
         size = model_bytes(self.weights)
-        if self.s.chunk_bytes and size > self.s.chunk_above:
+        if travels_chunked(size, self.s.chunk_bytes, self.s.chunk_above):
             return_big_buffers()  # chunked transfers ahead; never for small models (2.5x slower rounds at 4 MB)
-        if size > MQTT_MAX_PACKET and not self.s.chunk_bytes:
-            raise ValueError(too_big("the model", self.version, size, "--chunk-mib"))
+        elif size > MQTT_MAX_PACKET:
+            raise ValueError(too_big("the model", self.version, size))
         self.metrics.start()
         self._prepared = True
 

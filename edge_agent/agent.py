@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import random
 import signal
 import time
@@ -33,16 +32,20 @@ import torch
 import schemas
 from schemas import AgentStatus, BrokerAddress, GlobalModel, ModelUpdate, Topics, UpdateAck, WireError
 from schemas.chunks import (
+    CHUNK_ABOVE,
     CHUNK_BYTES,
     MANIFEST,
+    MAX_MODEL_BYTES,
     MemoryStore,
     Outgoing,
     Reassembly,
     build_message,
     envelope_message,
+    model_bytes,
     peek_kind,
     return_big_buffers,
     tensor_meta,
+    travels_chunked,
     unpack_chunk,
     unpack_manifest,
 )
@@ -82,8 +85,8 @@ class AgentSettings:
     confirm_timeout: float = 60.0  # resend an update the aggregator has not confirmed after this many seconds
     exit_wait: float = 30.0  # at the natural end (max_rounds), wait this long for the last confirmation
     chunk_bytes: int = CHUNK_BYTES  # updates over chunk_above bytes go as a manifest + chunks; 0: never
-    chunk_above: int = 128 * 1024 * 1024
-    max_model_bytes: int = 4 * 1024**3  # the largest chunked global model accepted
+    chunk_above: int = CHUNK_ABOVE
+    max_model_bytes: int = MAX_MODEL_BYTES  # the largest chunked global model accepted
 
 
 class _Crash(Exception):
@@ -130,9 +133,8 @@ class Agent:
         self.reconnects = 0
         self.refused: dict[str, int] = {}  # global models refused, by reason
         self._shapes = model_shapes(task)
-        size = sum(math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
-                   for shape, dtype in self._shapes.values())
-        if settings.chunk_bytes and size > settings.chunk_above:
+        meta = {n: torch.empty(shape, dtype=dtype, device="meta") for n, (shape, dtype) in self._shapes.items()}
+        if travels_chunked(model_bytes(meta), settings.chunk_bytes, settings.chunk_above):
             return_big_buffers()  # chunked transfers ahead; small models keep glibc's faster adaptive malloc
         self._verify_key = None
         if settings.verify_key:
@@ -326,8 +328,7 @@ class Agent:
         update = ModelUpdate(job=self.s.job, agent_id=self.s.agent_id, base_version=g.version,
                              num_samples=result.num_samples, weights=result.weights,
                              metrics={**result.metrics, "train_seconds": spent})
-        size = sum(t.numel() * t.element_size() for t in result.weights.values())
-        if self.s.chunk_bytes and size > self.s.chunk_above:
+        if travels_chunked(model_bytes(result.weights), self.s.chunk_bytes, self.s.chunk_above):
             payload: bytes | Outgoing = await asyncio.to_thread(Outgoing, update, update.update_id,
                                                                 self.s.chunk_bytes)
         else:

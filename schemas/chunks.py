@@ -49,6 +49,8 @@ from schemas.codec import (
 from schemas.messages import SCHEMA_VERSION
 
 CHUNK_BYTES = 8 * 1024 * 1024  # the aggregator holds ~20 in flight (the broker's inflight limit): 160 MiB
+CHUNK_ABOVE = 128 * 1024 * 1024  # models whose tensors pass this travel in chunks (MQTT carries < 256 MiB)
+MAX_MODEL_BYTES = 4 * 1024**3  # the largest chunked model a receiver accepts by default
 MANIFEST = "ChunkManifest"
 CHUNK = "ModelChunk"
 MAX_CHUNKS = 1 << 20
@@ -72,6 +74,17 @@ def return_big_buffers(threshold: int = 1 << 20) -> bool:
         return bool(libc.mallopt(-3, int(threshold)))  # M_MMAP_THRESHOLD (malloc.h)
     except (OSError, AttributeError):
         return False
+
+
+def model_bytes(weights: Mapping[str, torch.Tensor]) -> int:
+    """The tensors' size in bytes (what the wire carries, less a small envelope); ``meta``
+    tensors count too, so a model's size is known without building it."""
+    return sum(t.numel() * t.element_size() for t in weights.values())
+
+
+def travels_chunked(size: int, chunk_bytes: int, chunk_above: int) -> bool:
+    """Whether a model of ``size`` bytes is sent as a manifest plus chunks (``chunk_bytes`` 0: never)."""
+    return bool(chunk_bytes) and size > chunk_above
 
 
 class TensorSpec(BaseModel):
@@ -286,8 +299,7 @@ class MemoryStore:
                 out[t.name] = torch.empty(t.shape, dtype=dtype)
             else:
                 out[t.name] = torch.frombuffer(self.buf, dtype=dtype, offset=t.offset,
-                                               count=t.nbytes // torch.empty(0, dtype=dtype).element_size()
-                                               ).reshape(t.shape)
+                                               count=math.prod(t.shape)).reshape(t.shape)
         return out
 
     def discard(self) -> None:
