@@ -55,7 +55,7 @@ class AggregatorSettings(BaseSettings):
     # sent as a manifest plus chunk_bytes chunks (0: never; then such a model is an error naming its size);
     # chunked updates up to max_model_bytes are received, at most max_transfers at a time, spooled to disk.
     chunk_bytes: int = Field(default=CHUNK_BYTES, ge=0)
-    chunk_above: int = Field(default=CHUNK_ABOVE, ge=1024)
+    chunk_above: int = Field(default=CHUNK_ABOVE, ge=1024, le=255 * 1024 * 1024)  # above 255 MiB one packet fails
     max_model_bytes: int = Field(default=MAX_MODEL_BYTES, ge=1024)
     max_transfers: int = Field(default=16, ge=1)
     max_spool_bytes: int = Field(default=16 * 1024**3, ge=1024)  # disk for the transfers open at once

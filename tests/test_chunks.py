@@ -219,6 +219,8 @@ async def test_a_chunked_update_is_checked_before_its_bytes_resumes_and_survives
 def test_the_aggregator_settings_bound_chunk_sizes() -> None:
     with pytest.raises(ValueError, match="chunk_bytes must be 0"):
         AggregatorSettings(task="noop", chunk_bytes=300 * 1024 * 1024)
+    with pytest.raises(ValueError, match="chunk_above"):  # a model between 256 MiB and it could never be sent
+        AggregatorSettings(task="noop", chunk_above=300 * 1024 * 1024)
     assert Aggregator(AggregatorSettings(task="noop", chunk_bytes=0)).s.chunk_bytes == 0
 
 
