@@ -3,6 +3,9 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Without an NVIDIA GPU, a CPU build of torch (~0.9 GB venv) instead of PyPI's CUDA build (~6 GB):
+# CI disks are small. Override with `make TORCH_CPU= setup` to let pip pick torch itself.
+TORCH_CPU ?= torch==2.13.0+cpu
 
 .PHONY: demo test setup lint clean bench bench-vs-flower
 
@@ -12,6 +15,11 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	@if [ -n "$(TORCH_CPU)" ] && ! command -v nvidia-smi >/dev/null 2>&1 && ! $(BIN)/python -c 'import torch' 2>/dev/null; then \
+	    echo "setup: no NVIDIA GPU: installing the CPU build of torch ($(TORCH_CPU))"; \
+	    $(BIN)/python -m pip install --quiet '$(TORCH_CPU)' 2>/dev/null \
+	        || echo "setup: $(TORCH_CPU) is not available here; pip picks torch (a CUDA build is ~5 GB)"; \
+	fi
 	$(BIN)/python -m pip install --quiet -e '.[all,dev]'
 	@touch $(STAMP)
 

@@ -14,6 +14,7 @@ and the versions reached.
 from __future__ import annotations
 
 import argparse
+import shutil
 import subprocess
 import tempfile
 import time
@@ -92,6 +93,8 @@ def run(mib: int, agents: int, versions: int, tensors: int, state: bool, timeout
                 except subprocess.TimeoutExpired:
                     p.kill()
         broker.close()
+        for bulky in ("broker", "state"):  # a model-sized copy each; the logs stay for reading
+            shutil.rmtree(root / bulky, ignore_errors=True)
     text = (root / "aggregator.log").read_text()
     reached = max((int(w[1:]) for w in text.split() if w.startswith("v") and w[1:].isdigit()), default=0)
     model_mib = mib

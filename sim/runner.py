@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -325,6 +326,7 @@ async def _run(cfg: SimConfig, out: Path) -> dict[str, Any]:
                 await asyncio.wait_for(ev_task, 10)
         if broker_proc is not None:
             broker_proc.close()
+        shutil.rmtree(state_dir, ignore_errors=True)  # 4-5 MB a run: a sweep would leave gigabytes
     rounds = sorted((r for r in records if r["version"] >= 1), key=lambda r: r["version"])[: cfg.rounds]
     initial = next((r for r in records if r["version"] == 0), None)
     st = ev.status

