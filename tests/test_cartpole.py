@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
+import torch
 
 from edge_agent.tasks import get_task
-from edge_agent.tasks.cartpole import DQNConfig, dqn_config, epsilon_at, learning_rate_at, make_env, parse_env
+from edge_agent.tasks.cartpole import (
+    DQNConfig,
+    dqn_config,
+    epsilon_at,
+    greedy_episodes,
+    greedy_return,
+    learning_rate_at,
+    make_env,
+    parse_env,
+)
 
 
 def test_paper_preset_is_the_authors_protocol() -> None:
@@ -78,3 +90,37 @@ def test_the_papers_metric_is_recorded_from_the_agents_training() -> None:
     got = training_metrics({"a": {"episode_return_ma50": 20.0, "last_episode_return": 10.0},
                             "b": {"episode_return_ma50": 40.0, "last_episode_return": 30.0}, "c": {}})
     assert got == {"episode_return_ma50": 30.0, "last_episode_return": 20.0}
+
+
+class _Push(torch.nn.Module):
+    """A constant policy: always action ``a`` (the pole falls, or the cart runs off)."""
+
+    def __init__(self, a: int) -> None:
+        super().__init__()
+        self.a = a
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tensor([1.0 - self.a, float(self.a)])
+
+
+def test_greedy_episodes_say_how_each_episode_ends() -> None:
+    ends = greedy_episodes(_Push(1), 0.5, 3, seed=0)
+    assert len(ends) == 3 and all(n < 100 and end == "angle" for n, end in ends)
+    # a very long, heavy pole falls slowly: pushing one way runs the cart off the track first
+    ends = greedy_episodes(_Push(0), 0.5, 2, seed=0, length=50.0, masspole=50.0)
+    assert [end for _, end in ends] == ["cart", "cart"]
+    assert greedy_return(_Push(1), 0.5, 3, seed=0) == np.mean([n for n, _ in greedy_episodes(_Push(1), 0.5, 3, 0)])
+
+
+def test_in_process_federation_bench_reports_every_length_and_why(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench import fedrl
+
+    fedrl.main(["--json", "--rounds", "2", "--local-steps", "60", "--pole-lengths", "0.3,0.9", "--held-out", "0.6",
+                "--episodes", "2", "--option", "learning_starts=20", "--option", "train_frequency=20",
+                "--option", "gradient_steps=2", "--why"])
+    out = json.loads(capsys.readouterr().out)
+    assert [c["version"] for c in out["curve"]] == [1, 2]
+    assert set(out["curve"][-1]) == {"version", "return@0.3", "return@0.6", "return@0.9", "mean_return"}
+    assert {k: sum(v.values()) for k, v in out["episode_ends"].items()} == {"0.3": 2, "0.6": 2, "0.9": 2}
+    with pytest.raises(SystemExit, match="cartpole option gradient_steps='many' is not a int"):
+        fedrl.main(["--rounds", "1", "--option", "gradient_steps=many"])

@@ -210,21 +210,31 @@ def learning_rate_at(cfg: DQNConfig, t: int) -> float:
     return cfg.learning_rate * (1.0 - frac * (1.0 - cfg.lr_end_fraction))
 
 
-def greedy_return(q: nn.Module, pole_length: float, episodes: int, seed: int, **params: float) -> float:
-    """Mean undiscounted return of the greedy policy, episodes capped at 500 steps."""
+def greedy_episodes(q: nn.Module, pole_length: float, episodes: int, seed: int,
+                    **params: float) -> list[tuple[int, str]]:
+    """Each greedy episode's length and how it ended: ``cap`` (500 steps), ``angle`` (the pole
+    passed 12 degrees) or ``cart`` (|x| passed 2.4, the pole still up)."""
     env = make_env(pole_length, **params)
-    total = 0.0
+    cp, out = env.unwrapped, []
     with torch.no_grad():
         for ep in range(episodes):
             obs, _ = env.reset(seed=seed + ep)
-            for _ in range(MAX_STEPS):
+            steps, terminated = 0, False
+            while steps < MAX_STEPS and not terminated:
                 action = int(q(torch.as_tensor(obs, dtype=torch.float32)).argmax())
-                obs, reward, terminated, truncated, _ = env.step(action)
-                total += float(reward)
-                if terminated or truncated:
+                obs, _, terminated, truncated, _ = env.step(action)
+                steps += 1
+                if truncated:
                     break
+            end = "cap" if not terminated else ("angle" if abs(obs[2]) > cp.theta_threshold_radians else "cart")
+            out.append((steps, end))
     env.close()
-    return total / episodes
+    return out
+
+
+def greedy_return(q: nn.Module, pole_length: float, episodes: int, seed: int, **params: float) -> float:
+    """Mean undiscounted return of the greedy policy (one per step), episodes capped at 500 steps."""
+    return float(np.mean([n for n, _ in greedy_episodes(q, pole_length, episodes, seed, **params)]))
 
 
 def _eval_envs(eval_envs: Any, eval_lengths: Any, own: dict[str, float]) -> list[dict[str, float]]:
