@@ -840,10 +840,7 @@ class Aggregator:
             self._client = client
             self._connected = True
             try:
-                subs = [(self.topics.updates, 1), (self.topics.control, 1)]
-                if self.up_topics is not None:
-                    subs += [(self.up_topics.global_model, 1), (self.up_topics.ack(self.s.site), 1)]
-                await client.subscribe(subs)
+                await client.subscribe(self._subscriptions())
                 self.published_version = -1  # the broker may have lost the retained global: publish it again
                 await self._publish_global()
                 await self._resend_partial(force=True)
@@ -869,6 +866,13 @@ class Aggregator:
                 await self._publish_status("stopped")
             finally:
                 self._client = None
+
+    def _subscriptions(self) -> list[tuple[str, int]]:
+        """What this aggregator reads, all at QoS 1: its job's updates and control, and a site's upstream."""
+        subs = [(self.topics.updates, 1), (self.topics.control, 1)]
+        if self.up_topics is not None:
+            subs += [(self.up_topics.global_model, 1), (self.up_topics.ack(self.s.site), 1)]
+        return subs
 
     async def _consume(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:

@@ -6,6 +6,10 @@ Phase 1: P publisher processes send ``messages`` packed 100k-parameter updates a
 they can through mosquitto on loopback to a plain aiomqtt subscriber (receive only).
 Phase 2: the same stream to the real aggregator (decode, validate, buffer; durable inbox
 on and off), which never reaches quorum; its accepted count comes from its status.
+Phase 2b (``--workers N``): the same stream to 1, then N aggregator *processes* that share the
+update topic through an MQTT shared subscription (``$share/GROUP/fedwb/J/update/+``; mosquitto
+hands each message to one member, round robin), so N decoders run in parallel: whether more
+processes beat one on this machine (issue 17, item 3).
 Phase 3: latency from the quorum-completing update's publish to the global model's
 arrival at a subscriber, for a 1M-parameter model, fedavg and fedwb (median, p95).
 """
@@ -99,6 +103,73 @@ async def aggregator_rate(url: str, host: str, port: int, publishers: int, messa
     return rate
 
 
+class _SharedWorker(Aggregator):
+    """An aggregator that reads its job's updates through a shared subscription (bench only)."""
+
+    group: str | None = None
+
+    def _subscriptions(self) -> list[tuple[str, int]]:
+        subs = super()._subscriptions()
+        if self.group is None:
+            return subs
+        return [(f"$share/{self.group}/{t}" if t == self.topics.updates else t, q) for t, q in subs]
+
+
+def _worker(url: str, job: str, idx: int, params: int, group: str | None, accepted, first, last, ready,
+            stop) -> None:
+    """One aggregator process; publishes its accepted count and first/last accept times (monotonic)."""
+    async def go() -> None:
+        s = AggregatorSettings(broker=url, job=job, task="noop", task_options={"shapes": [[params]]},
+                               quorum=100_000, status_interval=5, device="cpu",
+                               client_id=f"fedwb-bench-worker-{job}-{idx}")
+        agg = _SharedWorker(s)
+        agg.group = group
+        task = asyncio.create_task(agg.run())
+        while agg._client is None:
+            await asyncio.sleep(0.01)
+        ready.release()
+        while not stop.is_set():
+            n = agg.counters.accepted
+            if n and not first[idx]:
+                first[idx] = time.monotonic()
+            if n != accepted[idx]:
+                accepted[idx], last[idx] = n, time.monotonic()
+            await asyncio.sleep(0.002)
+        agg.stop()
+        await task
+
+    torch.set_num_threads(1)
+    asyncio.run(go())
+
+
+async def workers_rate(url: str, host: str, port: int, publishers: int, messages: int, params: int,
+                       workers: int) -> dict:
+    """Updates/s admitted by ``workers`` aggregator processes (1: a plain subscription, no ``$share``)."""
+    job = f"bench-w{workers}-{uuid.uuid4().hex[:6]}"
+    total = (messages // publishers) * publishers
+    ctx = mp.get_context("spawn")
+    accepted, first, last = ctx.Array("i", workers), ctx.Array("d", workers), ctx.Array("d", workers)
+    ready, stop = ctx.Semaphore(0), ctx.Event()
+    group = "bench" if workers > 1 else None
+    procs = [ctx.Process(target=_worker, args=(url, job, i, params, group, accepted, first, last, ready, stop))
+             for i in range(workers)]
+    for p in procs:
+        p.start()
+    for _ in range(workers):
+        await asyncio.to_thread(ready.acquire, True, 60)
+    pubs = _start_publishers(host, port, job, publishers, messages, params)
+    deadline = time.monotonic() + 120
+    while sum(accepted) < total and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    got, spans = sum(accepted), [(first[i], last[i]) for i in range(workers) if accepted[i]]
+    stop.set()
+    for p in procs + pubs:
+        await asyncio.to_thread(p.join, 30)
+    start, end = min(f for f, _ in spans), max(e for _, e in spans)
+    return {"workers": workers, "accepted": got, "per_worker": list(accepted),
+            "updates_per_s": (got - 1) / (end - start) if end > start else None}
+
+
 async def latency(url: str, host: str, port: int, method: str, rounds: int, params: int) -> dict:
     job = f"bench-lat-{method}-{uuid.uuid4().hex[:6]}"
     s = AggregatorSettings(broker=url, job=job, task="noop", task_options={"shapes": [[1000, params // 1000]]},
@@ -142,6 +213,14 @@ async def run(args: argparse.Namespace) -> dict:
         progress(f"  {agg_mem:.0f} updates/s")
         agg_disk = await aggregator_rate(b.url, b.host, b.port, args.publishers, args.messages, args.params, True)
         progress(f"  {agg_disk:.0f} updates/s (durable)")
+        workers = []
+        if args.workers > 1:
+            progress(f"phase 2b: 1 aggregator process, then {args.workers} behind a shared subscription")
+            for n in (1, args.workers):
+                workers.append(await workers_rate(b.url, b.host, b.port, args.publishers, args.messages,
+                                                  args.params, n))
+                progress(f"  {n} process(es): {workers[-1]['updates_per_s']:.0f} updates/s "
+                         f"(per worker {workers[-1]['per_worker']})")
         progress("phase 3: latency")
         lat = [await latency(b.url, b.host, b.port, m, args.latency_rounds, 1_000_000) for m in ("fedavg", "fedwb")]
     return {"benchmark": "ingest", "machine": machine(), "publishers": args.publishers,
@@ -150,7 +229,9 @@ async def run(args: argparse.Namespace) -> dict:
                                                           weights={"t0": torch.zeros(args.params)}))),
             "plain_subscriber_msgs_per_s": plain, "aggregator_updates_per_s": agg_mem,
             "aggregator_durable_updates_per_s": agg_disk, "ratio": agg_mem / plain,
-            "ratio_durable": agg_disk / plain, "latency": lat}
+            "ratio_durable": agg_disk / plain, "latency": lat,
+            **({"workers": workers, "workers_speedup": workers[1]["updates_per_s"] / workers[0]["updates_per_s"]}
+               if workers else {})}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -160,6 +241,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--messages", type=int, default=400)
     p.add_argument("--params", type=int, default=100_000)
     p.add_argument("--latency-rounds", type=int, default=10)
+    p.add_argument("--workers", type=int, default=1,
+                   help="also compare 1 aggregator process with N behind a shared subscription (N > 1)")
     args = p.parse_args(argv)
     emit(asyncio.run(run(args)), args.json)
 

@@ -1,0 +1,21 @@
+"""bench.ingest's shared-subscription workers (issue 17, item 3) on a real mosquitto: every update is
+admitted exactly once across the worker processes, and mosquitto spreads them over all members."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.ingest import workers_rate
+from broker import BrokerProcess
+
+pytestmark = [pytest.mark.mosquitto, pytest.mark.slow]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_shared_subscription_workers_admit_every_update_once(mosquitto: BrokerProcess, workers: int) -> None:
+    out = await workers_rate(mosquitto.url, mosquitto.host, mosquitto.port, publishers=2, messages=60, params=1000,
+                             workers=workers)
+    assert out["accepted"] == 60
+    assert len(out["per_worker"]) == workers and sum(out["per_worker"]) == 60
+    assert all(n > 0 for n in out["per_worker"])  # a shared subscription feeds every member
+    assert out["updates_per_s"] > 0
