@@ -35,6 +35,8 @@ def sim(
     rounds: Annotated[int, typer.Option(help="Global versions to produce.")] = 10,
     policy: Annotated[str, typer.Option(help="fedavg | fedwb | fedwb-sinkhorn | fedwb-neurons | hybrid")] = "fedavg",
     switch_after: Annotated[int | None, typer.Option(help="hybrid: FedWB fusions before FedAvg.")] = None,
+    dispersion_below: Annotated[float | None, typer.Option(help="hybrid: switch to FedAvg at the first fusion "
+                                                                "whose models' dispersion is below this.")] = None,
     reg: Annotated[float | None, typer.Option(help="Entropic regularization.")] = None,
     wb_method: Annotated[str | None, typer.Option(help="hybrid's FedWB phase: fedwb-sinkhorn | fedwb | "
                                                        "fedwb-neurons.")] = None,
@@ -75,7 +77,8 @@ def sim(
     """Run one simulation (or, with `compare`, several); writes summary.json, rounds.jsonl, plots."""
     from sim.runner import SimConfig, run_sim
 
-    kwargs = dict(task=task, agents=agents, rounds=rounds, policy=policy, switch_after=switch_after, reg=reg,
+    kwargs = dict(task=task, agents=agents, rounds=rounds, policy=policy, switch_after=switch_after,
+                  dispersion_below=dispersion_below, reg=reg,
                   wb_method=wb_method, max_iter=max_iter, stop_threshold=stop_threshold, solver=solver,
                   task_options=tuple(task_option or ()), server_lr=server_lr, clip_factor=clip_factor,
                   max_share=max_share, quorum=quorum, deadline=deadline,

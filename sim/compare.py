@@ -34,8 +34,9 @@ def run_compare(base: SimConfig, policies: list[str], seeds: int, target: float 
         runs[policy] = []
         for seed in range(seeds):
             cfg = replace(base, policy=policy, seed=seed, out=str(out / f"{policy}-s{seed}"), job=None,
-                          switch_after=base.switch_after if policy == "hybrid" else None)
-            if policy == "hybrid" and cfg.switch_after is None:
+                          switch_after=base.switch_after if policy == "hybrid" else None,
+                          dispersion_below=base.dispersion_below if policy == "hybrid" else None)
+            if policy == "hybrid" and cfg.switch_after is None and cfg.dispersion_below is None:
                 cfg = replace(cfg, switch_after=max(1, base.rounds // 3))
             summary = run_sim(cfg)
             runs[policy].append(summary["rounds"])

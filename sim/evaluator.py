@@ -96,6 +96,7 @@ class Evaluator:
                 "contributors": g.contributors, "n_contributors": len(g.contributors),
                 "staleness": info.get("staleness", []), "quorum_wait_seconds": info.get("quorum_wait_seconds"),
                 "fusion_seconds": info.get("fusion_seconds"), "reason": info.get("reason"),
+                "dispersion": info.get("dispersion"),  # only computed when a hybrid policy may switch on it
                 "sinkhorn_iterations": info.get("report", {}).get("sinkhorn_iterations"),
                 "sinkhorn_error": info.get("report", {}).get("sinkhorn_error"),
                 "wall_seconds": round(arrived - self.started, 3), "eval": metrics,

@@ -40,6 +40,7 @@ class SimConfig:
     rounds: int = 10
     policy: str = "fedavg"
     switch_after: int | None = None
+    dispersion_below: float | None = None  # hybrid: also switch at the first fusion whose dispersion is below
     reg: float | None = None
     wb_method: str | None = None  # hybrid's FedWB phase: fedwb-sinkhorn | fedwb | fedwb-neurons
     max_iter: str | None = None  # entropic FedWB iterations, or "paper"
@@ -159,6 +160,8 @@ def _aggregator_cmd(cfg: SimConfig, broker: str, job: str, state_dir: str) -> li
         cmd += ["--task-option", item]
     if cfg.switch_after is not None:
         cmd += ["--switch-after", str(cfg.switch_after)]
+    if cfg.dispersion_below is not None:
+        cmd += ["--dispersion-below", str(cfg.dispersion_below)]
     if cfg.reg is not None:
         cmd += ["--reg", str(cfg.reg)]
     for flag, value in (("--wb-method", cfg.wb_method), ("--max-iter", cfg.max_iter),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import psutil
@@ -42,6 +43,24 @@ def test_quick_mnist_hybrid_follows_schedule(tmp_path: Path, mosquitto_bin: None
     assert [r["policy"] for r in s["rounds"]] == ["fedwb", "fedavg", "fedavg"]
     assert s["rounds"][-1]["eval"]["accuracy"] > summary["initial"]["eval"]["accuracy"]
     assert _children() <= before
+
+
+def test_hybrid_switches_on_dispersion_and_records_it(tmp_path: Path, mosquitto_bin: None) -> None:
+    """--dispersion-below reaches the aggregator: a threshold above any dispersion switches at the first
+    fusion; one below none never does; the records carry the dispersion while it is measured; no state dir is left behind."""
+    states = set(Path(tempfile.gettempdir()).glob("fedwb-sim-state-*"))
+    for below, methods in ((1e9, ["fedavg", "fedavg"]), (1e-12, ["fedwb-sinkhorn", "fedwb-sinkhorn"])):
+        run_sim(SimConfig(task="mnist", agents=2, rounds=2, policy="hybrid", switch_after=5, dispersion_below=below,
+                          broker="mosquitto", out=str(tmp_path / str(below)), quick=True, live=False,
+                          max_iter="20"))
+        rounds = [json.loads(line) for line in (tmp_path / str(below) / "rounds.jsonl").read_text().splitlines()]
+        fused = [r for r in rounds if r["version"] >= 1]
+        assert [r["method"] for r in fused] == methods
+        # measured while the switch is open; once switched, no longer needed
+        measured = fused if methods[-1] != "fedavg" else fused[:1]
+        assert all(isinstance(r["dispersion"], float) and r["dispersion"] > 0 for r in measured)
+        assert methods[-1] != "fedavg" or fused[0]["reason"].startswith("hybrid: dispersion")
+    assert set(Path(tempfile.gettempdir()).glob("fedwb-sim-state-*")) <= states
 
 
 def test_quick_cartpole_reports_trained_and_held_out_lengths(tmp_path: Path) -> None:
