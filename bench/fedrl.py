@@ -26,7 +26,6 @@ import torch
 from aggregator.fusion import fuse_with_report
 from bench.common import emit, machine, progress
 from edge_agent.tasks import get_task
-from edge_agent.tasks.cartpole import env_label, greedy_episodes
 
 
 def _floats(text: str) -> list[float]:
@@ -46,17 +45,9 @@ def _options(pairs: list[str]) -> dict[str, str]:
     return out
 
 
-def why(task, weights: dict[str, torch.Tensor], episodes: int) -> dict[str, dict[str, int]]:
+def why(task, weights: dict[str, torch.Tensor]) -> dict[str, dict[str, int]]:
     """How the greedy episodes of ``weights`` end, per evaluation environment."""
-    q = task.build_model()
-    q.load_state_dict(weights)
-    q.eval()
-    out = {}
-    for params in task.eval_envs:
-        p = dict(params)
-        ends = greedy_episodes(q, p.pop("length", 0.5), episodes, task.seed + 10_000, **p)
-        out[env_label(params)] = dict(Counter(end for _, end in ends))
-    return out
+    return {label: dict(Counter(end for _, end in eps)) for label, eps in task.episodes(weights).items()}
 
 
 def run(seed: int, rounds: int, local_steps: int, lengths: list[float], held_out: list[float],
@@ -84,7 +75,7 @@ def run(seed: int, rounds: int, local_steps: int, lengths: list[float], held_out
            "final_mean_return": curve[-1]["mean_return"], "last5_at_475": sum(v >= 475 for v in last5),
            "curve": curve, "seconds": round(time.perf_counter() - t0, 1)}
     if explain:
-        out["episode_ends"] = why(agents[0], weights, episodes)
+        out["episode_ends"] = why(agents[0], weights)
     return out
 
 

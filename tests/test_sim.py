@@ -47,7 +47,8 @@ def test_quick_mnist_hybrid_follows_schedule(tmp_path: Path, mosquitto_bin: None
 
 def test_hybrid_switches_on_dispersion_and_records_it(tmp_path: Path, mosquitto_bin: None) -> None:
     """--dispersion-below reaches the aggregator: a threshold above any dispersion switches at the first
-    fusion; one below none never does; the records carry the dispersion while it is measured; no state dir is left behind."""
+    fusion; one below none never does; the records carry the dispersion while it is measured; no state dir
+    is left behind."""
     states = set(Path(tempfile.gettempdir()).glob("fedwb-sim-state-*"))
     for below, methods in ((1e9, ["fedavg", "fedavg"]), (1e-12, ["fedwb-sinkhorn", "fedwb-sinkhorn"])):
         run_sim(SimConfig(task="mnist", agents=2, rounds=2, policy="hybrid", switch_after=5, dispersion_below=below,

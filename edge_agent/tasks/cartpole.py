@@ -357,15 +357,20 @@ class CartPoleTask(Task):
             metrics["td_loss"] = float(np.mean(losses))
         return TrainResult(out, num_samples=max(1, budget), metrics=metrics)
 
-    def evaluate(self, weights: StateDict) -> dict[str, float]:
-        """Greedy mean return on every evaluation environment, and their mean."""
+    def episodes(self, weights: StateDict) -> dict[str, list[tuple[int, str]]]:
+        """Greedy episodes of ``weights`` on every evaluation environment: (length, how it ended)."""
         q = self.build_model()
         q.load_state_dict(weights)
         q.eval()
         out = {}
         for params in self.eval_envs:
             p = dict(params)
-            out[f"return@{env_label(params)}"] = greedy_return(q, p.pop("length", 0.5), self.eval_episodes,
-                                                                self.seed + 10_000, **p)
+            out[env_label(params)] = greedy_episodes(q, p.pop("length", 0.5), self.eval_episodes,
+                                                     self.seed + 10_000, **p)
+        return out
+
+    def evaluate(self, weights: StateDict) -> dict[str, float]:
+        """Greedy mean return on every evaluation environment, and their mean."""
+        out = {f"return@{label}": float(np.mean([n for n, _ in eps])) for label, eps in self.episodes(weights).items()}
         out["mean_return"] = float(np.mean(list(out.values())))
         return out
