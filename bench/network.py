@@ -2,6 +2,7 @@
 
     python -m bench.network --json [--agents 1,10,30] [--rounds 5] [--params 200000]
                                    [--rtt-ms 50] [--mbit 10] [--loss 0.01] [--sites 2] [--quorum sync,async]
+                                   [--systems fedwb,flower]
 
 Every wide-area link is a small TCP proxy on loopback that gives each direction a rate
 (token bucket, ``--mbit``), a one-way delay (``--rtt-ms`` / 2) and the cost of packet loss
@@ -18,6 +19,12 @@ Layouts (light agents: one asyncio MQTT client each, weights plus noise, as in b
 * **two-level** — agents reach their site broker on the site's LAN (not emulated); each site
   broker is bridged to the center by mosquitto over one emulated uplink; a site aggregator
   per site sends one partial per central version.
+
+* **flower** (``--systems ...,flower``) — Flower 1.42's Deployment Engine doing the same FedAvg
+  (bench.vs_flower's app: one float32 tensor of ``--params``, each client returns it plus
+  noise): every SuperNode dials the SuperLink through its own emulated link, as the flat
+  layout's agents do; synchronous (Flower's FedAvg waits for every node). Flower lives in
+  ``.venv-flower``, created on first use as bench.vs_flower does.
 
 ``sync``: quorum = every agent (flat) / every agent of a site and every site (two-level);
 ``async``: half of them. Round time is the median gap between consecutive global versions
@@ -199,18 +206,58 @@ async def run_two_level(args: argparse.Namespace, n: int, quorum: str) -> dict:
     return out
 
 
+async def run_flower(args: argparse.Namespace, n: int) -> dict:
+    """Flower's FedAvg over ``n`` SuperNodes, each through its own emulated link to the SuperLink."""
+    from bench.vs_flower import flower
+    from sim.runner import Processes
+
+    env = flower.find_or_create()
+    loop = asyncio.get_running_loop()
+    links = [_link(args, i) for i in range(n)]
+    proxies: list[LinkProxy] = []
+
+    def route(i: int, port: int) -> str:  # called from flower.run's thread; the proxies live on this loop
+        proxy = asyncio.run_coroutine_threadsafe(LinkProxy(("127.0.0.1", port), links[i]).start(), loop).result(30)
+        proxies.append(proxy)
+        return f"{proxy.host}:{proxy.port}"
+
+    work = Path(tempfile.mkdtemp(prefix="fedwb-net-flower-"))
+    procs = Processes(work)
+    t0 = time.monotonic()
+    try:
+        rows = await asyncio.to_thread(flower.run, env, procs, lambda pid, role: None, work, n, args.params,
+                                       args.rounds, 0.001, args.timeout, route)
+    finally:
+        await asyncio.to_thread(procs.stop)
+        for p in proxies:
+            await p.aclose()
+    wall = time.monotonic() - t0
+    done = [r["replies_at"] for r in rows]
+    times = [b - a for a, b in zip(done, done[1:], strict=False)]
+    up, down = sum(ln.bytes["up"] for ln in links), sum(ln.bytes["down"] for ln in links)
+    return {"layout": "flower", "quorum": "sync", "agents": n, "versions": len(rows), "wall_seconds": round(wall, 2),
+            "round_seconds_median": round(statistics.median(times), 3) if times else None,
+            "wan_bytes_per_round": round((up + down) / max(1, len(rows))), "wan_up_bytes": up, "wan_down_bytes": down,
+            "loss_stalls": sum(ln.stalls for ln in links), "flwr_version": env.version, "logs": str(work)}
+
+
 async def run(args: argparse.Namespace) -> dict:
     raise_fd_limit(4096)
     out: dict = {"benchmark": "network", "machine": machine(), "rounds": args.rounds, "params": args.params,
                  "link": {"rtt_ms": args.rtt_ms, "mbit": args.mbit, "loss": args.loss}, "cells": []}
+    systems = args.systems.split(",")
     for n in [int(x) for x in args.agents.split(",")]:
-        for layout in args.layout.split(","):
-            for quorum in args.quorum.split(","):
-                progress(f"network: {n} agents, {layout}, {quorum} quorum")
+        plan = [(layout, quorum) for layout in args.layout.split(",") for quorum in args.quorum.split(",")
+                if "fedwb" in systems] + ([("flower", "sync")] if "flower" in systems else [])
+        for layout, quorum in plan:
+            progress(f"network: {n} agents, {layout}, {quorum} quorum")
+            if layout == "flower":
+                cell = await run_flower(args, n)
+            else:
                 cell = await (run_flat(args, n, quorum) if layout == "flat" else run_two_level(args, n, quorum))
-                progress(f"  round {cell['round_seconds_median']} s, {cell['wan_bytes_per_round'] / 1e6:.2f} MB "
-                         f"over the WAN per round, {cell['versions']} versions")
-                out["cells"].append(cell)
+            progress(f"  round {cell['round_seconds_median']} s, {cell['wan_bytes_per_round'] / 1e6:.2f} MB "
+                     f"over the WAN per round, {cell['versions']} versions")
+            out["cells"].append(cell)
     return out
 
 
@@ -226,6 +273,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--loss", type=float, default=0.01)
     ap.add_argument("--sites", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=600.0)
+    ap.add_argument("--systems", default="fedwb", help="fedwb and/or flower (Flower's FedAvg over the same links)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     emit(asyncio.run(run(args)), args.json)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import random
 import time
@@ -48,3 +49,19 @@ async def test_the_proxy_forwards_every_byte_after_the_link_delay() -> None:
     server.close()
     assert bytes(received) == payload and link.bytes["up"] == len(payload)
     assert elapsed >= 0.05 + len(payload) / link.rate * 0.95  # 240 ms at 10 Mbit/s plus 50 ms one way
+
+
+async def test_flower_nodes_dial_the_superlink_through_their_links() -> None:
+    from bench.vs_flower import flower
+
+    try:
+        flower.find_or_create(create=False)
+    except RuntimeError:
+        pytest.skip(f"flwr {flower.FLWR_VERSION} not installed (the bench installs it into .venv-flower on demand)")
+    from bench.network import run_flower
+
+    args = argparse.Namespace(mbit=100.0, rtt_ms=2.0, loss=0.0, params=1000, rounds=2, timeout=180.0)
+    cell = await run_flower(args, 2)
+    assert cell["versions"] == 2 and cell["round_seconds_median"] > 0
+    model = 4 * 1000  # float32: every round, each node's link carries the model down and its reply up
+    assert cell["wan_down_bytes"] >= 2 * 2 * model and cell["wan_up_bytes"] >= 2 * 2 * model

@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,11 +108,13 @@ def _run_config(clients: int, params: int, rounds: int, noise: float, out: Path,
 
 
 def run(env: FlowerEnv, procs: Processes, watch: Any, work: Path, clients: int, params: int, rounds: int,
-        noise: float, timeout: float) -> list[dict[str, Any]]:
+        noise: float, timeout: float, node_address: Callable[[int, int], str] | None = None) -> list[dict[str, Any]]:
     """One Flower run of ``rounds`` FedAvg rounds; the ServerApp's round records.
 
     ``watch(pid, role)`` is called with every long-running process (SuperLink, SuperNodes with
     their ClientApps as "clients") so their CPU can be sampled; ``flwr run`` only submits and exits.
+    ``node_address(i, port)``: the address SuperNode ``i`` dials for the SuperLink listening on
+    ``port`` (default ``127.0.0.1:port``; bench.network passes an emulated link's proxy).
     """
     home, app, out = work / "flwr-home", work / "flower-app", work / "flower-rounds.jsonl"
     home.mkdir(parents=True)
@@ -124,8 +127,9 @@ def run(env: FlowerEnv, procs: Processes, watch: Any, work: Path, clients: int, 
     watch(link.pid, "superlink")
     wait_for_port("127.0.0.1", port, timeout=60, proc=link)
     for i in range(clients):
+        address = node_address(i, port) if node_address is not None else f"127.0.0.1:{port}"
         node = procs.start(f"supernode-{i}", [env.exe("flower-supernode"), "--insecure", "--superlink",
-                                              f"127.0.0.1:{port}", "--port", str(free_port())], env=penv)
+                                              address, "--port", str(free_port())], env=penv)
         watch(node.pid, "clients")
     submit = procs.start("flwr-run", [env.exe("flwr"), "run", str(app), "bench", "--run-config",
                                       _run_config(clients, params, rounds, noise, out, timeout)], env=penv)
