@@ -137,7 +137,7 @@ def summarize(out: Path, grid: dict[str, list[Any]], target: float) -> dict[str,
     for r in rows:
         groups.setdefault(tuple(r["cell"].get(k) for k in axes), []).append(r)
     table = []
-    for key, members in sorted(groups.items(), key=lambda kv: str(kv[0])):
+    for key, members in sorted(groups.items(), key=lambda kv: _order(kv[0])):
         table.append({"cell": dict(zip(axes, key, strict=True)), "seeds": len(members),
                       "final": interval([m["final"] for m in members]),
                       "rounds_to_target": interval([m["rounds_to_target"] for m in members]),
@@ -150,6 +150,12 @@ def summarize(out: Path, grid: dict[str, list[Any]], target: float) -> dict[str,
     return summary
 
 
+def _order(key: tuple) -> tuple:
+    """Numbers in numeric order (3 before 10), then anything else as text."""
+    return tuple((0, float(v), "") if isinstance(v, int | float) and not isinstance(v, bool) else (1, 0.0, str(v))
+                 for v in key)
+
+
 def _plots(out: Path, axes: list[str], groups: dict[tuple, list[dict[str, Any]]],
            table: list[dict[str, Any]]) -> list[Path]:
     import matplotlib
@@ -159,12 +165,12 @@ def _plots(out: Path, axes: list[str], groups: dict[tuple, list[dict[str, Any]]]
 
     paths = []
     fig, ax = plt.subplots(1, 2, figsize=(12, 4.5))
-    for key, members in sorted(groups.items(), key=lambda kv: str(kv[0])):
+    for key, members in sorted(groups.items(), key=lambda kv: _order(kv[0])):
         label = ", ".join(f"{a}={v}" for a, v in zip(axes, key, strict=True)) or "all"
         n = min(len(m["metric"]) for m in members)
         mean = [statistics.fmean(m["metric"][i] for m in members if m["metric"][i] is not None) for i in range(n)]
         wall = [statistics.fmean(m["wall"][i] for m in members) for i in range(n)]
-        ax[0].plot(range(n), mean, marker="o", label=label)
+        ax[0].plot(range(1, n + 1), mean, marker="o", label=label)  # the runs' rounds are versions 1..n
         ax[1].plot(wall, mean, marker="o", label=label)
     ax[0].set(xlabel="global version", ylabel="metric (mean over seeds)")
     ax[1].set(xlabel="wall time (s)", ylabel="metric (mean over seeds)")
