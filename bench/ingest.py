@@ -104,9 +104,11 @@ async def aggregator_rate(url: str, host: str, port: int, publishers: int, messa
 
 
 class _SharedWorker(Aggregator):
-    """An aggregator that reads its job's updates through a shared subscription (bench only)."""
+    """An aggregator that reads its job's updates through shared subscription ``group`` (bench only)."""
 
-    group: str | None = None
+    def __init__(self, settings: AggregatorSettings, group: str | None) -> None:
+        super().__init__(settings)
+        self.group = group
 
     def _subscriptions(self) -> list[tuple[str, int]]:
         subs = super()._subscriptions()
@@ -122,8 +124,7 @@ def _worker(url: str, job: str, idx: int, params: int, group: str | None, accept
         s = AggregatorSettings(broker=url, job=job, task="noop", task_options={"shapes": [[params]]},
                                quorum=100_000, status_interval=5, device="cpu",
                                client_id=f"fedwb-bench-worker-{job}-{idx}")
-        agg = _SharedWorker(s)
-        agg.group = group
+        agg = _SharedWorker(s, group)
         task = asyncio.create_task(agg.run())
         while agg._client is None:
             await asyncio.sleep(0.01)
@@ -156,7 +157,9 @@ async def workers_rate(url: str, host: str, port: int, publishers: int, messages
     for p in procs:
         p.start()
     for _ in range(workers):
-        await asyncio.to_thread(ready.acquire, True, 60)
+        if not await asyncio.to_thread(ready.acquire, True, 60):
+            stop.set()
+            raise RuntimeError("an aggregator worker did not connect within 60 s")
     pubs = _start_publishers(host, port, job, publishers, messages, params)
     deadline = time.monotonic() + 120
     while sum(accepted) < total and time.monotonic() < deadline:
@@ -165,6 +168,8 @@ async def workers_rate(url: str, host: str, port: int, publishers: int, messages
     stop.set()
     for p in procs + pubs:
         await asyncio.to_thread(p.join, 30)
+    if not spans:
+        raise RuntimeError(f"{workers} aggregator worker(s) admitted nothing in 120 s")
     start, end = min(f for f, _ in spans), max(e for _, e in spans)
     return {"workers": workers, "accepted": got, "per_worker": list(accepted),
             "updates_per_s": (got - 1) / (end - start) if end > start else None}
