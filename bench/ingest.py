@@ -148,7 +148,8 @@ async def workers_rate(url: str, host: str, port: int, publishers: int, messages
     """Updates/s admitted by ``workers`` aggregator processes (1: a plain subscription, no ``$share``)."""
     job = f"bench-w{workers}-{uuid.uuid4().hex[:6]}"
     total = (messages // publishers) * publishers
-    ctx = mp.get_context("spawn")
+    # fork, as the publishers: a spawn context's semaphores start a resource-tracker process that outlives the run
+    ctx = mp.get_context("fork")
     accepted, first, last = ctx.Array("i", workers), ctx.Array("d", workers), ctx.Array("d", workers)
     ready, stop = ctx.Semaphore(0), ctx.Event()
     group = "bench" if workers > 1 else None

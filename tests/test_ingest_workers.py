@@ -3,6 +3,7 @@ admitted exactly once across the worker processes, and mosquitto spreads them ov
 
 from __future__ import annotations
 
+import psutil
 import pytest
 
 from bench.ingest import workers_rate
@@ -19,3 +20,5 @@ async def test_shared_subscription_workers_admit_every_update_once(mosquitto: Br
     assert len(out["per_worker"]) == workers and sum(out["per_worker"]) == 60
     assert all(n > 0 for n in out["per_worker"])  # a shared subscription feeds every member
     assert out["updates_per_s"] > 0
+    left = [p for p in psutil.Process().children(recursive=True) if p.pid != mosquitto.proc.pid]
+    assert not left, [p.cmdline() for p in left]  # workers, publishers, no resource tracker
