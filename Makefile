@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# Without an NVIDIA GPU, a CPU build of torch (~0.9 GB venv) instead of PyPI's CUDA build (~6 GB):
+# Without an NVIDIA GPU, a CPU build of torch (0.9 GB) instead of PyPI's CUDA build (~5.5 GB with its libraries):
 # CI disks are small. Override with `make TORCH_CPU= setup` to let pip pick torch itself.
 TORCH_CPU ?= torch==2.13.0+cpu
 
