@@ -154,14 +154,19 @@ def _link(args: argparse.Namespace, seed: int) -> Link:
     return Link(rate=args.mbit * 1e6 / 8, delay=args.rtt_ms / 2000, loss=args.loss, rng=random.Random(seed))
 
 
-def _summary(layout: str, quorum: str, n: int, links: list[Link], state: Path, wall: float, sent: list) -> dict:
-    times = round_times(state)
-    versions = len(times) + 1  # fused versions (the gaps are between them)
+def _cell(layout: str, quorum: str, n: int, links: list[Link], times: list[float], versions: int,
+          wall: float) -> dict:
+    """One table row: round time from the gaps between versions, bytes over the emulated links per version."""
     up, down = sum(ln.bytes["up"] for ln in links), sum(ln.bytes["down"] for ln in links)
     return {"layout": layout, "quorum": quorum, "agents": n, "versions": versions, "wall_seconds": round(wall, 2),
             "round_seconds_median": round(statistics.median(times), 3) if times else None,
-            "wan_bytes_per_round": round((up + down) / versions), "wan_up_bytes": up, "wan_down_bytes": down,
-            "loss_stalls": sum(ln.stalls for ln in links), "updates_sent": len(sent)}
+            "wan_bytes_per_round": round((up + down) / max(1, versions)), "wan_up_bytes": up, "wan_down_bytes": down,
+            "loss_stalls": sum(ln.stalls for ln in links)}
+
+
+def _summary(layout: str, quorum: str, n: int, links: list[Link], state: Path, wall: float, sent: list) -> dict:
+    times = round_times(state)  # fused versions: the gaps are between them
+    return {**_cell(layout, quorum, n, links, times, len(times) + 1, wall), "updates_sent": len(sent)}
 
 
 async def run_flat(args: argparse.Namespace, n: int, quorum: str) -> dict:
@@ -231,14 +236,10 @@ async def run_flower(args: argparse.Namespace, n: int) -> dict:
         await asyncio.to_thread(procs.stop)
         for p in proxies:
             await p.aclose()
-    wall = time.monotonic() - t0
     done = [r["replies_at"] for r in rows]
     times = [b - a for a, b in zip(done, done[1:], strict=False)]
-    up, down = sum(ln.bytes["up"] for ln in links), sum(ln.bytes["down"] for ln in links)
-    return {"layout": "flower", "quorum": "sync", "agents": n, "versions": len(rows), "wall_seconds": round(wall, 2),
-            "round_seconds_median": round(statistics.median(times), 3) if times else None,
-            "wan_bytes_per_round": round((up + down) / max(1, len(rows))), "wan_up_bytes": up, "wan_down_bytes": down,
-            "loss_stalls": sum(ln.stalls for ln in links), "flwr_version": env.version, "logs": str(work)}
+    return {**_cell("flower", "sync", n, links, times, len(rows), time.monotonic() - t0),
+            "flwr_version": env.version, "logs": str(work)}
 
 
 async def run(args: argparse.Namespace) -> dict:
