@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import sys
@@ -14,6 +13,7 @@ import typer
 
 from fedwb.errors import fail
 from schemas import PolicySpec
+from schemas.connection import run_loop
 from schemas.messages import PAPER_MAX_ITER
 
 policy_app = typer.Typer(help="Show or change the fusion policy of a running job.", no_args_is_help=True)
@@ -225,7 +225,7 @@ def broker_call(url: str, coro: Any) -> Any:
     import aiomqtt
 
     try:
-        return asyncio.run(coro)
+        return run_loop(coro)
     except aiomqtt.MqttError as exc:
         fail(f"cannot reach the broker at {url}: {exc}")
     except (OSError, ValueError) as exc:

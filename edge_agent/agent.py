@@ -50,6 +50,7 @@ from schemas.chunks import (
     unpack_manifest,
 )
 from schemas.codec import MQTT_MAX_PACKET
+from schemas.connection import run_loop
 
 log = logging.getLogger("fedwb.agent")
 
@@ -503,4 +504,4 @@ def run_agent(settings: AgentSettings) -> int:
             loop.add_signal_handler(sig, agent.stop)
         return await agent.run()
 
-    return asyncio.run(main())
+    return run_loop(main())

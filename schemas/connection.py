@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import os
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field
+
+T = TypeVar("T")
 
 
 class BrokerAddress(BaseModel):
@@ -73,3 +79,33 @@ class BrokerAddress(BaseModel):
                 raise ValueError(f"TLS files ({self.tls_ca}, {self.tls_cert}, {self.tls_key}): {exc}") from None
             kwargs["tls_context"] = ctx
         return kwargs
+
+
+def _late_socket_callback(context: dict[str, Any]) -> bool:
+    """Whether an event-loop error is aiomqtt registering a socket that was closed meanwhile.
+
+    paho asks for write interest from its own call sites; aiomqtt forwards that with
+    ``call_soon_threadsafe(loop.add_writer, fd, ...)``, and a client that disconnects (or is
+    cancelled) before the loop runs it leaves a callback on a closed descriptor: harmless,
+    but asyncio prints its traceback.
+    """
+    exc = context.get("exception")
+    handle = repr(context.get("handle", ""))
+    return isinstance(exc, OSError) and exc.errno == errno.EBADF and ("add_writer" in handle or
+                                                                       "add_reader" in handle)
+
+
+def run_loop(main: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run(main)`` without the traceback of a late socket callback (see above)."""
+
+    async def wrapped() -> T:
+        loop = asyncio.get_running_loop()
+
+        def handler(lp: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+            if not _late_socket_callback(context):
+                lp.default_exception_handler(context)
+
+        loop.set_exception_handler(handler)
+        return await main
+
+    return asyncio.run(wrapped())

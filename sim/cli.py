@@ -9,6 +9,8 @@ from typing import Annotated
 
 import typer
 
+from schemas.connection import run_loop
+
 sim_app = typer.Typer(help="Simulate a fleet locally: broker, aggregator and N agents as real processes.",
                       invoke_without_command=True)
 
@@ -189,4 +191,4 @@ def evaluate(
             loop.add_signal_handler(sig, ev.stop)
         await ev.run()
 
-    asyncio.run(main())
+    run_loop(main())

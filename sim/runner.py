@@ -29,6 +29,7 @@ import psutil
 from edge_agent.stragglers import parse_stragglers
 from fedwb import executable
 from schemas import BrokerAddress, Topics
+from schemas.connection import run_loop
 from sim.evaluator import Evaluator, headline
 from sim.plots import plot_run
 
@@ -350,4 +351,4 @@ def run_sim(cfg: SimConfig) -> dict[str, Any]:
     """Run one simulation; results in ``cfg.out``. Ctrl-C stops everything it started."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    return asyncio.run(_run(cfg, out))
+    return run_loop(_run(cfg, out))

@@ -94,3 +94,31 @@ async def test_policy_set_without_an_aggregator_publishes_nothing(mosquitto: Bro
             async with asyncio.timeout(1.0):
                 async for m in c.messages:
                     pytest.fail(f"retained command left on the control topic: {m.payload!r}")
+
+
+def test_a_late_socket_callback_prints_no_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    """aiomqtt forwards paho's write interest with call_soon_threadsafe(add_writer, fd): a client
+    that closed its socket first leaves a callback on a dead descriptor (seen at the end of a sim)."""
+    import logging
+
+    from schemas.connection import run_loop
+
+    async def main(other_error: bool) -> None:
+        s = socket.socket()
+        fd = s.fileno()
+        s.close()
+        loop = asyncio.get_running_loop()
+        loop.call_soon(loop.add_writer, fd, lambda: None)
+        if other_error:  # anything else still reaches asyncio's own handler
+            loop.call_soon(lambda: 1 / 0)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        run_loop(main(False))
+    assert not caplog.records
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        run_loop(main(True))
+    assert any("ZeroDivisionError" in (r.exc_text or "") or r.exc_info and r.exc_info[0] is ZeroDivisionError
+               for r in caplog.records)
+    assert not any("Bad file descriptor" in str(r.exc_info[1]) for r in caplog.records if r.exc_info)
