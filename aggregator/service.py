@@ -27,7 +27,7 @@ import torch
 import schemas
 from aggregator.buffer import Admission, Outcome, Round, UpdateBuffer, shape_mismatch
 from aggregator.checkpoint import Checkpoint
-from aggregator.fusion import PolicyState, decide, dispersion, fuse_with_report, needs_dispersion
+from aggregator.fusion import PolicyState, decide, dispersion, fuse_with_report, needs_dispersion, sinkhorn_fast
 from aggregator.fusion.fedavg import server_step
 from aggregator.fusion.robust import bound_influence
 from aggregator.metrics import Metrics
@@ -60,6 +60,7 @@ from schemas.chunks import (
     unpack_manifest,
 )
 from schemas.codec import MQTT_MAX_PACKET
+from schemas.connection import run_loop
 from schemas.signing import load_private_key, sign
 from schemas.topics import UPSTREAM_PREFIX
 
@@ -174,6 +175,7 @@ class Aggregator:
         self.weights: dict[str, torch.Tensor] = {}
         self.policy: PolicySpec = settings.policy
         self.policy_state = PolicyState()
+        self._warming: asyncio.Task | None = None  # the entropic kernels compiling at start (see _warm_up)
         self.pending: PolicyCommand | None = None
         self.last_command: CommandAck | None = None
         self.applied_command: str | None = None
@@ -891,9 +893,24 @@ class Aggregator:
         self.metrics.start()
         self._prepared = True
 
+    def _uses_compiled_solver(self) -> bool:
+        """Whether the policy in force will run the compiled entropic solver (CPU, fedwb-sinkhorn)."""
+        spec = self.policy
+        method = spec.wb_method if spec.name == "hybrid" and not self.policy_state.switched else spec.name
+        return (method == "fedwb-sinkhorn" and self.device.type == "cpu"
+                and spec.solver in ("auto", "plain") and sinkhorn_fast.available()
+                and (spec.name != "hybrid" or spec.switch_after != 0))
+
+    async def _warm_up(self) -> None:
+        """Compile the entropic kernels while the agents train their first round, not in it."""
+        seconds = await asyncio.to_thread(sinkhorn_fast.warm_up)
+        self.log.info("entropic solver ready (%.1fs to compile or load)", seconds)
+
     async def run(self) -> None:
         """Connect (reconnecting with backoff), serve until stopped, then disconnect cleanly."""
         await asyncio.to_thread(self.prepare)
+        if self._uses_compiled_solver():
+            self._warming = asyncio.create_task(self._warm_up())
         backoff = 0.5
         while not self._stopping.is_set():
             try:
@@ -948,7 +965,7 @@ def run_service(settings: AggregatorSettings) -> int:
             loop.add_signal_handler(sig, on_signal, sig)
         await agg.run()
 
-    asyncio.run(main())
+    run_loop(main())
     return 0
 
 

@@ -266,3 +266,18 @@ async def test_a_clean_stop_saves_the_records(mosquitto: BrokerProcess, job: str
     st = json.loads((tmp_path / "st" / "state.json").read_text())
     assert st["counters"]["accepted"] == 2 and len(st["buffered_ids"]) == 2
     assert set(st["buffered_ids"]) <= set(st["seen_ids"]) and st["version"] == 0
+
+
+def test_the_entropic_kernels_compile_at_start_only_when_the_policy_will_use_them() -> None:
+    from aggregator.fusion import sinkhorn_fast
+
+    def uses(spec: PolicySpec, device: str = "cpu") -> bool:
+        agg = Aggregator(AggregatorSettings(broker="mqtt://127.0.0.1:1", job="warm", task="noop", device=device,
+                                            policy=spec))
+        return agg._uses_compiled_solver()
+
+    assert uses(PolicySpec(name="fedwb-sinkhorn")) and uses(PolicySpec(name="hybrid", switch_after=3))
+    assert not uses(PolicySpec(name="fedavg")) and not uses(PolicySpec(name="hybrid", switch_after=0))
+    assert not uses(PolicySpec(name="fedwb-sinkhorn", solver="log"))
+    assert not uses(PolicySpec(name="hybrid", switch_after=3, wb_method="fedwb-neurons"))
+    assert sinkhorn_fast.warm_up() >= 0.0
