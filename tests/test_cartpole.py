@@ -11,6 +11,7 @@ import torch
 from edge_agent.tasks import get_task
 from edge_agent.tasks.cartpole import (
     DQNConfig,
+    NStep,
     dqn_config,
     epsilon_at,
     greedy_episodes,
@@ -25,7 +26,7 @@ def test_paper_preset_is_the_authors_protocol() -> None:
     cfg = dqn_config("paper")
     assert (cfg.hidden, cfg.bias, cfg.learning_rate, cfg.lr_end_fraction) == (128, False, 1e-4, 1.0)
     assert (cfg.batch_size, cfg.buffer_size, cfg.gamma) == (256, 10_000, 0.99)
-    assert (cfg.train_frequency, cfg.gradient_steps, cfg.target_network_frequency) == (1, 1, 0)
+    assert (cfg.train_frequency, cfg.gradient_steps, cfg.target_network_frequency, cfg.n_step) == (1, 1, 0, 1)
     for t in (0, 500, 1000, 5000):  # epsilon = 0.05 + 0.85 exp(-t / 1000)
         assert epsilon_at(cfg, t) == pytest.approx(0.05 + 0.85 * np.exp(-t / 1000))
     task = get_task("cartpole", preset="paper", seed=0)
@@ -36,6 +37,7 @@ def test_paper_preset_is_the_authors_protocol() -> None:
 
 def test_stable_preset_schedules() -> None:
     cfg = DQNConfig()
+    assert (cfg.n_step, cfg.reset_optimizer, cfg.obs_scale, cfg.center_penalty) == (3, False, False, 0.0)
     assert epsilon_at(cfg, 0) == 1.0 and epsilon_at(cfg, int(0.16 * cfg.total_steps)) == pytest.approx(0.04)
     assert learning_rate_at(cfg, 0) == cfg.learning_rate and learning_rate_at(cfg, cfg.total_steps) == 0.0
     assert learning_rate_at(dqn_config(total_steps="1000"), 500) == pytest.approx(cfg.learning_rate / 2)
@@ -122,5 +124,43 @@ def test_in_process_federation_bench_reports_every_length_and_why(capsys: pytest
     assert [c["version"] for c in out["curve"]] == [1, 2]
     assert set(out["curve"][-1]) == {"version", "return@0.3", "return@0.6", "return@0.9", "mean_return"}
     assert {k: sum(v.values()) for k, v in out["episode_ends"].items()} == {"0.3": 2, "0.6": 2, "0.9": 2}
+    assert set(out["local_models"]) == {"0.3", "0.9"}  # each agent's own last model, evaluated like the global
     with pytest.raises(SystemExit, match="cartpole option gradient_steps='many' is not a int"):
         fedrl.main(["--rounds", "1", "--option", "gradient_steps=many"])
+
+
+def test_n_step_transitions_sum_discounted_rewards_and_stop_at_episode_ends() -> None:
+    g = 0.5
+    ns = NStep(3, g)
+    assert ns.push("s0", 0, 1.0, "s1", False, False) == []
+    assert ns.push("s1", 1, 2.0, "s2", False, False) == []
+    (t,) = ns.push("s2", 0, 4.0, "s3", False, False)  # (s0, a0, 1 + 0.5*2 + 0.25*4, s3, not done, 0.5^3)
+    assert t == ("s0", "s3", 0, 3.0, False, g ** 3)
+    # termination: every pending step gets a shorter return and no bootstrap
+    out = ns.push("s3", 1, 8.0, "end", True, False)
+    assert [(o[0], o[3], o[4], o[5]) for o in out] == [("s1", 2 + 2 + 2.0, True, g ** 3), ("s2", 4 + 4.0, True, g ** 2),
+                                                       ("s3", 8.0, True, g)]
+    # truncation: the pending steps bootstrap from the last observation (not a terminal state)
+    ns.push("a", 0, 1.0, "b", False, False)
+    out = ns.push("b", 0, 1.0, "c", False, True)
+    assert [(o[0], o[1], o[3], o[4], o[5]) for o in out] == [("a", "c", 1.5, False, g ** 2), ("b", "c", 1.0, False, g)]
+    assert NStep(1, 0.9).push("x", 1, 1.0, "y", False, False) == [("x", "y", 1, 1.0, False, 0.9)]  # plain DQN
+
+
+def test_input_scaling_and_centre_penalty_keep_the_federated_weights_and_the_measured_return() -> None:
+    plain = get_task("cartpole", seed=0)
+    scaled = get_task("cartpole", seed=0, obs_scale="true", center_penalty="2", n_step="3", learning_starts="50",
+                      train_frequency="50", gradient_steps="2")
+    assert {k: v.shape for k, v in plain.initial_weights().items()} == \
+        {k: v.shape for k, v in scaled.initial_weights().items()}  # the scale is a constant, not a parameter
+    w = scaled.initial_weights()
+    x = torch.tensor([[2.4, 3.0, 0.21, 3.5]])
+    plain.q.load_state_dict(w)
+    scaled.q.load_state_dict(w)
+    assert torch.allclose(scaled.q(x), plain.q(torch.ones(1, 4)))
+    assert scaled._training_reward(1.0, np.array([1.2, 0, 0, 0])) == pytest.approx(1.0 - 2 * 0.25)
+    result = scaled.train(w, 120)  # episode returns stay the environment's (whole steps), not the shaped reward
+    assert result.metrics["episodes"] >= 2 and all(r == int(r) for r in scaled.recent_returns)
+    assert float(scaled.rb.rewards[: len(scaled.rb)].min()) < 1.0  # ... while what is learnt from is shaped
+    discounts = {round(float(d), 6) for d in scaled.rb.discounts[: len(scaled.rb)]}
+    assert 0.970299 in discounts and discounts <= {0.99, 0.9801, 0.970299}
