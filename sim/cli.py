@@ -65,6 +65,12 @@ def sim(
     partition: Annotated[str, typer.Option(help="mnist: iid | dirichlet:ALPHA")] = "iid",
     pole_lengths: Annotated[str | None, typer.Option(help="cartpole: a,b,c or START:STOP:COUNT.")] = None,
     held_out: Annotated[str | None, typer.Option(help="cartpole: held-out pole lengths a,b.")] = None,
+    env_params: Annotated[str | None, typer.Option(
+        help="cartpole: each agent's physics, ';'-separated and cycled, e.g. 'length=0.25,masspole=0.05;"
+             "masscart=2,force_mag=7' (keys length, masspole, masscart, force_mag; a spec without length "
+             "takes the agent's --pole-lengths entry). Each is also evaluated.")] = None,
+    held_out_envs: Annotated[str | None, typer.Option(
+        help="cartpole: held-out physics, ';'-separated specs as --env-params, evaluated only.")] = None,
     local_epochs: Annotated[int | None, typer.Option(help="mnist: local epochs per round.")] = None,
     local_steps: Annotated[int | None, typer.Option(help="cartpole: env steps per round.")] = None,
     model: Annotated[str, typer.Option(help="mnist: mlp | cnn")] = "mlp",
@@ -92,6 +98,8 @@ def sim(
         kwargs["pole_lengths"] = _floats(pole_lengths)
     if held_out:
         kwargs["held_out_lengths"] = _floats(held_out)
+    kwargs["env_params"] = [e.strip() for e in (env_params or "").split(";") if e.strip()]
+    kwargs["held_out_envs"] = [e.strip() for e in (held_out_envs or "").split(";") if e.strip()]
     try:
         cfg = SimConfig(**kwargs)
     except ValueError as exc:

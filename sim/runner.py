@@ -63,6 +63,8 @@ class SimConfig:
     partition: str = "iid"
     pole_lengths: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0, 1.5])
     held_out_lengths: list[float] = field(default_factory=lambda: [0.4, 1.25])
+    env_params: list[str] = field(default_factory=list)  # cartpole: per-agent physics specs, cycled
+    held_out_envs: list[str] = field(default_factory=list)  # cartpole: physics evaluated only
     local_epochs: int | None = None
     local_steps: int | None = None
     model: str = "mlp"
@@ -91,6 +93,12 @@ class SimConfig:
         if self.preset not in ("stable", "paper"):
             raise ValueError(f"unknown cartpole preset {self.preset!r}: use stable or paper")
         parse_stragglers(self.stragglers)
+        if (self.env_params or self.held_out_envs) and self.task != "cartpole":
+            raise ValueError("--env-params and --held-out-envs are cartpole options")
+        from edge_agent.tasks.cartpole import parse_env
+
+        for spec in (*self.env_params, *self.held_out_envs):
+            parse_env(spec)  # a bad key or value names itself
 
     @property
     def job_name(self) -> str:
@@ -102,13 +110,23 @@ def pole_lengths_for(cfg: SimConfig) -> list[float]:
     return [cfg.pole_lengths[i % len(cfg.pole_lengths)] for i in range(cfg.agents)]
 
 
+def agent_env(cfg: SimConfig, i: int) -> str:
+    """Agent i's physics as an ``env`` spec: its ``--env-params`` entry (cycled), its pole length where
+    the entry has none; just the pole length without ``--env-params``."""
+    from edge_agent.tasks.cartpole import ENV_PARAMS, parse_env
+
+    params = parse_env(cfg.env_params[i % len(cfg.env_params)]) if cfg.env_params else {}
+    params.setdefault("length", pole_lengths_for(cfg)[i])
+    return ",".join(f"{k}={params[k]:g}" for k in ENV_PARAMS if k in params)
+
+
 def cartpole_local_steps(cfg: SimConfig) -> int:
-    """Environment steps per round: given, the paper's 100, or 500 (quick) / 2,000."""
+    """Environment steps per round: given, the paper's 100, or 500 (quick) / 1,000 (the recipe's)."""
     if cfg.local_steps:
         return cfg.local_steps
     if cfg.preset == "paper":
         return 100
-    return 500 if cfg.quick else 2000
+    return 500 if cfg.quick else 1000
 
 
 def _agent_cmd(cfg: SimConfig, broker: str, job: str, i: int) -> list[str]:
@@ -120,7 +138,7 @@ def _agent_cmd(cfg: SimConfig, broker: str, job: str, i: int) -> list[str]:
                 "--local-epochs", str(cfg.local_epochs or 1)]
     elif cfg.task == "cartpole":
         steps = cartpole_local_steps(cfg)
-        cmd += ["--pole-length", str(pole_lengths_for(cfg)[i]), "--local-steps", str(steps),
+        cmd += ["--task-option", f"env={agent_env(cfg, i)}", "--local-steps", str(steps),
                 "--task-option", f"preset={cfg.preset}",
                 "--task-option", f"total_steps={steps * cfg.rounds}"]  # the schedules span the whole run
     elif cfg.task == "noop":
@@ -187,8 +205,13 @@ def _task_eval_options(cfg: SimConfig) -> dict[str, Any]:
     if cfg.task == "mnist":
         return {"model": cfg.model}
     if cfg.task == "cartpole":
-        lengths = sorted(set(cfg.pole_lengths[: cfg.agents]) | set(cfg.held_out_lengths))
-        return {"eval_lengths": lengths, "eval_episodes": 2 if cfg.quick else 5, "preset": cfg.preset}
+        episodes = 2 if cfg.quick else 5
+        if not (cfg.env_params or cfg.held_out_envs):
+            lengths = sorted(set(cfg.pole_lengths[: cfg.agents]) | set(cfg.held_out_lengths))
+            return {"eval_lengths": lengths, "eval_episodes": episodes, "preset": cfg.preset}
+        trained = list(dict.fromkeys(agent_env(cfg, i) for i in range(cfg.agents)))
+        return {"eval_envs": ";".join(trained + cfg.held_out_envs), "eval_lengths": list(cfg.held_out_lengths),
+                "eval_episodes": episodes, "preset": cfg.preset}
     return {"shapes": [[100, 100]]} if cfg.task == "noop" else {}
 
 

@@ -74,6 +74,20 @@ def test_quick_cartpole_reports_trained_and_held_out_lengths(tmp_path: Path) -> 
     assert _children() <= before
 
 
+def test_quick_cartpole_with_per_agent_physics_evaluates_each_and_the_held_out_ones(tmp_path: Path) -> None:
+    run_sim(SimConfig(task="cartpole", agents=2, rounds=1, policy="fedavg", broker="embedded",
+                      env_params=["length=0.3,masspole=0.3", "masscart=2,force_mag=7"], pole_lengths=[0.3, 1.0],
+                      held_out_lengths=[], held_out_envs=["length=0.6,masscart=0.5"], out=str(tmp_path),
+                      quick=True, live=False, local_steps=200))
+    s = _check_summary(tmp_path, 1)
+    assert set(s["rounds"][0]["eval"]) == {"return@length=0.3,masspole=0.3", "return@length=1,masscart=2,force_mag=7",
+                                           "return@length=0.6,masscart=0.5", "mean_return"}
+    with pytest.raises(ValueError, match="bad cartpole env parameter 'gravity=3'"):
+        SimConfig(task="cartpole", env_params=["gravity=3"])
+    with pytest.raises(ValueError, match="cartpole options"):
+        SimConfig(task="mnist", held_out_envs=["masspole=1"])
+
+
 def test_bad_config_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="quorum"):
         SimConfig(agents=2, quorum=3)
