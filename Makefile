@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # CI disks are small. Override with `make TORCH_CPU= setup` to let pip pick torch itself.
 TORCH_CPU ?= torch==2.13.0+cpu
 
-.PHONY: demo test setup lint clean bench bench-vs-flower
+.PHONY: demo test setup lint warm clean bench bench-vs-flower
 
 setup: $(STAMP)
 
@@ -23,13 +23,19 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[all,dev]'
 	@touch $(STAMP)
 
+# numba compiles the entropic solver on its first use (~30 s; then cached on disk next to the source):
+# done here, ahead of the demo's first FedWB fusion. A cached load takes about a second.
+warm: $(STAMP)
+	@$(BIN)/python -c 'from aggregator.fusion.sinkhorn_fast import warm_up; \
+	    print(f"entropic solver compiled or loaded in {warm_up():.1f}s")'
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q
 
-demo: $(STAMP)
+demo: $(STAMP) warm
 	$(BIN)/fedwb demo
 
 bench: $(STAMP)
