@@ -382,9 +382,9 @@ class CartPoleTask(Task):
             next_obs, reward, terminated, truncated, _ = self.env.step(action)
             self.episode_return += float(reward)
             # easy to miss: a truncated episode is not a terminal state for the TD target
-            for t in self.nstep.push(self.obs, action, self._training_reward(float(reward), next_obs), next_obs,
-                                     terminated, truncated):
-                self.rb.add(t[0], t[1], t[2], t[3], t[4], t[5])
+            for transition in self.nstep.push(self.obs, action, self._training_reward(float(reward), next_obs),
+                                              next_obs, terminated, truncated):
+                self.rb.add(*transition)
             self.obs = next_obs
             if terminated or truncated:
                 returns.append(self.episode_return)
