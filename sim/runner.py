@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -370,8 +371,26 @@ async def _run(cfg: SimConfig, out: Path) -> dict[str, Any]:
     return summary
 
 
+async def _run_until_stopped(cfg: SimConfig, out: Path) -> dict[str, Any]:
+    """``_run``, cancelled by SIGTERM as by Ctrl-C: its ``finally`` stops every process it started
+    (a scheduler's SIGTERM used to leave the aggregator and the agents running)."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    handled = False
+    if task is not None and threading.current_thread() is threading.main_thread():
+        loop.add_signal_handler(signal.SIGTERM, task.cancel)
+        handled = True
+    try:
+        return await _run(cfg, out)
+    except asyncio.CancelledError:
+        raise KeyboardInterrupt("SIGTERM") from None
+    finally:
+        if handled:
+            loop.remove_signal_handler(signal.SIGTERM)
+
+
 def run_sim(cfg: SimConfig) -> dict[str, Any]:
-    """Run one simulation; results in ``cfg.out``. Ctrl-C stops everything it started."""
+    """Run one simulation; results in ``cfg.out``. Ctrl-C or SIGTERM stops everything it started."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    return run_loop(_run(cfg, out))
+    return run_loop(_run_until_stopped(cfg, out))

@@ -93,3 +93,34 @@ def test_bad_config_is_a_clear_error() -> None:
         SimConfig(agents=2, quorum=3)
     with pytest.raises(ValueError, match="unknown straggler key"):
         SimConfig(stragglers="lag=3")
+
+
+def test_sigterm_stops_every_process_the_sim_started(tmp_path: Path) -> None:
+    """A scheduler stops jobs with SIGTERM: the aggregator and the agents must go with the sim."""
+    import signal
+    import subprocess
+    import time
+
+    from fedwb import executable
+
+    sim = subprocess.Popen([executable(), "sim", "--task", "noop", "--agents", "2", "--rounds", "100000",
+                            "--broker", "embedded", "--quick", "--out", str(tmp_path)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        kids: list[psutil.Process] = []
+        while time.monotonic() < deadline and sim.poll() is None:  # until the aggregator and 2 agents run
+            kids = [p for p in psutil.Process(sim.pid).children(recursive=True)
+                    if any(a in p.cmdline() for a in ("aggregator", "agent"))]
+            if len(kids) >= 3 and (tmp_path / "rounds.jsonl").exists() and (tmp_path / "rounds.jsonl").read_text():
+                break
+            psutil.wait_procs([psutil.Process(sim.pid)], timeout=0.2)
+        assert len(kids) >= 3, "the sim did not start its processes"
+        sim.send_signal(signal.SIGTERM)
+        assert sim.wait(60) == 130
+        gone, alive = psutil.wait_procs(kids, timeout=30)
+        assert not alive, f"left running after SIGTERM: {[p.pid for p in alive]}"
+        assert "interrupted; every process was stopped" in sim.stderr.read().decode()
+    finally:
+        if sim.poll() is None:
+            sim.kill()
