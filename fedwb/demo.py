@@ -1,7 +1,7 @@
 """``fedwb demo`` (what ``make demo`` runs): a small MNIST comparison and a heterogeneous CartPole run.
 
 Everything is real: a broker (mosquitto when installed, else the embedded one), the
-aggregator and agents as processes over MQTT. About 2.5 minutes on a 2-core machine.
+aggregator and agents as processes over MQTT. Under 3 minutes on a 2-core machine.
 """
 
 from __future__ import annotations
