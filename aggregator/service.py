@@ -27,7 +27,15 @@ import torch
 import schemas
 from aggregator.buffer import Admission, Outcome, Round, UpdateBuffer, shape_mismatch
 from aggregator.checkpoint import Checkpoint
-from aggregator.fusion import PolicyState, decide, dispersion, fuse_with_report, needs_dispersion, sinkhorn_fast
+from aggregator.fusion import (
+    PolicyState,
+    decide,
+    dispersion,
+    fuse_with_report,
+    needs_dispersion,
+    pick_solver,
+    sinkhorn_fast,
+)
 from aggregator.fusion.fedavg import server_step
 from aggregator.fusion.robust import bound_influence
 from aggregator.metrics import Metrics
@@ -897,8 +905,7 @@ class Aggregator:
         """Whether the policy in force will run the compiled entropic solver (CPU, fedwb-sinkhorn)."""
         spec = self.policy
         method = spec.wb_method if spec.name == "hybrid" and not self.policy_state.switched else spec.name
-        return (method == "fedwb-sinkhorn" and self.device.type == "cpu"
-                and spec.solver in ("auto", "plain") and sinkhorn_fast.available()
+        return (method == "fedwb-sinkhorn" and pick_solver(spec.solver, self.device) == "plain"
                 and (spec.name != "hybrid" or spec.switch_after != 0))
 
     async def _warm_up(self) -> None:

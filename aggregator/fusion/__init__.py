@@ -2,7 +2,7 @@
 
 from aggregator.fusion.barycenter import barycenter_1d, barycenter_objective
 from aggregator.fusion.fedavg import fedavg_tensor, normalize_weights
-from aggregator.fusion.fuse import METHODS, SOLVERS, FusionReport, check_models, fuse, fuse_with_report
+from aggregator.fusion.fuse import METHODS, SOLVERS, FusionReport, check_models, fuse, fuse_with_report, pick_solver
 from aggregator.fusion.neurons import Layer, chain_from_spec, chain_problem, fedwb_neurons
 from aggregator.fusion.policy import Choice, PolicyState, decide, dispersion, needs_dispersion
 from aggregator.fusion.sinkhorn import SinkhornInfo, log_gauss_conv, sinkhorn_barycenter_1d
@@ -29,5 +29,6 @@ __all__ = [
     "log_gauss_conv",
     "needs_dispersion",
     "normalize_weights",
+    "pick_solver",
     "sinkhorn_barycenter_1d",
 ]

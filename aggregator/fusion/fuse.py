@@ -184,7 +184,7 @@ def _fedwb_exact(rows: torch.Tensor, lam: list[float]) -> torch.Tensor:
     return _finish(p, b, rows.device)
 
 
-def _pick_solver(solver: str, device: torch.device, k_rows: int = 0) -> str:
+def pick_solver(solver: str, device: torch.device, k_rows: int = 0) -> str:
     """The entropic solver that runs for ``solver`` on ``device`` with ``k_rows`` models.
 
     ``auto``: the compiled plain-domain solver on CPU, the Triton one on CUDA, the torch plain
@@ -235,7 +235,7 @@ def _fedwb_sinkhorn_all(prepared: list[_Prepared], opts: dict[str, Any], report:
                         device: torch.device) -> dict[str, torch.Tensor]:
     """Entropic FedWB of every prepared tensor: one solve per group of tensors with the same rows."""
     k_rows = max((p.hists.shape[0] for p in prepared if p.hists is not None), default=0)
-    solver = _pick_solver(opts["solver"], device, k_rows)
+    solver = pick_solver(opts["solver"], device, k_rows)
     report.sinkhorn_solver = solver
     out: dict[str, torch.Tensor] = {}
     groups: dict[tuple, list[_Prepared]] = {}
@@ -317,7 +317,7 @@ def fuse_with_report(models: Sequence[Model], weights: Sequence[float] | torch.T
         raise ValueError(f"max_iter must be >= 1, got {max_iter}")
     if not (stop_threshold >= 0 and math.isfinite(stop_threshold)):
         raise ValueError(f"stop_threshold must be non-negative and finite, got {stop_threshold!r}")
-    _pick_solver(solver, torch.device("cpu"))  # validates the name
+    pick_solver(solver, torch.device("cpu"))  # validates the name
     opts = {"reg": reg, "stop_threshold": stop_threshold, "max_iter": max_iter, "warn": warn,
             "renormalize": renormalize, "solver": solver}
     start = time.perf_counter()
