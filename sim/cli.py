@@ -17,6 +17,11 @@ sim_app = typer.Typer(help="Simulate a fleet locally: broker, aggregator and N a
 _OPTS: dict = {}
 
 
+def _specs(text: str | None) -> list[str]:
+    """``'a=1;b=2'`` -> ``['a=1', 'b=2']``: ``;``-separated cartpole physics specs."""
+    return [e.strip() for e in (text or "").split(";") if e.strip()]
+
+
 def _floats(text: str | None) -> list[float] | None:
     if text is None:
         return None
@@ -98,8 +103,7 @@ def sim(
         kwargs["pole_lengths"] = _floats(pole_lengths)
     if held_out:
         kwargs["held_out_lengths"] = _floats(held_out)
-    kwargs["env_params"] = [e.strip() for e in (env_params or "").split(";") if e.strip()]
-    kwargs["held_out_envs"] = [e.strip() for e in (held_out_envs or "").split(";") if e.strip()]
+    kwargs["env_params"], kwargs["held_out_envs"] = _specs(env_params), _specs(held_out_envs)
     try:
         cfg = SimConfig(**kwargs)
     except ValueError as exc:

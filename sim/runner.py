@@ -114,11 +114,11 @@ def pole_lengths_for(cfg: SimConfig) -> list[float]:
 def agent_env(cfg: SimConfig, i: int) -> str:
     """Agent i's physics as an ``env`` spec: its ``--env-params`` entry (cycled), its pole length where
     the entry has none; just the pole length without ``--env-params``."""
-    from edge_agent.tasks.cartpole import ENV_PARAMS, parse_env
+    from edge_agent.tasks.cartpole import env_spec, parse_env
 
     params = parse_env(cfg.env_params[i % len(cfg.env_params)]) if cfg.env_params else {}
     params.setdefault("length", pole_lengths_for(cfg)[i])
-    return ",".join(f"{k}={params[k]:g}" for k in ENV_PARAMS if k in params)
+    return env_spec(params)
 
 
 def cartpole_local_steps(cfg: SimConfig) -> int:

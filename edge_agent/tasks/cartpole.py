@@ -134,11 +134,16 @@ def parse_env(spec: str | dict[str, float] | None, pole_length: float | None = N
     return out
 
 
+def env_spec(params: dict[str, float]) -> str:
+    """``length=0.5,masspole=0.2``: what ``parse_env`` reads back, keys in ``ENV_PARAMS`` order."""
+    return ",".join(f"{k}={params[k]:g}" for k in ENV_PARAMS if k in params)
+
+
 def env_label(params: dict[str, float]) -> str:
-    """``0.5`` for a pole length alone, else ``length=0.5,masspole=0.2``: the key of its evaluation."""
+    """``0.5`` for a pole length alone, else ``env_spec``: the key of its evaluation."""
     if set(params) <= {"length"}:
         return f"{params.get('length', 0.5):g}"
-    return ",".join(f"{k}={params[k]:g}" for k in ENV_PARAMS if k in params)
+    return env_spec(params)
 
 
 def make_env(pole_length: float = 0.5, seed: int | None = None, **params: float) -> gym.Env:
@@ -173,11 +178,13 @@ class QNetwork(nn.Module):
         self.net = nn.Sequential(nn.Linear(obs_dim, hidden, bias=bias), nn.ReLU(),
                                  nn.Linear(hidden, hidden, bias=bias), nn.ReLU(),
                                  nn.Linear(hidden, n_actions, bias=bias))
-        self.scale = torch.tensor(OBS_RANGE, dtype=torch.float32) if obs_scale else None
+        # a non-persistent buffer: it follows the module to its device and stays out of the state dict
+        scale = torch.tensor(OBS_RANGE, dtype=torch.float32) if obs_scale else None
+        self.register_buffer("scale", scale, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.scale is not None:
-            x = x / self.scale.to(x.device)
+            x = x / self.scale
         return self.net(x)
 
 
