@@ -8,6 +8,7 @@ captured graph); the CUDA cases run wherever a GPU is present and are skipped el
 from __future__ import annotations
 
 import importlib.util
+import math
 
 import numpy as np
 import ot
@@ -140,3 +141,86 @@ def test_solver_triton_on_cpu_falls_back_to_the_same_iterate(monkeypatch: pytest
     ref, _ = fuse_with_report(models, [1, 1, 1], "fedwb-sinkhorn", max_iter=50, warn=False, solver="log")
     assert rep.sinkhorn_solver == "plain"
     assert torch.allclose(out["w"], ref["w"], rtol=1e-10, atol=1e-12)
+
+
+@needs_triton
+@pytest.mark.parametrize("device", DEVICES)
+def test_triton_solver_state_is_reused_for_the_same_shapes_and_gives_a_fresh_solves_iterate(
+        device: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The aggregator fuses the same shapes every round: the second solve reuses the first one's tensors (and
+    CUDA graphs), reset to the new histograms, also after a solve that ended in the log-domain kernels."""
+    rng = np.random.default_rng(11)
+    both = cases(40, rng)
+    far, near = both["far"], both["weights"][:3] / both["weights"][:3].sum(1, keepdims=True)
+    lam = torch.full((far.shape[0],), 1.0 / far.shape[0], dtype=torch.float64)
+    kw = {"reg": 0.05, "stop_threshold": 1e-4, "max_iter": TRITON_ITERS}
+
+    def run(h: np.ndarray) -> np.ndarray:
+        return triton_solver.barycenters_triton([torch.tensor(h, device=device)], lam, **kw)[0][0].cpu().numpy()
+
+    triton_solver._cache.clear()
+    fresh_near = run(near)
+    triton_solver._cache.clear()
+    switches = []
+    to_log = triton_solver._Blocks.to_log
+    monkeypatch.setattr(triton_solver._Blocks, "to_log", lambda self: (switches.append(1), to_log(self)))
+    run(far)  # ends in the log domain, leaves its state in the cache
+    assert switches, "the far-apart case should have needed the log-domain kernels"
+    (key, state), = triton_solver._cache.items()
+    reused_near = run(near)
+    assert triton_solver._cache[key] is state, "same shapes and gap: the cached state is used again"
+    assert np.array_equal(reused_near, fresh_near)
+
+
+class _TraceBlocks:
+    """Stands in for the Triton solver's state: the range of log v after each iteration comes from a trace,
+    so the block schedule (long blocks, redos, the switch to log kernels) runs without kernels."""
+
+    def __init__(self, lo: list[float], hi: list[float]) -> None:
+        self.lo, self.hi = lo, hi
+        self.lay = type("Lay", (), {"sizes": [1000], "spread_a": 30.0, "gap": 10**6, "segments": lambda _, x: [x]})()
+        self.pos = self.saved = self.executed = 0
+        self.log = False
+        self.g = self.logb = self.b = torch.zeros(1)
+        self.steps: list[int] = []
+
+    def snapshot(self) -> None:
+        self.saved = self.pos
+
+    def restore(self) -> None:
+        self.pos = self.saved
+
+    def to_log(self) -> None:
+        self.log = True
+
+    def set_live(self, live: list[bool]) -> None:
+        pass
+
+    def run(self, log: bool, steps: int, dv: int, du: int, first: int) -> None:
+        self.span = range(self.pos, self.pos + steps)
+        self.pos += steps
+        self.executed += steps
+        self.steps.append(steps)
+
+    def checked_stats(self, lo: float, hi: float, n_checks: int):
+        conv = (lambda x: x) if self.log else (lambda x: math.exp(min(x, 700.0)))
+        run_lo, run_hi = min(conv(self.lo[i]) for i in self.span), max(conv(self.hi[i]) for i in self.span)
+        bad = run_lo < lo or run_hi > hi
+        end = self.span[-1]
+        return [float(bad)], [[1.0]] * n_checks, conv(self.lo[end]), conv(self.hi[end])
+
+
+@pytest.mark.parametrize(("drift", "most_executed", "most_blocks"), [(0.01, 1000, 20), (0.8, 1100, 110)])
+def test_long_blocks_follow_the_drift_of_the_potentials(drift: float, most_executed: int, most_blocks: int) -> None:
+    """Potentials that settle get blocks of up to 100 iterations (one read-back each); potentials that keep
+    drifting (log v's range growing ~1 binary order per iteration, as on random histograms) get short blocks
+    instead of long ones that break their band's promise and are redone (2.5x the iterations before)."""
+    its = 1000
+    hi = [5.0 + drift * i for i in range(its)]
+    lo = [-5.0 - drift * i for i in range(its)]
+    fake = _TraceBlocks(lo, hi)
+    triton_solver._solve(fake, 0.1, 0.0, its)
+    assert fake.pos == its
+    assert fake.executed <= most_executed and len(fake.steps) <= most_blocks, (fake.executed, fake.steps)
+    if drift < 0.1:
+        assert max(fake.steps) == 10 * triton_solver.LONG_CHECKS

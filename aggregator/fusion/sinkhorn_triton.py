@@ -18,9 +18,21 @@ same iterate continues in the log domain from :math:`G = \log v`:
 
 kernel ``_lse_f`` for :math:`f` and ``_lse_g`` for the rest (in place; each program touches
 its own points only), each LSE exact in two passes (max, then sum of exponentials), so no
-value can under- or overflow there. Blocks, bands (sized from the range promised for the
-block and checked at its end), stopping and CUDA graphs are those of the torch solver; a
-tensor is handed to the torch log solver only if its potentials spread beyond the gaps.
+value can under- or overflow there. Bands are sized from the range promised for the block and
+checked at its end, as in the torch solver; the plain kernels unroll the inner band
+(``|d| <= UNROLL``) so its loads are in flight together. A tensor is handed to the torch log
+solver only if its potentials spread beyond the gaps.
+
+Long blocks: a block spans up to ``LONG_CHECKS`` of POT's 10-iteration check periods (one
+CUDA graph, one read-back), its errors kept per check; a segment that met the threshold at a
+check inside the block has the block redone to end there, so stopping is POT's to the
+iteration. Blocks double while the potentials' drift in the last block, extrapolated, stays
+within half the band's margin; a block that breaks its promise is redone short. Measured on an
+H200 (docs/benchmarks.md): the read-backs of 10-iteration blocks were ~60 % of a 1,000-iteration
+MLP solve.
+
+State cache: the aggregator fuses the same shapes every round, so the solver's tensors and their
+captured CUDA graphs are kept (``CACHED_LAYOUTS`` layouts) and reset for the next solve.
 
 On CPU tensors the kernels run in Triton's interpreter (slow; for tests).
 """
@@ -28,6 +40,8 @@ On CPU tensors the kernels run in Triton's interpreter (slow; for tests).
 from __future__ import annotations
 
 import math
+import threading
+from collections import OrderedDict
 
 import torch
 
@@ -37,7 +51,6 @@ from aggregator.fusion.sinkhorn_torch import (
     Layout,
     SegmentBlocks,
     SegmentProgress,
-    block_steps,
     layout,
 )
 
@@ -52,6 +65,10 @@ _jit = triton.jit if triton is not None else (lambda fn: fn)
 
 MAX_ROWS = 64  # K above this: the torch solvers (a program holds all K rows of its tile)
 GAP_SPREAD = 1e6  # the gaps fit the band for potentials spread this far (else: the torch log solver)
+LONG_CHECKS = 10  # a block spans up to this many of POT's check periods (10 iterations each)
+UNROLL = 5  # plain kernels: band offsets |d| <= this are unrolled (compile-time), wider ones looped
+CACHED_LAYOUTS = 2  # solver states (and their captured CUDA graphs) kept for the next fusion of the same shapes
+CACHED_BYTES = 2**30  # a state holding more device memory than this is freed after its solve
 
 
 def available() -> bool:
@@ -131,57 +148,70 @@ def _lse_g(f_ptr, g_ptr, cost_ptr, gap, lam_ptr, live_ptr, logb_ptr, err_ptr, rm
 
 
 @_jit
+def _band_sum(x_ptr, row0, cols, lim, w_ptr, gap, D, DS: tl.constexpr, BN: tl.constexpr):  # pragma: no cover
+    """sum_{|d|<=D} w_|d| x[row0 + i + d] for ``0 <= i + d < lim`` (0 elsewhere), w_d at w[gap + d].
+
+    The inner band |d| <= DS is unrolled (all its loads in flight at once); the rest, if any, is a
+    loop over symmetric pairs, so compiled variants stay few and registers bounded."""
+    acc = tl.zeros((BN,), tl.float64)
+    for i in tl.static_range(2 * DS + 1):
+        j = cols + (i - DS)
+        acc += tl.load(w_ptr + (i - DS + gap)) * tl.load(x_ptr + row0 + j, mask=(j >= 0) & (j < lim), other=0.0)
+    for d in range(DS + 1, D + 1):
+        lo, hi = cols - d, cols + d
+        acc += tl.load(w_ptr + (d + gap)) * (tl.load(x_ptr + row0 + lo, mask=(lo >= 0) & (lo < lim), other=0.0)
+                                             + tl.load(x_ptr + row0 + hi, mask=(hi >= 0) & (hi < lim), other=0.0))
+    return acc
+
+
+@_jit
 def _plain_u(v_ptr, a1_ptr, gapf_ptr, w_ptr, u_ptr, gap, length, total, D,  # pragma: no cover - compiled
-             BN: tl.constexpr):
+             DS: tl.constexpr, BN: tl.constexpr):
     """u = a / (K v) over the flattened (K, L) array (rows end and start with gaps of zeros, D <= gap)."""
     idx = tl.program_id(0) * BN + tl.arange(0, BN)
     inside = idx < total
-    acc = tl.zeros((BN,), tl.float64)
-    for d in range(-D, D + 1):
-        j = idx + d
-        acc += tl.load(w_ptr + (d + gap)) * tl.load(v_ptr + j, mask=(j >= 0) & (j < total), other=0.0)
+    acc = _band_sum(v_ptr, 0, idx, total, w_ptr, gap, D, DS, BN)
     acc += tl.load(gapf_ptr + idx % length, mask=inside, other=1.0)
     tl.store(u_ptr + idx, tl.load(a1_ptr + idx, mask=inside, other=0.0) / acc, mask=inside)
 
 
 @_jit
-def _plain_ku(u_ptr, w_ptr, gapf, cols, length, k, gap, D, BN: tl.constexpr):  # pragma: no cover - compiled
+def _plain_ku(u_ptr, w_ptr, gapf, cols, length, k, gap, D, DS: tl.constexpr, BN: tl.constexpr):  # pragma: no cover
     """(K u_k)_i on one tile of columns, plus 1 in gaps (so gaps never divide by 0 or take log 0)."""
-    acc = tl.zeros((BN,), tl.float64)
-    for d in range(-D, D + 1):
-        j = cols + d
-        acc += tl.load(w_ptr + (d + gap)) * tl.load(u_ptr + k * length + j, mask=(j >= 0) & (j < length), other=0.0)
-    return acc + gapf
+    return _band_sum(u_ptr, k * length, cols, length, w_ptr, gap, D, DS, BN) + gapf
 
 
 @_jit
 def _plain_v(u_ptr, v_ptr, w_ptr, gapf_ptr, lam_ptr, live_ptr, b_ptr, err_ptr, rmin_ptr, rmax_ptr, lmin_ptr,
-             lmax_ptr, gap, length, k_rows, D, BN: tl.constexpr, CHECK: tl.constexpr):  # pragma: no cover
-    """log b = sum_k lam_k log (K u_k); v_k = b / (K u_k) on live points; POT's error; v's range (K u recomputed)."""
+             lmax_ptr, gap, length, k_rows, D, DS: tl.constexpr, BN: tl.constexpr,
+             CHECK: tl.constexpr):  # pragma: no cover - compiled
+    """log b = sum_k lam_k log (K u_k); v_k = b / (K u_k) on live points; POT's error; v's range.
+
+    Row by row: K u_k is recomputed in each pass (from L1/L2) rather than held for all rows."""
     cols = tl.program_id(0) * BN + tl.arange(0, BN)
     cm = cols < length
     gapf = tl.load(gapf_ptr + cols, mask=cm, other=1.0)
     live = (tl.load(live_ptr + cols, mask=cm, other=0.0) > 0.0) & cm
     logb = tl.zeros((BN,), tl.float64)
     for k in range(k_rows):
-        logb += tl.load(lam_ptr + k) * tl.log(_plain_ku(u_ptr, w_ptr, gapf, cols, length, k, gap, D, BN))
+        logb += tl.load(lam_ptr + k) * tl.log(_plain_ku(u_ptr, w_ptr, gapf, cols, length, k, gap, D, DS, BN))
     b = tl.exp(logb)
     if CHECK:  # std over k of v_k (K u_k), two passes as torch.std
         mean = tl.zeros((BN,), tl.float64)
         for k in range(k_rows):
-            ku = _plain_ku(u_ptr, w_ptr, gapf, cols, length, k, gap, D, BN)
+            ku = _plain_ku(u_ptr, w_ptr, gapf, cols, length, k, gap, D, DS, BN)
             mean += tl.load(v_ptr + k * length + cols, mask=cm, other=0.0) * ku
         mean = mean / k_rows
         var = tl.zeros((BN,), tl.float64)
         for k in range(k_rows):
-            ku = _plain_ku(u_ptr, w_ptr, gapf, cols, length, k, gap, D, BN)
+            ku = _plain_ku(u_ptr, w_ptr, gapf, cols, length, k, gap, D, DS, BN)
             dev = tl.load(v_ptr + k * length + cols, mask=cm, other=0.0) * ku - mean
             var += dev * dev
         tl.store(err_ptr + cols, tl.sqrt(var / k_rows), mask=live)
     lo = tl.full((BN,), float("inf"), tl.float64)
     hi = tl.zeros((BN,), tl.float64)
     for k in range(k_rows):
-        vn = b / _plain_ku(u_ptr, w_ptr, gapf, cols, length, k, gap, D, BN)
+        vn = b / _plain_ku(u_ptr, w_ptr, gapf, cols, length, k, gap, D, DS, BN)
         tl.store(v_ptr + k * length + cols, vn, mask=live)
         lo = tl.minimum(lo, vn)
         hi = tl.maximum(hi, vn)
@@ -223,39 +253,101 @@ class _Blocks(SegmentBlocks):
         self.lam = lam.to(device=dev, dtype=torch.float64).contiguous()
         self.kp = max(2, triton.next_power_of_2(k_rows))
         self.bn = max(16, min(256, 2048 // self.kp))
+        self.active = (self.v, self.b)  # what a block changes: the plain state, or the log state after to_log
+        self.err_all = torch.zeros(LONG_CHECKS, length, dtype=torch.float64, device=dev)  # POT's error per check
 
-    def _block(self, log: bool, steps: int, dv: int, du: int, check: bool) -> None:
-        if log:
-            self.run_min.fill_(math.inf)
-            self.run_max.fill_(-math.inf)
-        else:
-            self.run_min.fill_(math.inf)
-            self.run_max.fill_(0.0)
+    def reset(self, lay: Layout, lam: torch.Tensor) -> None:
+        """Start a new solve of same-shaped histograms in these tensors (their captured graphs stay valid)."""
+        self.lay.a1.copy_(lay.a1)
+        self.lay.spread_a = lay.spread_a
+        self.loga.copy_(torch.where(lay.realf > 0, torch.log(lay.a1), -math.inf))
+        self.lam.copy_(lam.to(device=self.lam.device, dtype=torch.float64))
+        self.v.copy_(lay.realf.expand(self.k_rows, -1))
+        self.b.zero_()
+        self.logb.zero_()
+        self.livef.copy_(lay.realf)
+        self.active = (self.v, self.b)
+
+    def snapshot(self) -> None:
+        for t, s in zip(self.active, self.saved, strict=False):
+            s.copy_(t)
+
+    def restore(self) -> None:
+        for t, s in zip(self.active, self.saved, strict=False):
+            t.copy_(s)
+
+    def _block(self, log: bool, steps: int, dv: int, du: int, first_check: int) -> None:
+        """``steps`` iterations; POT's error at steps ``first_check``, +10, ... into rows 0, 1, ... of ``err_all``."""
+        self.run_min.fill_(math.inf)
+        self.run_max.fill_(-math.inf if log else 0.0)
         total = self.k_rows * self.length
         for j in range(steps):
-            last_check = check and j == steps - 1
+            check = j >= first_check and (j - first_check) % 10 == 0
+            err = self.err_all[(j - first_check) // 10 if check else 0]
             if log:
                 grid = (triton.cdiv(self.length, self.bn),)
                 _lse_f[grid](self.g, self.loga, self.work, self.cost, self.gap, self.length, self.k_rows,
                              D=dv, KP=self.kp, BN=self.bn)
-                _lse_g[grid](self.work, self.g, self.cost, self.gap, self.lam, self.livef, self.logb, self.err_pt,
+                _lse_g[grid](self.work, self.g, self.cost, self.gap, self.lam, self.livef, self.logb, err,
                              self.run_min, self.run_max, self.length, self.k_rows,
-                             D=du, KP=self.kp, BN=self.bn, CHECK=last_check)
+                             D=du, KP=self.kp, BN=self.bn, CHECK=check)
             else:
                 _plain_u[(triton.cdiv(total, 1024),)](self.v, self.lay.a1, self.lay.gapf, self.w, self.work, self.gap,
-                                                      self.length, total, D=dv, BN=1024)
+                                                      self.length, total, dv, DS=min(dv, UNROLL), BN=1024)
                 _plain_v[(triton.cdiv(self.length, 256),)](
-                    self.work, self.v, self.w, self.lay.gapf, self.lam, self.livef, self.b, self.err_pt, self.run_min,
-                    self.run_max, self.last_min, self.last_max, self.gap, self.length, self.k_rows, D=du, BN=256,
-                    CHECK=last_check)
+                    self.work, self.v, self.w, self.lay.gapf, self.lam, self.livef, self.b, err, self.run_min,
+                    self.run_max, self.last_min, self.last_max, self.gap, self.length, self.k_rows, du,
+                    DS=min(du, UNROLL), BN=256, CHECK=check)
         if log:
             self.last_min.copy_(self.run_min)
             self.last_max.copy_(self.run_max)
+
+    def checked_stats(self, lo: float, hi: float, n_checks: int
+                      ) -> tuple[list[float], list[list[float]], float, float]:
+        """As ``block_stats``, with POT's error per segment at each of the block's ``n_checks`` checks."""
+        seg_bad, _, new_lo, new_hi = self.block_stats(lo, hi)
+        if n_checks == 0:
+            return seg_bad, [], new_lo, new_hi
+        n_seg = len(self.lay.sizes)
+        errs = torch.zeros(n_checks, n_seg, dtype=torch.float64, device=self.livef.device).index_add_(
+            1, self.lay.seg_idx, self.err_all[:n_checks] * self.livef)
+        return seg_bad, errs.tolist(), new_lo, new_hi
 
     def to_log(self) -> None:
         """Continue from the plain state in the log domain: G = log v, log b = log b (same iterate)."""
         self.g.copy_(torch.where(self.lay.realf > 0, torch.log(self.v), -math.inf))
         self.logb.copy_(torch.log(self.b))
+        self.active = (self.g, self.logb)
+
+
+_cache: OrderedDict[tuple, _Blocks] = OrderedDict()
+_cache_lock = threading.Lock()
+
+
+def _take_blocks(lay: Layout, lam: torch.Tensor, reg: float, graphs: bool) -> tuple[tuple, _Blocks]:
+    """The solver state for ``lay``: a cached one of the same shapes (reset; graphs already captured) or a new one.
+
+    Each round the aggregator fuses the same architecture, so capturing the CUDA graphs (and
+    launching every kernel once from Python to do it) is paid once, not per fusion. An entry is
+    taken out of the cache while in use, so two concurrent solves never share tensors."""
+    key = (tuple(lay.a1.shape), tuple(lay.sizes), lay.gap, float(reg), str(lay.a1.device), graphs)
+    with _cache_lock:
+        blocks = _cache.pop(key, None)
+    if blocks is None:
+        return key, _Blocks(lay, lam, reg, graphs)
+    blocks.reset(lay, lam)
+    return key, blocks
+
+
+def _give_back(key: tuple, blocks: _Blocks) -> None:
+    """Keep ``blocks`` for the next solve of its shapes, unless it is too big to hold on to between fusions."""
+    held = 8 * blocks.k_rows * blocks.length * 8  # its (K, L) float64 arrays, graph pool aside
+    if held > CACHED_BYTES:
+        return
+    with _cache_lock:
+        _cache[key] = blocks
+        while len(_cache) > CACHED_LAYOUTS:
+            _cache.popitem(last=False)
 
 
 def barycenters_triton(hists: list[torch.Tensor], lam: torch.Tensor, *, reg: float, stop_threshold: float,
@@ -277,17 +369,29 @@ def barycenters_triton(hists: list[torch.Tensor], lam: torch.Tensor, *, reg: flo
     device = hists[0].device
     _check_device(device)
     use_graphs = device.type == "cuda" if graphs is None else graphs
+    key, blocks = _take_blocks(layout(hists, reg, GAP_SPREAD), lam, reg, use_graphs)
+    try:
+        return _solve(blocks, reg, stop_threshold, max_iter)
+    finally:
+        _give_back(key, blocks)
+
+
+def _solve(blocks: _Blocks, reg: float, stop_threshold: float, max_iter: int
+           ) -> tuple[list[torch.Tensor], list[SegmentResult], list[torch.Tensor | None]]:
+    """The block loop of :func:`barycenters_triton` on a (fresh or reset) solver state."""
+    lay = blocks.lay
     log_wsum = log_kernel_bound(reg)
-    lay = layout(hists, reg, GAP_SPREAD)
-    blocks = _Blocks(lay, lam, reg, use_graphs)
-    n_seg, n_max = len(hists), max(lay.sizes)
+    n_seg, n_max = len(lay.sizes), max(lay.sizes)
     prog = SegmentProgress(n_seg)
     ii, band_used, log_mode = 0, 0, False
     full = math.log2(RANGE_HI / RANGE_LO)
     margin = float(MARGIN)  # binary orders v (plain) or G / ln 2 (log) may move within a block
     x_lo = x_hi = 1.0  # range of v (plain) or G (log) on live points
+    periods, cap = 1, max_iter  # check periods per block (doubles while blocks succeed); where blocks must end
     while any(prog.live) and ii < max_iter:
-        steps, check = block_steps(ii, max_iter)
+        first = (1 - ii) % 10  # POT checks at iterations 1, 11, 21, ...: the block's first check step
+        steps = min(first + 1 + 10 * (periods - 1), cap - ii)
+        n_checks = 0 if first >= steps else (steps - 1 - first) // 10 + 1
         if log_mode:
             lo, hi = x_lo - margin * math.log(2.0), x_hi + margin * math.log(2.0)
             spread = hi - lo
@@ -304,20 +408,49 @@ def barycenters_triton(hists: list[torch.Tensor], lam: torch.Tensor, *, reg: flo
             break
         band_used = max(band_used, dv, du)
         blocks.snapshot()
-        blocks.run(log_mode, steps, dv, du, check)
-        seg_bad, seg_err, new_lo, new_hi = blocks.block_stats(lo, hi)
+        blocks.run(log_mode, steps, dv, du, first)
+        seg_bad, seg_errs, new_lo, new_hi = blocks.checked_stats(lo, hi, n_checks)
         if any(prog.live[s] and seg_bad[s] > 0 for s in range(n_seg)):  # the band's promise broke: redo
             blocks.restore()
-            if not log_mode and lo <= RANGE_LO and hi >= RANGE_HI:  # v would leave the plain range
+            if periods > 1:  # first as a short block, with the same band
+                periods = 1
+            elif not log_mode and lo <= RANGE_LO and hi >= RANGE_HI:  # v would leave the plain range
                 blocks.to_log()
                 log_mode, margin = True, float(MARGIN)
                 x_lo, x_hi = math.log(x_lo), math.log(x_hi)
             else:
                 margin *= 4
             continue
+        stop_at = _first_stop(seg_errs, prog.live, stop_threshold)
+        if stop_at >= 0 and first + 10 * stop_at + 1 < steps:  # a segment stopped inside the block: redo to there
+            blocks.restore()
+            cap = ii + first + 10 * stop_at + 1
+            continue
         ii += steps
-        if prog.record(ii, check, seg_err, stop_threshold):
+        cap = max_iter
+        if prog.record(ii, n_checks > 0, seg_errs[-1] if n_checks else [], stop_threshold):
             blocks.set_live(prog.live)
         if new_lo <= new_hi and (log_mode or new_lo > 0):
+            if log_mode:
+                moved = max(abs(new_lo - x_lo), abs(new_hi - x_hi)) / math.log(2.0)
+            else:
+                moved = max(abs(math.log2(new_lo / x_lo)), abs(math.log2(new_hi / x_hi)))
+            periods = next_periods(periods, moved / steps, margin)
             x_lo, x_hi = new_lo, new_hi
     return lay.segments(torch.exp(blocks.logb) if log_mode else blocks.b), prog.results(band_used), prog.v_saved
+
+
+def next_periods(periods: int, drift: float, margin: float) -> int:
+    """Check periods in the next block: twice the last, at most ``LONG_CHECKS``, and few enough that the
+    range, drifting ``drift`` binary orders per iteration as in the last block, uses at most half the
+    block's ``margin`` (a block that leaves its margin is redone, so a steady drift must not outrun it)."""
+    fits = LONG_CHECKS if drift <= 0 else int(margin / (2 * 10 * drift))
+    return max(1, min(2 * periods, LONG_CHECKS, fits))
+
+
+def _first_stop(seg_errs: list[list[float]], live: list[bool], stop_threshold: float) -> int:
+    """The first check (index into ``seg_errs``) at which a live segment's error is below the threshold, or -1."""
+    for c, errs in enumerate(seg_errs):
+        if any(alive and e < stop_threshold for alive, e in zip(live, errs, strict=True)):
+            return c
+    return -1
