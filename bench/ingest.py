@@ -57,26 +57,30 @@ def _start_publishers(host, port, job, publishers, messages, params) -> list[mp.
     return procs
 
 
-async def plain_rate(host: str, port: int, publishers: int, messages: int, params: int) -> float:
+async def plain_rate(host: str, port: int, publishers: int, messages: int, params: int) -> tuple[float, float]:
+    """Messages/s a plain subscriber receives, and this process's CPU µs per message while it does."""
     job = "bench-plain"
     total = (messages // publishers) * publishers
     async with aiomqtt.Client(host, port, identifier="bench-plain-sub") as c:
         await c.subscribe(Topics(job).updates, qos=1)
         procs = _start_publishers(host, port, job, publishers, messages, params)
-        got, first = 0, None
+        got, first, cpu0 = 0, None, 0.0
         async for _ in c.messages:
             got += 1
-            first = first or time.perf_counter()
+            if first is None:
+                first, cpu0 = time.perf_counter(), time.process_time()
             if got == total:
                 break
         rate = (total - 1) / (time.perf_counter() - first)
+        cpu = (time.process_time() - cpu0) / (total - 1) * 1e6
     for p in procs:
         p.join()
-    return rate
+    return rate, cpu
 
 
 async def aggregator_rate(url: str, host: str, port: int, publishers: int, messages: int, params: int,
-                          durable: bool) -> float:
+                          durable: bool) -> tuple[float, float]:
+    """Updates/s the aggregator admits, and this process's (its) CPU µs per update while it does."""
     job = f"bench-agg-{uuid.uuid4().hex[:6]}"
     total = (messages // publishers) * publishers
     state = tempfile.mkdtemp() if durable else None
@@ -88,19 +92,20 @@ async def aggregator_rate(url: str, host: str, port: int, publishers: int, messa
         await asyncio.sleep(0.05)
     # the publishers need the model shape the aggregator built: one tensor "t0" of `params`
     procs = _start_publishers(host, port, job, publishers, messages, params)
-    first = None
+    first, cpu0 = None, 0.0
     while agg.counters.accepted + sum(agg.counters.rejected.values()) < total:
         if agg.counters.accepted and first is None:
-            first = time.perf_counter()
+            first, cpu0 = time.perf_counter(), time.process_time()
         await asyncio.sleep(0.005)
     rate = (agg.counters.accepted - 1) / (time.perf_counter() - first)
+    cpu = (time.process_time() - cpu0) / (agg.counters.accepted - 1) * 1e6
     if agg.counters.rejected:
         progress(f"  rejected: {agg.counters.rejected}")
     agg.stop()
     await task
     for p in procs:
         p.join()
-    return rate
+    return rate, cpu
 
 
 class _SharedWorker(Aggregator):
@@ -212,13 +217,15 @@ async def latency(url: str, host: str, port: int, method: str, rounds: int, para
 async def run(args: argparse.Namespace) -> dict:
     with start_broker(kind="mosquitto") as b:
         progress("phase 1: plain subscriber")
-        plain = await plain_rate(b.host, b.port, args.publishers, args.messages, args.params)
-        progress(f"  {plain:.0f} msg/s")
+        plain, plain_cpu = await plain_rate(b.host, b.port, args.publishers, args.messages, args.params)
+        progress(f"  {plain:.0f} msg/s, {plain_cpu:.0f} CPU µs per message")
         progress("phase 2: aggregator (no state dir, then durable inbox)")
-        agg_mem = await aggregator_rate(b.url, b.host, b.port, args.publishers, args.messages, args.params, False)
-        progress(f"  {agg_mem:.0f} updates/s")
-        agg_disk = await aggregator_rate(b.url, b.host, b.port, args.publishers, args.messages, args.params, True)
-        progress(f"  {agg_disk:.0f} updates/s (durable)")
+        agg_mem, agg_cpu = await aggregator_rate(b.url, b.host, b.port, args.publishers, args.messages,
+                                                 args.params, False)
+        progress(f"  {agg_mem:.0f} updates/s, {agg_cpu:.0f} CPU µs per update")
+        agg_disk, disk_cpu = await aggregator_rate(b.url, b.host, b.port, args.publishers, args.messages,
+                                                   args.params, True)
+        progress(f"  {agg_disk:.0f} updates/s, {disk_cpu:.0f} CPU µs per update (durable)")
         workers = []
         if args.workers > 1:
             progress(f"phase 2b: 1 aggregator process, then {args.workers} behind a shared subscription")
@@ -236,6 +243,9 @@ async def run(args: argparse.Namespace) -> dict:
             "plain_subscriber_msgs_per_s": plain, "aggregator_updates_per_s": agg_mem,
             "aggregator_durable_updates_per_s": agg_disk, "ratio": agg_mem / plain,
             "ratio_durable": agg_disk / plain, "latency": lat,
+            # CPU per message of the receiving process: less noisy than rates on a saturated 2-core box
+            "plain_cpu_us_per_msg": plain_cpu, "aggregator_cpu_us_per_update": agg_cpu,
+            "aggregator_durable_cpu_us_per_update": disk_cpu, "cpu_ratio": plain_cpu / agg_cpu,
             **({"workers": workers, "workers_speedup": workers[1]["updates_per_s"] / workers[0]["updates_per_s"]}
                if workers else {})}
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
@@ -36,6 +37,11 @@ DTYPES: dict[str, torch.dtype] = {
     "bool": torch.bool,
 }
 _NAMES = {v: k for k, v in DTYPES.items()}
+_ITEMSIZE = {name: torch.empty(0, dtype=dt).element_size() for name, dt in DTYPES.items()}
+# Decoded tensors wrap the bytes msgpack just made for them (no second copy of every update): torch warns that
+# the buffer is read-only, and the aggregator never writes into an update's tensors (fusion builds new ones).
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning,
+                        module=__name__)
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -83,7 +89,7 @@ def decode_tensor(obj: Any, name: str = "?") -> torch.Tensor:
     if not isinstance(data, bytes | bytearray):
         raise WireError(f"weights[{name!r}] data must be bytes")
     dtype = DTYPES[dtype_name]
-    itemsize = torch.empty(0, dtype=dtype).element_size()
+    itemsize = _ITEMSIZE[dtype_name]
     numel = math.prod(shape)
     if numel * itemsize != len(data):
         raise WireError(
@@ -92,17 +98,26 @@ def decode_tensor(obj: Any, name: str = "?") -> torch.Tensor:
         )
     if numel == 0:
         return torch.empty(shape, dtype=dtype)
-    t = torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
+    t = torch.frombuffer(data, dtype=dtype)
+    if len(shape) != 1:
+        t = t.reshape(shape)
     if t.is_floating_point() and not _all_finite(t):
         raise WireError(f"weights[{name!r}] contains NaN or Inf")
     return t
 
 
 def _all_finite(t: torch.Tensor) -> bool:
-    """NaN/Inf check; numpy's is several times faster than torch's on small CPU tensors."""
+    """NaN/Inf check; numpy's is several times faster than torch's on small CPU tensors.
+
+    A finite dot product x.x proves every element finite (a NaN or an Inf would reach it); only when
+    it is not (NaN/Inf, or finite values large enough to overflow it) does the elementwise test run."""
     if t.dtype == torch.bfloat16:
         return bool(torch.isfinite(t).all())
-    return bool(np.isfinite(t.numpy()).all())
+    a = t.numpy().reshape(-1)
+    with np.errstate(over="ignore", invalid="ignore"):
+        if math.isfinite(float(np.dot(a, a))):
+            return True
+    return bool(np.isfinite(a).all())
 
 
 def pack(msg: BaseModel) -> bytes:

@@ -145,3 +145,18 @@ def test_round_trip_property(arr: np.ndarray, agent: str, version: int) -> None:
 def test_random_bytes_property(data: bytes) -> None:
     with pytest.raises(WireError):
         schemas.unpack(data, ModelUpdate)
+
+
+def test_decoded_tensors_wrap_the_payload_without_a_second_copy_and_fuse_without_writing_to_it() -> None:
+    """decode_tensor wraps the bytes msgpack made (no bytearray copy); fusion builds new tensors, so an update's
+    tensors are never written to (they would write into an immutable bytes object)."""
+    from aggregator.fusion import fuse_with_report
+
+    w = {"w": torch.randn(1000), "b": torch.randn(4, 5)}
+    payload = schemas.pack(ModelUpdate(job="j", agent_id="a", base_version=0, num_samples=1, weights=w))
+    updates = [schemas.unpack(payload, ModelUpdate).weights for _ in range(3)]
+    before = [{k: t.clone() for k, t in u.items()} for u in updates]
+    for method in ("fedavg", "fedwb-sinkhorn", "median", "trimmed-mean"):
+        fuse_with_report(updates, [1.0, 2.0, 3.0], method, max_iter=5, warn=False)
+    for u, b in zip(updates, before, strict=True):
+        assert all(torch.equal(u[k], b[k]) for k in b)
