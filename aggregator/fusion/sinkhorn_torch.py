@@ -204,6 +204,7 @@ class SegmentBlocks(GraphBlocks):
     def __init__(self, lay: Layout, state: tuple[torch.Tensor, ...], graphs: bool) -> None:
         super().__init__(graphs)
         self.lay, self.state = lay, state
+        self.active: tuple[torch.Tensor, ...] = state
         self.saved = [torch.empty_like(t) for t in state]
         self.livef = lay.realf.clone()
         self.err_pt = torch.zeros_like(lay.realf)
@@ -211,11 +212,13 @@ class SegmentBlocks(GraphBlocks):
         self.last_min, self.last_max = torch.empty_like(lay.realf), torch.empty_like(lay.realf)
 
     def snapshot(self) -> None:
-        for t, s in zip(self.state, self.saved, strict=True):
+        """Save what a block changes (``active``: all of ``state`` unless a subclass narrows it to a prefix-shaped
+        part, e.g. the log state of the Triton solver)."""
+        for t, s in zip(self.active, self.saved, strict=False):
             s.copy_(t)
 
     def restore(self) -> None:
-        for t, s in zip(self.state, self.saved, strict=True):
+        for t, s in zip(self.active, self.saved, strict=False):
             t.copy_(s)
 
     def block_stats(self, lo: float, hi: float) -> tuple[list[float], list[float], float, float]:

@@ -268,14 +268,6 @@ class _Blocks(SegmentBlocks):
         self.livef.copy_(lay.realf)
         self.active = (self.v, self.b)
 
-    def snapshot(self) -> None:
-        for t, s in zip(self.active, self.saved, strict=False):
-            s.copy_(t)
-
-    def restore(self) -> None:
-        for t, s in zip(self.active, self.saved, strict=False):
-            t.copy_(s)
-
     def _block(self, log: bool, steps: int, dv: int, du: int, first_check: int) -> None:
         """``steps`` iterations; POT's error at steps ``first_check``, +10, ... into rows 0, 1, ... of ``err_all``."""
         self.run_min.fill_(math.inf)
