@@ -24,7 +24,8 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 # numba compiles the entropic solver on its first use (~30 s; then cached on disk next to the source):
-# done here, ahead of the demo's first FedWB fusion. A cached load takes about a second.
+# done here, ahead of the demo's first FedWB fusion and of the tests' (a fresh clone's first fusion inside a
+# test otherwise includes the compile: 60 s and more on a busy 2-core box). A cached load takes about a second.
 warm: $(STAMP)
 	@$(BIN)/python -c 'from aggregator.fusion.sinkhorn_fast import warm_up; \
 	    print(f"entropic solver compiled or loaded in {warm_up():.1f}s")'
@@ -32,7 +33,7 @@ warm: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-test: $(STAMP) lint
+test: $(STAMP) lint warm
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP) warm
