@@ -128,12 +128,15 @@ def test_ctrl_c_stops_every_process(tmp_path: Path, mosquitto_bin: None) -> None
         while len([p for p in _relay_processes(since) if "echo" in " ".join(p.cmdline())]) < 3:
             assert time.monotonic() < deadline and bench.poll() is None, bench.stderr.read() if bench.poll() else ""
             time.sleep(0.1)
+        # what this run started (its broker and echo clients), not another job's processes on the same machine
+        started = psutil.Process(bench.pid).children(recursive=True)
+        assert len(started) >= 4, [p.cmdline() for p in started]
         bench.send_signal(signal.SIGINT)
         assert bench.wait(60) == 130
     finally:
         if bench.poll() is None:
             bench.kill()
-    _, alive = psutil.wait_procs(_relay_processes(since), timeout=10)
+    _, alive = psutil.wait_procs(started, timeout=10)
     assert not alive, [p.cmdline() for p in alive]
 
 
