@@ -182,6 +182,7 @@ class _TraceBlocks:
         self.pos = self.saved = self.executed = 0
         self.log = False
         self.g = self.logb = self.b = torch.zeros(1)
+        self.err_all = torch.zeros(triton_solver.LONG_CHECKS, 1)  # only its rows count: one per check
         self.steps: list[int] = []
 
     def snapshot(self) -> None:
@@ -202,12 +203,12 @@ class _TraceBlocks:
         self.executed += steps
         self.steps.append(steps)
 
-    def checked_stats(self, lo: float, hi: float, n_checks: int):
+    def block_stats(self, lo: float, hi: float, errs: torch.Tensor):
         conv = (lambda x: x) if self.log else (lambda x: math.exp(min(x, 700.0)))
         run_lo, run_hi = min(conv(self.lo[i]) for i in self.span), max(conv(self.hi[i]) for i in self.span)
         bad = run_lo < lo or run_hi > hi
         end = self.span[-1]
-        return [float(bad)], [[1.0]] * n_checks, conv(self.lo[end]), conv(self.hi[end])
+        return [float(bad)], [[1.0]] * errs.shape[0], conv(self.lo[end]), conv(self.hi[end])
 
 
 @pytest.mark.parametrize(("drift", "most_executed", "most_blocks"), [(0.01, 1000, 20), (0.8, 1100, 110)])

@@ -221,18 +221,22 @@ class SegmentBlocks(GraphBlocks):
         for t, s in zip(self.active, self.saved, strict=False):
             t.copy_(s)
 
-    def block_stats(self, lo: float, hi: float) -> tuple[list[float], list[float], float, float]:
-        """One read-back: per segment (left [lo, hi] or NaN on a live point, error sum), the live range at the end."""
+    def block_stats(self, lo: float, hi: float, errs: torch.Tensor | None = None
+                    ) -> tuple[list[float], list[list[float]], float, float]:
+        """One read-back: per segment whether it left [lo, hi] (or hit NaN) on a live point; per row of ``errs``
+        (C, L) (default: ``err_pt``) the segments' error sums; the live range at the block's end."""
         live, n_seg = self.livef, len(self.lay.sizes)
+        errs = self.err_pt[None] if errs is None else errs
         outside = ((self.run_min < lo) | (self.run_max > hi) | torch.isnan(self.run_min)
                    | torch.isnan(self.run_max)).to(torch.float64) * live
         seg_bad = torch.zeros(n_seg, dtype=torch.float64, device=live.device).index_add_(0, self.lay.seg_idx, outside)
-        seg_err = torch.zeros(n_seg, dtype=torch.float64, device=live.device).index_add_(
-            0, self.lay.seg_idx, self.err_pt * live)
+        seg_err = torch.zeros(errs.shape[0], n_seg, dtype=torch.float64, device=live.device).index_add_(
+            1, self.lay.seg_idx, errs * live)
         vmin = torch.where(live > 0, self.last_min, math.inf).amin().reshape(1)
         vmax = torch.where(live > 0, self.last_max, -math.inf).amax().reshape(1)
-        host = torch.cat([seg_bad, seg_err, vmin, vmax]).tolist()
-        return host[:n_seg], host[n_seg:2 * n_seg], host[-2], host[-1]
+        host = torch.cat([seg_bad, seg_err.reshape(-1), vmin, vmax]).tolist()
+        per_row = [host[n_seg * (1 + c):n_seg * (2 + c)] for c in range(errs.shape[0])]
+        return host[:n_seg], per_row, host[-2], host[-1]
 
     def set_live(self, live: list[bool]) -> None:
         flags = torch.tensor(live, dtype=torch.float64, device=self.livef.device)
@@ -317,7 +321,7 @@ def plain_barycenters_torch(hists: list[torch.Tensor], lam: torch.Tensor, *, reg
         check = (ii + steps - 1) % 10 == 1
         blocks.snapshot()
         blocks.run(steps, dv, du, check)
-        seg_bad, seg_err, new_lo, new_hi = blocks.block_stats(lo, hi)
+        seg_bad, (seg_err,), new_lo, new_hi = blocks.block_stats(lo, hi)
         bad = [prog.live[s] and seg_bad[s] > 0 for s in range(n_seg)]
         if any(bad):  # back to the block's start; wider margin, then one step at a time, then the log domain
             blocks.restore()

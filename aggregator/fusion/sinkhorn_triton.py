@@ -239,25 +239,26 @@ class _Blocks(SegmentBlocks):
     def __init__(self, lay: Layout, lam: torch.Tensor, reg: float, graphs: bool) -> None:
         k_rows, length = lay.a1.shape
         dev = lay.a1.device
-        self.v = lay.realf.expand(k_rows, -1).clone()  # plain state: v = e^G, b
-        self.b = torch.zeros(length, dtype=torch.float64, device=dev)
+        self.v = torch.empty(k_rows, length, dtype=torch.float64, device=dev)  # plain state: v = e^G, b
+        self.b = torch.empty(length, dtype=torch.float64, device=dev)
         self.g = torch.empty_like(self.v)  # log state: G, log b (filled at the switch)
-        self.logb = torch.zeros_like(self.b)
+        self.logb = torch.empty_like(self.b)
         super().__init__(lay, (self.v, self.b, self.g, self.logb), graphs)
         self.k_rows, self.length, self.gap = k_rows, length, lay.gap
-        self.loga = torch.where(lay.realf > 0, torch.log(lay.a1), -math.inf)
+        self.loga = torch.empty_like(self.v)
         self.work = torch.empty_like(self.v)  # u (plain) or f (log)
         offsets = torch.arange(-lay.gap, lay.gap + 1, dtype=torch.float64, device=dev)
         self.cost = offsets * offsets / reg
         self.w = torch.exp(-self.cost)
-        self.lam = lam.to(device=dev, dtype=torch.float64).contiguous()
+        self.lam = torch.empty(k_rows, dtype=torch.float64, device=dev)
         self.kp = max(2, triton.next_power_of_2(k_rows))
         self.bn = max(16, min(256, 2048 // self.kp))
-        self.active = (self.v, self.b)  # what a block changes: the plain state, or the log state after to_log
         self.err_all = torch.zeros(LONG_CHECKS, length, dtype=torch.float64, device=dev)  # POT's error per check
+        self.reset(lay, lam)
 
     def reset(self, lay: Layout, lam: torch.Tensor) -> None:
-        """Start a new solve of same-shaped histograms in these tensors (their captured graphs stay valid)."""
+        """Start a solve of ``lay``'s histograms (the layout these tensors were made for, or one of the same
+        shapes: their captured graphs stay valid)."""
         self.lay.a1.copy_(lay.a1)
         self.lay.spread_a = lay.spread_a
         self.loga.copy_(torch.where(lay.realf > 0, torch.log(lay.a1), -math.inf))
@@ -266,7 +267,7 @@ class _Blocks(SegmentBlocks):
         self.b.zero_()
         self.logb.zero_()
         self.livef.copy_(lay.realf)
-        self.active = (self.v, self.b)
+        self.active = (self.v, self.b)  # what a block changes: the plain state, or the log state after to_log
 
     def _block(self, log: bool, steps: int, dv: int, du: int, first_check: int) -> None:
         """``steps`` iterations; POT's error at steps ``first_check``, +10, ... into rows 0, 1, ... of ``err_all``."""
@@ -293,17 +294,6 @@ class _Blocks(SegmentBlocks):
         if log:
             self.last_min.copy_(self.run_min)
             self.last_max.copy_(self.run_max)
-
-    def checked_stats(self, lo: float, hi: float, n_checks: int
-                      ) -> tuple[list[float], list[list[float]], float, float]:
-        """As ``block_stats``, with POT's error per segment at each of the block's ``n_checks`` checks."""
-        seg_bad, _, new_lo, new_hi = self.block_stats(lo, hi)
-        if n_checks == 0:
-            return seg_bad, [], new_lo, new_hi
-        n_seg = len(self.lay.sizes)
-        errs = torch.zeros(n_checks, n_seg, dtype=torch.float64, device=self.livef.device).index_add_(
-            1, self.lay.seg_idx, self.err_all[:n_checks] * self.livef)
-        return seg_bad, errs.tolist(), new_lo, new_hi
 
     def to_log(self) -> None:
         """Continue from the plain state in the log domain: G = log v, log b = log b (same iterate)."""
@@ -401,7 +391,7 @@ def _solve(blocks: _Blocks, reg: float, stop_threshold: float, max_iter: int
         band_used = max(band_used, dv, du)
         blocks.snapshot()
         blocks.run(log_mode, steps, dv, du, first)
-        seg_bad, seg_errs, new_lo, new_hi = blocks.checked_stats(lo, hi, n_checks)
+        seg_bad, seg_errs, new_lo, new_hi = blocks.block_stats(lo, hi, blocks.err_all[:n_checks])
         if any(prog.live[s] and seg_bad[s] > 0 for s in range(n_seg)):  # the band's promise broke: redo
             blocks.restore()
             if periods > 1:  # first as a short block, with the same band
