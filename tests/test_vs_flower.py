@@ -109,28 +109,29 @@ def test_relay_and_fedwb_small_run(tmp_path: Path, mosquitto_bin: None) -> None:
     assert not psutil.Process().children(recursive=True), "a process of the run was left behind"
 
 
-def _relay_processes(since: float) -> list[psutil.Process]:
-    found = []
-    for p in psutil.process_iter(["cmdline", "create_time"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if (p.info["create_time"] or 0) >= since - 1 and ("bench.relay" in cmd or "mosquitto" in cmd):
-            found.append(p)
+def _started_by(pid: int) -> dict[psutil.Process, str]:
+    """The processes ``pid`` started (its broker and echo clients) with their command lines — not another
+    job's processes on the same machine."""
+    found = {}
+    for p in psutil.Process(pid).children(recursive=True):
+        try:
+            found[p] = " ".join(p.cmdline())
+        except psutil.NoSuchProcess:
+            continue
     return found
 
 
 def test_ctrl_c_stops_every_process(tmp_path: Path, mosquitto_bin: None) -> None:
-    since = time.time()
     bench = subprocess.Popen([sys.executable, "-m", "bench.vs_flower", "--json", "--clients", "3",
                               "--params", "1000", "--rounds", "100000", "--systems", "relay"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
-        while len([p for p in _relay_processes(since) if "echo" in " ".join(p.cmdline())]) < 3:
+        while sum("echo" in cmd for cmd in _started_by(bench.pid).values()) < 3:
             assert time.monotonic() < deadline and bench.poll() is None, bench.stderr.read() if bench.poll() else ""
             time.sleep(0.1)
-        # what this run started (its broker and echo clients), not another job's processes on the same machine
-        started = psutil.Process(bench.pid).children(recursive=True)
-        assert len(started) >= 4, [p.cmdline() for p in started]
+        started = _started_by(bench.pid)
+        assert len(started) >= 4, list(started.values())
         bench.send_signal(signal.SIGINT)
         assert bench.wait(60) == 130
     finally:
