@@ -27,8 +27,8 @@ $(STAMP): pyproject.toml
 # done here, ahead of the demo's first FedWB fusion and of the tests' (a fresh clone's first fusion inside a
 # test otherwise includes the compile: 60 s and more on a busy 2-core box). A cached load takes about a second.
 warm: $(STAMP)
-	@$(BIN)/python -c 'from aggregator.fusion.sinkhorn_fast import warm_up; \
-	    print(f"entropic solver compiled or loaded in {warm_up():.1f}s")'
+	@$(BIN)/python -c 'from aggregator.fusion.sinkhorn_wide import warm_up; \
+	    print(f"entropic solvers compiled or loaded in {warm_up():.1f}s")'
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

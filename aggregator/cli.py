@@ -24,7 +24,8 @@ MaxIter = Annotated[str | None, typer.Option(help="Entropic FedWB iterations (de
                                                     "authors' 10,000).")]
 StopThreshold = Annotated[float | None, typer.Option(help="Entropic FedWB stopping error (default 1e-4).")]
 Solver = Annotated[str | None, typer.Option(help="Entropic solver: auto | plain | plain-torch | triton | log | "
-                                                 "pot-plain (the authors' POT call, dense; studies only).")]
+                                                 "wide (CPU, no range limit) | pot-plain (the authors' POT call, "
+                                                 "dense; studies only).")]
 User = Annotated[str | None, typer.Option("--username", envvar="FEDWB_USERNAME", help="Broker username.")]
 Password = Annotated[str | None, typer.Option("--password", envvar="FEDWB_PASSWORD", help="Broker password.")]
 TlsCa = Annotated[str | None, typer.Option("--tls-ca", envvar="FEDWB_TLS_CA", help="CA certificate (turns TLS on).")]

@@ -34,7 +34,7 @@ from aggregator.fusion import (
     fuse_with_report,
     needs_dispersion,
     pick_solver,
-    sinkhorn_fast,
+    sinkhorn_wide,
 )
 from aggregator.fusion.fedavg import server_step
 from aggregator.fusion.robust import bound_influence
@@ -905,12 +905,12 @@ class Aggregator:
         """Whether the policy in force will run the compiled entropic solver (CPU, fedwb-sinkhorn)."""
         spec = self.policy
         method = spec.wb_method if spec.name == "hybrid" and not self.policy_state.switched else spec.name
-        return (method == "fedwb-sinkhorn" and pick_solver(spec.solver, self.device) == "plain"
+        return (method == "fedwb-sinkhorn" and pick_solver(spec.solver, self.device) in ("plain", "wide")
                 and (spec.name != "hybrid" or spec.switch_after != 0))
 
     async def _warm_up(self) -> None:
         """Compile the entropic kernels while the agents train their first round, not in it."""
-        seconds = await asyncio.to_thread(sinkhorn_fast.warm_up)
+        seconds = await asyncio.to_thread(sinkhorn_wide.warm_up)
         self.log.info("entropic solver ready (%.1fs to compile or load)", seconds)
 
     async def run(self) -> None:

@@ -50,7 +50,7 @@ def sim(
     max_iter: Annotated[str | None, typer.Option(help="Entropic FedWB iterations ('paper': 10,000).")] = None,
     stop_threshold: Annotated[float | None, typer.Option(help="Entropic FedWB stopping error.")] = None,
     solver: Annotated[str | None, typer.Option(help="Entropic solver, as the aggregator's --solver: auto | plain | "
-                                                    "plain-torch | triton | log | pot-plain.")] = None,
+                                                    "plain-torch | triton | log | pot-plain | wide.")] = None,
     task_option: Annotated[list[str] | None, typer.Option(help="Task option KEY=VALUE for the agents and the "
                                                                "aggregator (repeatable).")] = None,
     server_lr: Annotated[float | None, typer.Option(help="Aggregator's server learning rate (1: plain).")] = None,

@@ -10,9 +10,10 @@ import ot
 import pytest
 import torch
 
-from aggregator.fusion import fuse_with_report, sinkhorn_barycenter_1d
+from aggregator.fusion import FusionReport, fuse_with_report, sinkhorn_barycenter_1d
 from aggregator.fusion import sinkhorn_fast as fast
 from aggregator.fusion import sinkhorn_torch as fast_torch
+from aggregator.fusion import sinkhorn_wide as fast_wide
 
 ITERS = 200  # the same iteration count on both sides: agreement is per iterate, not at convergence
 
@@ -49,10 +50,13 @@ def segments(sizes: tuple[int, ...], rows: int = 5, seed: int = 3) -> list[np.nd
 
 
 def solve(solver: str, hists: list[np.ndarray], lam: np.ndarray, reg: float, iters: int = ITERS,
-          device: str = "cpu", **options) -> list[np.ndarray]:
-    """Run one plain solver (``options`` go to the torch one) and continue any escaped segment in the log
-    domain, as ``fuse`` does."""
+          device: str = "cpu", cont: str = "", **options) -> list[np.ndarray]:
+    """Run one plain solver (``options`` go to the torch one) and continue any escaped segment as ``fuse``
+    does: with the wide-range solver on CPU, in the log domain elsewhere (or as ``cont`` says)."""
     kw = {"reg": reg, "stop_threshold": 1e-4, "max_iter": iters}
+    cont = cont or ("wide" if device == "cpu" else "log")
+    if solver == "wide":
+        return [fast_wide.wide_barycenter(h, lam, np.ones(h.shape), 0, **kw)[0] for h in hists]
     if solver == "plain":
         bs, segs, vs = fast.plain_barycenters(hists, lam, **kw)
         bs = [torch.from_numpy(b) for b in bs]
@@ -62,7 +66,9 @@ def solve(solver: str, hists: list[np.ndarray], lam: np.ndarray, reg: float, ite
                                                           torch.tensor(lam), **kw, **options)
     out = []
     for h, b, seg, v in zip(hists, bs, segs, vs, strict=True):
-        if v is not None:
+        if v is not None and cont == "wide":
+            b = torch.from_numpy(fast_wide.wide_barycenter(h, lam, v.cpu().numpy(), seg.escaped_at, **kw)[0])
+        elif v is not None:
             b, _ = sinkhorn_barycenter_1d(torch.tensor(h, device=device), torch.tensor(lam, device=device),
                                           warn=False, log_v0=torch.log(v), start=seg.escaped_at, **kw)
         out.append(b.cpu().numpy())
@@ -71,8 +77,9 @@ def solve(solver: str, hists: list[np.ndarray], lam: np.ndarray, reg: float, ite
 
 CUDA = torch.cuda.is_available()
 _GPU = pytest.mark.skipif(not CUDA, reason="no CUDA GPU here")
-PLAIN_SOLVERS = [  # (solver, device, options): the compiled one, and the torch one's stencils on CPU and CUDA
-    ("plain", "cpu", {}), ("plain-torch", "cpu", {"stencil": "shift"}), ("plain-torch", "cpu", {"stencil": "conv"}),
+PLAIN_SOLVERS = [  # (solver, device, options): the compiled ones, and the torch one's stencils on CPU and CUDA
+    ("plain", "cpu", {}), ("plain", "cpu", {"cont": "log"}), ("wide", "cpu", {}),
+    ("plain-torch", "cpu", {"stencil": "shift"}), ("plain-torch", "cpu", {"stencil": "conv"}),
     pytest.param("plain-torch", "cuda", {"stencil": "shift"}, marks=_GPU),
     pytest.param("plain-torch", "cuda", {"stencil": "conv"}, marks=_GPU)]
 
@@ -154,12 +161,13 @@ def test_fuse_solvers_agree_on_mlp_shapes_and_report() -> None:
 
 
 def test_escape_to_the_log_domain_is_reported() -> None:
-    h = torch.zeros(2, 120, dtype=torch.float64)
-    h[0, :10] = 1
-    h[1, -10:] = 1
-    models = [{"w": row} for row in h]
-    _, rep = fuse_with_report(models, [1, 1], "fedwb-sinkhorn", reg=0.5, max_iter=50, warn=False, solver="plain")
-    assert rep.as_dict()["sinkhorn_log_domain"]["tensors"] == ["w"]
+    """Off CPU (or without numba) escaped tensors continue in the log domain; the report says so (the CPU
+    hand-over to the wide-range solver is in test_sinkhorn_wide)."""
+    rep = FusionReport(method="fedwb-sinkhorn", sinkhorn_solver="plain-torch", sinkhorn_escaped=["w"],
+                       sinkhorn_escaped_to="log")
+    assert rep.as_dict()["sinkhorn_log_domain"] == {"tensors": ["w"],
+                                                    "reason": "values left the plain range [1e-100, 1e100]"}
+    assert "sinkhorn_wide_range" not in rep.as_dict()
 
 
 def test_fuse_rejects_bad_solver_options() -> None:

@@ -22,8 +22,10 @@ Methods
 ``fedwb-sinkhorn`` is solved for all tensors of a model together (``solver``: ``auto`` =
 the compiled plain-domain solver on CPU, ``triton`` (fused log-domain kernels, CUDA
 graphs) on a GPU, ``plain-torch`` elsewhere; ``log`` the log-domain one in torch;
-``pot-plain`` the authors' dense POT call), see ``sinkhorn_fast``, ``sinkhorn_torch``
-and ``sinkhorn_triton``.
+``pot-plain`` the authors' dense POT call; ``wide`` the compiled solver with an exponent per
+value, from the start), see ``sinkhorn_fast``, ``sinkhorn_torch``, ``sinkhorn_triton`` and
+``sinkhorn_wide``. A tensor whose scalings leave the plain solvers' range continues the same
+iterate in ``sinkhorn_wide`` on CPU (in the log domain elsewhere); the report names it.
 Model-level methods (``fedwb-neurons``) come from ``registry``; their options
 (``chain``, ``transport``, ``neuron_reg``, ``neuron_iters``) pass through.
 
@@ -67,6 +69,7 @@ from aggregator.fusion import robust as _robust  # noqa: F401 - registers median
 from aggregator.fusion import sinkhorn_fast as _fast
 from aggregator.fusion import sinkhorn_torch as _torch_solver
 from aggregator.fusion import sinkhorn_triton as _triton_solver
+from aggregator.fusion import sinkhorn_wide as _wide
 from aggregator.fusion.fedavg import fedavg_tensor, normalize_weights
 from aggregator.fusion.sinkhorn import sinkhorn_barycenter_1d
 from schemas.chunks import tensor_device, tensor_meta
@@ -75,7 +78,7 @@ PER_TENSOR = ("fedavg", "fedwb", "fedwb-sinkhorn")
 # passed to registered (model-level) methods
 MODEL_LEVEL_OPTIONS = {"chain", "transport", "neuron_reg", "neuron_iters", "trim_ratio", "byzantine"}
 METHODS = PER_TENSOR + registry.names()
-SOLVERS = ("auto", "plain", "plain-torch", "triton", "log", "pot-plain")
+SOLVERS = ("auto", "plain", "plain-torch", "triton", "log", "pot-plain", "wide")
 POT_PLAIN_MAX_N = 8192  # POT needs the dense n x n cost matrix: 512 MiB at this size
 Model = Mapping[str, torch.Tensor]
 
@@ -93,6 +96,7 @@ class FusionReport:
     sinkhorn_solver: str = ""
     model_level: dict[str, Any] = field(default_factory=dict)  # what a model-level method reported
     sinkhorn_escaped: list[str] = field(default_factory=list)
+    sinkhorn_escaped_to: str = ""  # "wide" or "log": where the escaped tensors continued
     pot_plain_non_finite: list[str] = field(default_factory=list)
     device: str = "cpu"
 
@@ -111,7 +115,11 @@ class FusionReport:
             if self.sinkhorn_escaped:
                 reason = ("potentials spread wider than the Triton layout's gaps" if self.sinkhorn_solver == "triton"
                           else "values left the plain range [1e-100, 1e100]")
-                out["sinkhorn_log_domain"] = {"tensors": list(self.sinkhorn_escaped), "reason": reason}
+                handover = {"tensors": list(self.sinkhorn_escaped), "reason": reason}
+                if self.sinkhorn_escaped_to == "wide":
+                    out["sinkhorn_wide_range"] = handover  # same iterate, compiled, an exponent per value
+                else:
+                    out["sinkhorn_log_domain"] = handover
         return out
 
 
@@ -189,7 +197,7 @@ def pick_solver(solver: str, device: torch.device, k_rows: int = 0) -> str:
 
     ``auto``: the compiled plain-domain solver on CPU, the Triton one on CUDA, the torch plain
     one elsewhere. A named solver that cannot run here gives way to the same iterate where it
-    can: ``plain`` is CPU-only; ``triton`` needs CUDA (or Triton's interpreter) and K rows that
+    can: ``plain`` and ``wide`` are CPU-only; ``triton`` needs CUDA (or Triton's interpreter) and K rows that
     fit one of its tiles.
     """
     if solver not in SOLVERS:
@@ -198,8 +206,8 @@ def pick_solver(solver: str, device: torch.device, k_rows: int = 0) -> str:
         if device.type == "cpu" and _fast.available():
             return "plain"
         solver = "triton" if device.type == "cuda" and _triton_solver.available() else "plain-torch"
-    if solver == "plain" and device.type != "cpu":
-        solver = "plain-torch"  # the compiled kernel is CPU-only; same iterate on the device
+    if solver in ("plain", "wide") and (device.type != "cpu" or not _fast.available()):
+        solver = "plain-torch"  # the compiled kernels are CPU-only; same iterate on the device
     if solver == "triton" and k_rows > _triton_solver.MAX_ROWS:
         solver = "plain-torch"  # a Triton program holds all K rows of its tile
     if solver == "triton" and not _triton_solver.runs_on(device):
@@ -231,6 +239,14 @@ def _pot_plain(hists: torch.Tensor, lam: torch.Tensor, *, reg: float, stop_thres
     return b, bool(torch.isfinite(b).all())
 
 
+def _continue_wide(hists: torch.Tensor, lam: torch.Tensor, v: torch.Tensor, start: int,
+                   kw: dict[str, Any]) -> tuple[torch.Tensor, tuple[int, float, bool, int]]:
+    """The entropic iterate from scalings ``v`` at iteration ``start`` with ``sinkhorn_wide`` (CPU)."""
+    b, iterations, error, converged, _ = _wide.wide_barycenter(hists.cpu().numpy(), lam.cpu().numpy(),
+                                                               v.cpu().numpy(), start, **kw)
+    return torch.from_numpy(b), (iterations, error, converged, -1)
+
+
 def _fedwb_sinkhorn_all(prepared: list[_Prepared], opts: dict[str, Any], report: FusionReport,
                         device: torch.device) -> dict[str, torch.Tensor]:
     """Entropic FedWB of every prepared tensor: one solve per group of tensors with the same rows."""
@@ -259,6 +275,12 @@ def _fedwb_sinkhorn_all(prepared: list[_Prepared], opts: dict[str, Any], report:
             results = [sinkhorn_barycenter_1d(p.hists, lam, warn=False, **kw) for p in members]
             bs = [b for b, _ in results]
             infos = [(i.iterations, i.error, i.converged, -1) for _, i in results]
+        elif solver == "wide":
+            bs, infos = [], []
+            for p in members:
+                b, info = _continue_wide(p.hists, lam, torch.ones_like(p.hists, dtype=torch.float64), 0, kw)
+                bs.append(b)
+                infos.append(info)
         else:
             if solver == "plain":
                 raw, segs, vs = _fast.plain_barycenters([p.hists.cpu().numpy() for p in members],
@@ -271,11 +293,18 @@ def _fedwb_sinkhorn_all(prepared: list[_Prepared], opts: dict[str, Any], report:
                 bs, segs, vs = _torch_solver.plain_barycenters_torch([p.hists for p in members], lam, **kw)
             infos = []
             for idx, (p, seg, v) in enumerate(zip(members, segs, vs, strict=True)):
-                if v is not None:  # values left the plain range: continue the same iterate in the log domain
+                if v is not None:  # values left the plain range: continue the same iterate without that range
                     report.sinkhorn_escaped.append(p.name)
-                    bs[idx], info = sinkhorn_barycenter_1d(p.hists, lam, warn=False, log_v0=torch.log(v.to(device)),
-                                                           start=seg.escaped_at, **kw)
-                    infos.append((info.iterations, info.error, info.converged, seg.escaped_at))
+                    if device.type == "cpu" and _wide.available():
+                        report.sinkhorn_escaped_to = "wide"
+                        bs[idx], info = _continue_wide(p.hists, lam, v, seg.escaped_at, kw)
+                        infos.append(info[:3] + (seg.escaped_at,))
+                        continue
+                    report.sinkhorn_escaped_to = "log"
+                    bs[idx], log_info = sinkhorn_barycenter_1d(p.hists, lam, warn=False,
+                                                               log_v0=torch.log(v.to(device)),
+                                                               start=seg.escaped_at, **kw)
+                    infos.append((log_info.iterations, log_info.error, log_info.converged, seg.escaped_at))
                 else:
                     infos.append((seg.iterations, seg.error, seg.converged, -1))
         for p, b, (iterations, error, converged, _) in zip(members, bs, infos, strict=True):

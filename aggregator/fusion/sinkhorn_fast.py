@@ -471,6 +471,17 @@ def _tiles(seg_lo: np.ndarray, seg_hi: np.ndarray, tile: int) -> tuple[np.ndarra
     return np.array(segs, np.int64), np.array(los, np.int64), np.array(his, np.int64)
 
 
+def row_groups(lam: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows ordered by weight (equal weights side by side: one log per group and point), the sorted
+    weights, and where each group of at most ``GROUP_MAX`` equal weights ends."""
+    order = np.argsort(lam, kind="stable")
+    lam = lam[order]
+    group_end = np.ones(len(lam), np.bool_)
+    for k in range(len(lam) - 1):
+        group_end[k] = not (lam[k] == lam[k + 1] and k % GROUP_MAX != GROUP_MAX - 1)
+    return order, lam, group_end
+
+
 def plain_barycenters(hists: list[np.ndarray], lam: np.ndarray, *, reg: float, stop_threshold: float,
                       max_iter: int, tile: int = TILE
                       ) -> tuple[list[np.ndarray], list[SegmentResult], list[np.ndarray | None]]:
@@ -483,12 +494,7 @@ def plain_barycenters(hists: list[np.ndarray], lam: np.ndarray, *, reg: float, s
     if numba is None:  # pragma: no cover
         raise RuntimeError("the compiled entropic solver needs numba")
     k_rows = len(lam)
-    lam = np.asarray(lam, dtype=np.float64)
-    order = np.argsort(lam, kind="stable")  # rows of equal weight side by side: one log per group and point
-    lam = lam[order]
-    group_end = np.ones(k_rows, np.bool_)
-    for k in range(k_rows - 1):
-        group_end[k] = not (lam[k] == lam[k + 1] and k % GROUP_MAX != GROUP_MAX - 1)
+    order, lam, group_end = row_groups(np.asarray(lam, dtype=np.float64))
     hists = [h[order] for h in hists]
     sizes = [h.shape[1] for h in hists]
     seg_hi = np.cumsum(sizes).astype(np.int64)
