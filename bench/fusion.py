@@ -1,11 +1,13 @@
 """Fusion benchmark: speed of fedavg / fedwb / fedwb-sinkhorn, POT's dense way, fidelity.
 
     python -m bench.fusion --json [--quick] [--device cpu|cuda] [--threads 2]
+    python -m bench.fusion --json --models runs/rounds/fashion/round1.pt [--with-log]
 
 Prints one JSON document: medians in seconds, ratios to FedAvg measured in the same
 process, POT's ``ot.bregman.barycenter`` on the dense n x n cost with its peak memory,
 and a fidelity table (relative distance of each method's result to FedAvg and to the
-common model, for clients spread around a common model).
+common model, for clients spread around a common model). ``--models`` times the paper's
+fusion on a saved round of trained updates instead (``bench.trained_round`` makes them).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import statistics
 import time
 import tracemalloc
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -236,6 +239,37 @@ def entropic(ks: list[int], iters: int, big_n: int, device: str, log_solver: boo
         "cuda_K10_s_max": 0.1, "cuda_K10_10x_iterations_s_max": 1.0}}
 
 
+def saved_round(path: str, with_log: bool, repeats: int, max_iter: int = 1000) -> dict:
+    """The paper's fusion (reg 0.1, ``max_iter`` iterations, POT's threshold) on a saved round of trained updates.
+
+    ``auto`` (the compiled plain solver, escaped tensors continued by the wide-range one) and
+    ``wide`` from the start, medians; with ``with_log`` the torch log-domain solver once (slow).
+    """
+    data = torch.load(path, weights_only=True)
+    updates, lam = data["updates"], data.get("lam") or [1.0] * len(data["updates"])
+    opts = {"reg": 0.1, "max_iter": max_iter, "warn": False}
+    row: dict = {"models": path, "K": len(updates), "params": sum(t.numel() for t in updates[0].values())}
+    results = {}
+    for solver in ("auto", "wide") + (("log",) if with_log else ()):
+        secs = []
+        for _ in range(repeats if solver != "log" else 1):
+            t0 = time.perf_counter()
+            results[solver], rep = fuse_with_report(updates, lam, "fedwb-sinkhorn", solver=solver, **opts)
+            secs.append(time.perf_counter() - t0)
+        d = rep.as_dict()
+        row[f"{solver}_s"] = statistics.median(secs)
+        row[f"{solver}_error"] = d["sinkhorn_error"]
+        if solver == "auto":
+            row["auto_solver"] = d["sinkhorn_solver"]
+            row["auto_handover"] = d.get("sinkhorn_wide_range") or d.get("sinkhorn_log_domain")
+        progress(f"  {solver}: {row[f'{solver}_s']:.2f}s, error {row[f'{solver}_error']:.4g}")
+    row["wide_max_rel_diff_vs_auto"] = _rel(results["wide"], results["auto"])
+    if with_log:
+        row["log_max_rel_diff_vs_auto"] = _rel(results["log"], results["auto"])
+        row["speedup_auto_vs_log"] = row["log_s"] / row["auto_s"]
+    return row
+
+
 def neurons(k: int = 10, repeats: int = 3) -> dict:
     """fedwb-neurons on K MNIST MLPs from their own random inits (the case it exists for)."""
     from edge_agent.tasks.mnist import MLP
@@ -266,7 +300,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2, help="torch and numba CPU threads")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--only", choices=["entropic", "neurons"], help="run one section only")
+    p.add_argument("--models", help="time the entropic fusion on this saved round (bench.trained_round) only")
+    p.add_argument("--with-log", action="store_true", help="with --models: also the log-domain solver (slow)")
+    p.add_argument("--max-iter", type=int, default=1000, help="with --models: entropic iterations")
     args = p.parse_args(argv)
+    if args.models and not Path(args.models).is_file():
+        p.error(f"--models {args.models}: no such file (make one with python -m bench.trained_round)")
     torch.set_num_threads(args.threads)
     try:
         import numba
@@ -284,6 +323,15 @@ def main(argv: list[str] | None = None) -> None:
     fuse_with_report(_models(2, 100, 0.1, "cpu"), [1, 1], "fedwb")
     fuse_with_report(_models(2, 100, 0.1, "cpu"), [1, 1], "fedwb-sinkhorn", max_iter=2, solver="plain", warn=False)
     result = {"benchmark": "fusion", "machine": machine(), "device": args.device}
+    if args.models:
+        from aggregator.fusion import sinkhorn_wide
+
+        sinkhorn_wide.warm_up()
+        progress(f"entropic FedWB on the saved round {args.models}")
+        result["saved_round"] = saved_round(args.models, args.with_log, args.repeats, args.max_iter)
+        result["total_seconds"] = time.perf_counter() - t0
+        emit(result, args.json)
+        return
     progress("fedwb-neurons (barycenter over hidden units), K=10 MNIST MLPs from their own inits")
     result["neurons"] = neurons(10, 3 if not args.quick else 1)
     if args.only == "neurons":

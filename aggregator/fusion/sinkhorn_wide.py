@@ -32,12 +32,14 @@ well as their spread: with :math:`|\log x_{i+1} - \log x_i| \le L`, a term at di
 suffices; the band is the smaller of this and the spread bound. Potentials of trained
 weights spread by thousands of nats over a tensor but change by at most tens between
 neighbours, so the band stays at a few points where the log-domain solver's grows with the
-spread. The slope of :math:`v` is measured exactly (integer exponent differences) when it
-is written; that of :math:`u` is promised from the previous iteration's plus a margin and
-checked while :math:`u` is computed; an iteration that breaks the promise is redone with
-the proven bound :math:`L_u \le L_a + L_v + \log 2` (:math:`K` is a positive
-combination of shifted copies, so :math:`\log Kv` is at most :math:`\log 2` steeper than
-:math:`\log v`).
+spread. Bands are per chunk of ``CHUNK`` points: :math:`L` within one chunk's reach of the
+points a chunk computes, the global slope beyond (where :math:`-d^2/\varepsilon` has long
+won; checked, else the global band). The slope of :math:`v` is measured exactly (integer
+exponent differences) when it is written; that of :math:`u` is promised from the previous
+iteration's plus a margin and checked while :math:`u` is computed; an iteration that
+breaks the promise is redone with the proven bound :math:`L_u \le L_a + L_v + \log 2`
+(:math:`K` is a positive combination of shifted copies, so :math:`\log Kv` is at most
+:math:`\log 2` steeper than :math:`\log v`).
 
 Stopping is POT's: every 10th iteration (``ii % 10 == 1``) the error
 :math:`\sum_i \mathrm{std}_k(v_{ki} (K u_k)_i)` (old :math:`v`, new :math:`Ku`) is compared
@@ -153,10 +155,11 @@ if numba is not None:
             se[i] += (bits >> 52) - 1023
 
     @_jit_tile
-    def _chunk(c, tid, c0, c1, n, dv, du, cv, cu, u_check, check, vm, ve, a1, lam, group_end, wm, we1, vm2, ve2, bm, be,
+    def _chunk(c, tid, c0, c1, n, dv, du, cv, cu, check, vm, ve, a1, lam, group_end, wm, we1, vm2, ve2, bm, be,
                um, ue, sm, se, km, ke, lb, pm, pe, mean, var, stat):  # pragma: no cover - compiled
         """One iteration on grid points [c0, c1) of every row; stat[c] = [v min exp, v max exp, v slope,
-        u slope, error partial, bad]."""
+        u slope, error partial] (slopes: largest exponent step between neighbours inside the chunk for the
+        new v, over the u computed here for u)."""
         n_rows = a1.shape[0]
         u0, u1 = max(0, c0 - du - 1), min(n, c1 + du + 1)  # u one point wider: every neighbour pair is seen
         mu, mc = u1 - u0, c1 - c0
@@ -231,20 +234,18 @@ if numba is not None:
         stat[c, 2] = v_slope
         stat[c, 3] = u_slope
         stat[c, 4] = err
-        stat[c, 5] = 1.0 if u_slope > u_check else 0.0
 
     @_jit
-    def _exp_stats(ve):  # pragma: no cover - compiled
-        """(min exponent, max exponent, max |exponent step| between neighbours) over every row."""
-        lo, hi, sl = ve[0, 0], ve[0, 0], 0
-        for k in range(ve.shape[0]):
-            row = ve[k]
-            for i in range(row.shape[0]):
-                lo = min(lo, row[i])
-                hi = max(hi, row[i])
-            for i in range(row.shape[0] - 1):
-                sl = max(sl, abs(row[i + 1] - row[i]))
-        return lo, hi, sl
+    def _chunk_slopes(ve, chunk, out):  # pragma: no cover - compiled
+        """out[c] = max |exponent step| over the neighbour pairs of chunk c and the pair across its left edge."""
+        n = ve.shape[1]
+        for c in range(out.shape[0]):
+            lo, hi, sl = max(0, c * chunk - 1), min(n, (c + 1) * chunk), 0
+            for k in range(ve.shape[0]):
+                row = ve[k, lo:hi]
+                for i in range(hi - lo - 1):
+                    sl = max(sl, abs(row[i + 1] - row[i]))
+            out[c] = sl
 
     @_jit
     def _band_for(reg, spread, slope, n, cap):  # pragma: no cover - compiled
@@ -254,34 +255,79 @@ if numba is not None:
         d_slope = math.ceil(reg * (slope + math.sqrt(slope * slope + 4.0 * c / reg)) / 2.0) - 1
         return min(cap, min(n - 1, max(0, min(d_spread, d_slope))))
 
+    @_jit
+    def _local_band(reg, spread, local, glob, n, cap, reach):  # pragma: no cover - compiled
+        """The band of a chunk whose potentials have slope ``local`` within ``reach`` points of it, ``glob`` beyond.
+
+        Beyond the reach a term at distance d is below e^(local reach + glob (d - reach) - d^2 / eps) of the centre
+        (concave in d): the local band stands when that is below e^-C at its largest over d > reach, and the
+        local band fits in the reach; otherwise the global one.
+        """
+        c = 40.0 + math.log(2.0 * n)
+        d = _band_for(reg, spread, local, n, cap)
+        top = max(reach + 1.0, reg * glob / 2.0)
+        if d < reach and local * reach + glob * (top - reach) - top * top / reg <= -c:
+            return d
+        return _band_for(reg, spread, glob, n, cap)
+
+    @_jit
+    def _nbr_max(x, c, r):  # pragma: no cover - compiled
+        """max(x[c - r], ..., x[c + r]) over the indices that exist."""
+        m = x[c]
+        for j in range(max(0, c - r), min(x.shape[0], c + r + 1)):
+            m = max(m, x[j])
+        return m
+
     @_jit_parallel
     def _iterate(a1, lam, group_end, wm, we1, reg, cap, spread_a, slope_a, start, max_iter, stop_threshold,
                  vm, ve, vm2, ve2, bm, be, out, nthreads, chunk, u_margin, centre_limit):  # pragma: no cover
-        """Iterations ``start`` .. ``max_iter`` - 1 (or to POT's stop); out = [iterations, error, converged, band]."""
+        """Iterations ``start`` .. ``max_iter`` - 1 (or to POT's stop); out = [iterations, error, converged, band].
+
+        Bands per chunk, from the slopes within one chunk of it (v: measured when written; u: the
+        previous iteration's plus ``u_margin``, checked, the iteration redone with the proven global
+        bound when broken) and the global slopes beyond.
+        """
         n_rows, n = a1.shape
         ln2 = math.log(2.0)
         log_wsum = math.log(1.0 + 2.0 * math.sqrt(math.pi * reg)) + 1.0  # >= log sum_d w_d
         n_chunks = (n + chunk - 1) // chunk
-        stat = np.zeros((n_chunks, 6))
-        v_lo, v_hi, v_slope = _exp_stats(ve)
-        u_promise = -1  # unknown: the proven bound
+        stat = np.zeros((n_chunks, 5))
+        v_sl = np.zeros(n_chunks, np.int64)  # per chunk, binary orders
+        u_sl = np.zeros(n_chunks, np.int64)
+        dv_c = np.zeros(n_chunks, np.int64)
+        du_c = np.zeros(n_chunks, np.int64)
+        cv_c = np.zeros(n_chunks, np.bool_)
+        cu_c = np.zeros(n_chunks, np.bool_)
+        u_chk = np.zeros(n_chunks, np.int64)
+        _chunk_slopes(ve, chunk, v_sl)
+        v_lo, v_hi = ve.min(), ve.max()
+        proven = True  # u's slope unknown (first iteration, or a broken promise): the proven bound
         ii, err, conv, band = start, np.inf, False, 0
         big = np.int64(1) << 62
         while ii < max_iter:
             spread_v = (v_hi - v_lo + 1) * ln2
-            l_v = (v_slope + 1) * ln2
-            dv = _band_for(reg, spread_v, l_v, n, cap)
-            if u_promise < 0:
-                l_u, u_check = slope_a + l_v + ln2 + 1e-6, big
-            else:
-                l_u, u_check = (u_promise + 1) * ln2, u_promise
-            du = _band_for(reg, spread_v + spread_a + log_wsum, l_u, n, cap)
-            # every term of a stencil is below 2^(eps L^2 / (4 ln 2) + 2) of its centre: centre references
-            # while that cannot overflow
-            cv = reg * l_v * l_v / (4.0 * ln2) + 2.0 < centre_limit
-            cu = reg * l_u * l_u / (4.0 * ln2) + 2.0 < centre_limit
+            spread_u = spread_v + spread_a + log_wsum
+            l_vg = (v_sl.max() + 1) * ln2
+            l_ug = slope_a + l_vg + ln2 + 1e-6  # proven: log Kv is at most log 2 steeper than log v
+            du_max = 0
+            for c in range(n_chunks):
+                if proven:
+                    l_u, u_chk[c] = l_ug, big
+                else:
+                    u_chk[c] = _nbr_max(u_sl, c, 1) + u_margin
+                    l_u = min((u_chk[c] + 1) * ln2, l_ug)
+                du_c[c] = _local_band(reg, spread_u, l_u, l_ug, n, cap, chunk)
+                du_max = max(du_max, du_c[c])
+                # K v is needed on the chunk and du + 1 points either side: slopes within a chunk of those
+                # points are those of chunks c - 2 .. c + 2 while du + 1 <= chunk
+                l_v = (_nbr_max(v_sl, c, 2) + 1) * ln2 if du_c[c] + 1 <= chunk else l_vg
+                dv_c[c] = _local_band(reg, spread_v, l_v, l_vg, n, cap, chunk)
+                # every term within the band is below 2^(eps L^2 / (4 ln 2) + 2) of its centre: centre
+                # references while that cannot overflow
+                cv_c[c] = reg * l_v * l_v / (4.0 * ln2) + 2.0 < centre_limit
+                cu_c[c] = reg * l_u * l_u / (4.0 * ln2) + 2.0 < centre_limit
             check = ii % 10 == 1
-            width = chunk + 2 * (du + 1)
+            width = chunk + 2 * (du_max + 1)
             um = np.empty((nthreads, width))
             ue = np.empty((nthreads, width), np.int64)
             sm = np.empty((nthreads, width))
@@ -296,33 +342,38 @@ if numba is not None:
             for tid in numba.prange(nthreads):
                 for c in range(tid, n_chunks, nthreads):
                     c0 = c * chunk
-                    _chunk(c, tid, c0, min(n, c0 + chunk), n, dv, du, cv, cu, u_check, check, vm, ve, a1, lam,
-                           group_end, wm, we1, vm2, ve2, bm, be, um, ue, sm, se, km, ke, lb, pm, pe, mean, var, stat)
-            bad, u_seen, new_lo, new_hi, new_slope, err_sum = False, 0, big, -big, 0, 0.0
+                    _chunk(c, tid, c0, min(n, c0 + chunk), n, dv_c[c], du_c[c], cv_c[c], cu_c[c], check,
+                           vm, ve, a1, lam, group_end, wm, we1, vm2, ve2, bm, be, um, ue, sm, se, km, ke, lb, pm,
+                           pe, mean, var, stat)
             for c in range(n_chunks):
-                bad = bad or stat[c, 5] != 0.0
+                u_sl[c] = np.int64(stat[c, 3])
+            bad = False
+            for c in range(n_chunks):  # u within one chunk of c as steep as promised?
+                bad = bad or _nbr_max(u_sl, c, 1) > u_chk[c]
+            if bad:  # no: redo this iteration with the proven bound
+                proven = True
+                continue
+            err_sum, new_lo, new_hi = 0.0, big, -big
+            for c in range(n_chunks):
                 new_lo = min(new_lo, np.int64(stat[c, 0]))
                 new_hi = max(new_hi, np.int64(stat[c, 1]))
-                new_slope = max(new_slope, np.int64(stat[c, 2]))
-                u_seen = max(u_seen, np.int64(stat[c, 3]))
                 err_sum += stat[c, 4]
-            if bad:  # u was steeper than promised: redo this iteration with the proven band
-                u_promise = -1
-                continue
-            for k in range(n_rows):  # neighbour pairs across chunk edges
-                for c in range(1, n_chunks):
-                    new_slope = max(new_slope, abs(ve2[k, c * chunk] - ve2[k, c * chunk - 1]))
-            band = max(band, max(dv, du))
+                band = max(band, max(dv_c[c], du_c[c]))
             if check:
                 err = err_sum
                 if err < stop_threshold:
                     conv = True
                     ii += 1
                     break
+            for c in range(n_chunks):  # the new v's slopes, with the pair across each chunk's left edge
+                v_sl[c] = np.int64(stat[c, 2])
+                if c > 0:
+                    for k in range(n_rows):
+                        v_sl[c] = max(v_sl[c], abs(ve2[k, c * chunk] - ve2[k, c * chunk - 1]))
             vm, vm2 = vm2, vm
             ve, ve2 = ve2, ve
-            v_lo, v_hi, v_slope = new_lo, new_hi, new_slope
-            u_promise = u_seen + u_margin
+            v_lo, v_hi = new_lo, new_hi
+            proven = False
             ii += 1
         out[0] = ii
         out[1] = err
