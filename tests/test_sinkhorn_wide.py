@@ -66,7 +66,7 @@ def test_work_parameters_do_not_change_the_iterate() -> None:
             for opts in ({"chunk": 37}, {"u_margin": 0}, {"centre_limit": 0.0}, {"chunk": 64, "u_margin": 0}):
                 got = wide.wide_barycenter(h, lam, np.ones(h.shape), 0, **kw, **opts)
                 assert got[1:4] == pytest.approx(ref[1:4], rel=1e-12), opts  # iterations, error, converged
-                assert np.abs(got[0] - ref[0]).max() <= 1e-13 * ref[0].max(), (reg, opts)
+                assert np.abs(got[0] - ref[0]).max() <= 1e-11 * ref[0].max(), (reg, opts)  # summation order only
 
 
 def test_stops_where_pot_stops() -> None:

@@ -101,7 +101,7 @@ if numba is not None:
     _jit_parallel = numba.njit(error_model="numpy", cache=True, nogil=True, parallel=True)
 
     @_jit_inline
-    def _wstencil(xm, xe, size, lo, hi, wm, we1, band, centred, sm, se):  # pragma: no cover - compiled
+    def _wstencil_passes(xm, xe, size, lo, hi, wm, we1, band, centred, sm, se):  # pragma: no cover - compiled
         """(K x)_i = sm[i - lo] 2^se[i - lo] for i in [lo, hi): the band stencil on [0, size).
 
         Reference exponent r_i: the centre's, xe[i], when ``centred`` (the caller has bounded every
@@ -139,6 +139,42 @@ if numba is not None:
             rm, re = xm[lo + d:b1 + d], xe[lo + d:b1 + d]
             for i in range(b1 - lo):
                 sm[i] += md * rm[i] * _i2f(max(re[i] + wd - se[i], 1) << 52)
+
+    @_jit_inline
+    def _wstencil(xm, xe, size, lo, hi, wm, we1, band, centred, sm, se):  # pragma: no cover - compiled
+        """``_wstencil_passes``, with the interior points (every neighbour present) of a centred stencil in
+        passes of four offsets (+-d, +-(d+1)) that keep the sum in registers."""
+        ia, ib = max(lo, band), min(hi, size - band)
+        if not centred or ib - ia < 16:
+            _wstencil_passes(xm, xe, size, lo, hi, wm, we1, band, centred, sm, se)
+            return
+        _wstencil_passes(xm, xe, size, lo, ia, wm, we1, band, centred, sm, se)
+        _wstencil_passes(xm, xe, size, ib, hi, wm, we1, band, centred, sm[ib - lo:], se[ib - lo:])
+        n = ib - ia
+        dm, de = sm[ia - lo:ib - lo], se[ia - lo:ib - lo]
+        cm, ce = xm[ia:ib], xe[ia:ib]
+        for i in range(n):
+            dm[i] = cm[i]
+            de[i] = ce[i]
+        d = 1
+        while d + 1 <= band:
+            w1, w2, m1, m2 = we1[d], we1[d + 1], wm[d], wm[d + 1]
+            l1m, l1e, r1m, r1e = xm[ia - d:ib - d], xe[ia - d:ib - d], xm[ia + d:ib + d], xe[ia + d:ib + d]
+            l2m, l2e = xm[ia - d - 1:ib - d - 1], xe[ia - d - 1:ib - d - 1]
+            r2m, r2e = xm[ia + d + 1:ib + d + 1], xe[ia + d + 1:ib + d + 1]
+            for i in range(n):
+                e0 = de[i]
+                s1 = (l1m[i] * _i2f(max(l1e[i] + w1 - e0, 1) << 52) + r1m[i] * _i2f(max(r1e[i] + w1 - e0, 1) << 52))
+                s2 = (l2m[i] * _i2f(max(l2e[i] + w2 - e0, 1) << 52) + r2m[i] * _i2f(max(r2e[i] + w2 - e0, 1) << 52))
+                dm[i] += m1 * s1 + m2 * s2
+            d += 2
+        if d == band:
+            w1, m1 = we1[d], wm[d]
+            l1m, l1e, r1m, r1e = xm[ia - d:ib - d], xe[ia - d:ib - d], xm[ia + d:ib + d], xe[ia + d:ib + d]
+            for i in range(n):
+                e0 = de[i]
+                dm[i] += m1 * (l1m[i] * _i2f(max(l1e[i] + w1 - e0, 1) << 52)
+                               + r1m[i] * _i2f(max(r1e[i] + w1 - e0, 1) << 52))
 
     @_jit_inline
     def _err_value(m, e):  # pragma: no cover - compiled
@@ -281,7 +317,9 @@ if numba is not None:
     @_jit_parallel
     def _iterate(a1, lam, group_end, wm, we1, reg, cap, spread_a, slope_a, start, max_iter, stop_threshold,
                  vm, ve, vm2, ve2, bm, be, out, nthreads, chunk, u_margin, centre_limit):  # pragma: no cover
-        """Iterations ``start`` .. ``max_iter`` - 1 (or to POT's stop); out = [iterations, error, converged, band].
+        """Iterations ``start`` .. ``max_iter`` - 1 (or to POT's stop).
+
+        out = [iterations, error, converged, widest band, iterations redone].
 
         Bands per chunk, from the slopes within one chunk of it (v: measured when written; u: the
         previous iteration's plus ``u_margin``, checked, the iteration redone with the proven global
@@ -352,6 +390,7 @@ if numba is not None:
                 bad = bad or _nbr_max(u_sl, c, 1) > u_chk[c]
             if bad:  # no: redo this iteration with the proven bound
                 proven = True
+                out[4] += 1
                 continue
             err_sum, new_lo, new_hi = 0.0, big, -big
             for c in range(n_chunks):
@@ -408,7 +447,7 @@ def wide_barycenter(hist: np.ndarray, lam: np.ndarray, v0: np.ndarray, start: in
     cap = n - 1
     wm, we = kernel_weights(reg, cap)
     bm, be = np.ones(n), np.zeros(n, np.int64)
-    out = np.zeros(4)
+    out = np.zeros(5)
     _iterate(a1, lam_s, group_end, wm, we + 1023, float(reg), cap, spread_a, slope_a, int(start), int(max_iter),
              float(stop_threshold), vm, ve, np.empty_like(vm), np.empty_like(ve), bm, be, out,
              numba.get_num_threads(), int(chunk), int(u_margin), float(centre_limit))
