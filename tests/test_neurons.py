@@ -142,3 +142,18 @@ def test_agent_cli_rejects_bad_init_in_one_line(args: list[str], msg: str) -> No
                             timeout=60)
     assert result.returncode == 2 and msg in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("transport", ["exact", "entropic"])
+def test_the_fused_model_does_not_depend_on_arrival_order(transport: str) -> None:
+    """Equal weights, models from different inits: the barycenter starts from the same model whatever order
+    the updates arrived in, so runs with the same seed give the same global model."""
+    models = []
+    for seed in range(4):
+        torch.manual_seed(seed)
+        models.append(_state(MLP()))
+    first, _ = fuse_with_report(models, [1.0] * 4, "fedwb-neurons", chain=MLP_CHAIN, transport=transport)
+    for order in ([3, 1, 0, 2], [1, 2, 3, 0]):
+        again, _ = fuse_with_report([models[i] for i in order], [1.0] * 4, "fedwb-neurons", chain=MLP_CHAIN,
+                                    transport=transport)
+        assert _rel(again, first) <= 1e-9, order

@@ -157,6 +157,19 @@ def _align(model: Model, bary: dict[str, torch.Tensor], chain: LayerChain, trans
     return out, plans
 
 
+def _start_index(models: Sequence[Model], lam: Sequence[float]) -> int:
+    """The model the barycenter starts from: the heaviest; among equally heavy ones, the one with the
+    largest squared norm of its float tensors (a key of the content, not of the position, so the fused
+    model does not depend on the order in which the updates arrived)."""
+    top = max(lam)
+    heaviest = [k for k, w in enumerate(lam) if w == top]
+    if len(heaviest) == 1:
+        return heaviest[0]
+    norm2 = {k: sum(float(t.double().square().sum()) for t in models[k].values() if t.is_floating_point())
+             for k in heaviest}
+    return max(heaviest, key=lambda k: norm2[k])
+
+
 def fedwb_neurons(models: Sequence[Model], lam: Sequence[float], *, chain: LayerChain | None,
                   transport: str = "exact", reg: float = 0.05, max_iter: int = 10,
                   newest: int = -1) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -175,7 +188,7 @@ def fedwb_neurons(models: Sequence[Model], lam: Sequence[float], *, chain: Layer
         return fused, {"fallback": "fedavg", "reason": problem}
     chain = list(chain)
     tol = 1e-9 if transport == "exact" else 1e-4  # soft plans move a little with every barycenter
-    start = int(np.argmax(lam))  # the heaviest model is the first barycenter
+    start = _start_index(models, lam)
     bary = {n: t.to(torch.float64).clone() for n, t in models[start].items()}
     prev_plans: list[list[torch.Tensor]] | None = None
     iterations = 0

@@ -152,6 +152,14 @@ if numba is not None:
         p = p * r + 1.0
         return p * _i2f((np.int64(nf) + 1023) << 52)
 
+    @_jit_inline
+    def flush_group(lb, pm, pe, lk, m):  # pragma: no cover - compiled
+        """lb[i] += lk log(pm[i] 2^pe[i]) for i < m (one group of equally weighted rows); pm, pe reset."""
+        for i in range(m):
+            lb[i] += lk * (_vlog(pm[i]) + pe[i] * _LN2_HI + pe[i] * _LN2_LO)
+            pm[i] = 1.0
+            pe[i] = 0
+
     @_jit
     def vlog_array(x, out):  # pragma: no cover - compiled
         for i in range(x.size):
@@ -269,11 +277,7 @@ if numba is not None:
                     pm[i] *= _i2f((bits & 0x000FFFFFFFFFFFFF) | 0x3FF0000000000000)
                     pe[i] += (bits >> 52) - 1023
                 if group_end[k]:
-                    lk = lam[k]
-                    for i in range(mc):
-                        lb[i] += lk * (_vlog(pm[i]) + pe[i] * _LN2_HI + pe[i] * _LN2_LO)
-                        pm[i] = 1.0
-                        pe[i] = 0
+                    flush_group(lb, pm, pe, lam[k], mc)
             for i in range(mc):
                 bb[i] = _vexp(lb[i])
             if check_last and j == nsteps - 1:  # POT's error on the tile's own points: sum_i std_k(v_k (K u_k))

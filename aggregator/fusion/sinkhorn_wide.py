@@ -92,7 +92,7 @@ def kernel_weights(reg: float, cap: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 if numba is not None:
-    _f2i, _i2f, _vlog, _vexp = _fast._f2i, _fast._i2f, _fast._vlog, _fast._vexp
+    _f2i, _i2f, _vexp, _flush_group = _fast._f2i, _fast._i2f, _fast._vexp, _fast.flush_group
     _LN2_HI, _LN2_LO, _INV_LN2 = _fast._LN2_HI, _fast._LN2_LO, _fast._INV_LN2
     _jit_inline = numba.njit(inline="always", error_model="numpy", cache=True)
     _jit_tile = numba.njit(error_model="numpy", cache=True, nogil=True,
@@ -223,11 +223,7 @@ if numba is not None:
                 pmt[i] *= kmk[i]
                 pet[i] += kek[i]
             if group_end[k]:
-                lk = lam[k]
-                for i in range(mc):
-                    lbt[i] += lk * (_vlog(pmt[i]) + pet[i] * _LN2_HI + pet[i] * _LN2_LO)
-                    pmt[i] = 1.0
-                    pet[i] = 0
+                _flush_group(lbt, pmt, pet, lam[k], mc)
         bmc, bec = bm[c0:c1], be[c0:c1]
         for i in range(mc):  # b = exp(log b) = p 2^nf, |r| <= ln2/2 (the reduction of _vexp)
             x = lbt[i]
