@@ -100,7 +100,7 @@ if numba is not None:
     _jit = numba.njit(error_model="numpy", cache=True, nogil=True)
     _jit_parallel = numba.njit(error_model="numpy", cache=True, nogil=True, parallel=True)
 
-    @_jit_inline
+    @_jit_tile
     def _wstencil_passes(xm, xe, size, lo, hi, wm, we1, band, centred, sm, se):  # pragma: no cover - compiled
         """(K x)_i = sm[i - lo] 2^se[i - lo] for i in [lo, hi): the band stencil on [0, size).
 
@@ -140,7 +140,7 @@ if numba is not None:
             for i in range(b1 - lo):
                 sm[i] += md * rm[i] * _i2f(max(re[i] + wd - se[i], 1) << 52)
 
-    @_jit_inline
+    @_jit_tile
     def _wstencil(xm, xe, size, lo, hi, wm, we1, band, centred, sm, se):  # pragma: no cover - compiled
         """``_wstencil_passes``, with the interior points (every neighbour present) of a centred stencil in
         passes of four offsets (+-d, +-(d+1)) that keep the sum in registers."""
