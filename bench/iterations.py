@@ -57,7 +57,7 @@ def one_seed(seed: int, agents: int, iters: list[int], regs: list[float]) -> dic
             cell = {"reg": reg, "max_iter": n_it, "seconds": time.perf_counter() - t0,
                     "accuracy": server.evaluate(fused)["accuracy"], "to_fedavg": _rel(fused, avg),
                     "to_exact": _rel(fused, exact), "error": rep.sinkhorn_error,
-                    "log_domain_tensors": len(rep.sinkhorn_escaped)}
+                    "escaped_tensors": len(rep.sinkhorn_escaped)}  # left the plain range, continued wide (CPU)
             out["cells"].append(cell)
             progress(f"  seed {seed} reg {reg:g} iters {n_it}: acc {cell['accuracy']:.3f}, "
                      f"to fedavg {cell['to_fedavg']:.3f}, to exact {cell['to_exact']:.3f} ({cell['seconds']:.1f}s)")
