@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from aggregator.fusion import fuse_with_report
+from aggregator.fusion import fuse_with_report, sinkhorn_wide
 from bench.common import emit, machine, median_seconds, progress
 
 SINKHORN_MAX_KN = 1_000_000  # above this the entropic runs take minutes: reported as skipped
@@ -321,12 +321,9 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     progress("warming up (numba compile/cache load)")
     fuse_with_report(_models(2, 100, 0.1, "cpu"), [1, 1], "fedwb")
-    fuse_with_report(_models(2, 100, 0.1, "cpu"), [1, 1], "fedwb-sinkhorn", max_iter=2, solver="plain", warn=False)
+    sinkhorn_wide.warm_up()  # both compiled entropic solvers
     result = {"benchmark": "fusion", "machine": machine(), "device": args.device}
     if args.models:
-        from aggregator.fusion import sinkhorn_wide
-
-        sinkhorn_wide.warm_up()
         progress(f"entropic FedWB on the saved round {args.models}")
         result["saved_round"] = saved_round(args.models, args.with_log, args.repeats, args.max_iter)
         result["total_seconds"] = time.perf_counter() - t0

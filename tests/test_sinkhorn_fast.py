@@ -56,7 +56,7 @@ def solve(solver: str, hists: list[np.ndarray], lam: np.ndarray, reg: float, ite
     kw = {"reg": reg, "stop_threshold": 1e-4, "max_iter": iters}
     cont = cont or ("wide" if device == "cpu" else "log")
     if solver == "wide":
-        return [fast_wide.wide_barycenter(h, lam, np.ones(h.shape), 0, **kw)[0] for h in hists]
+        return [fast_wide.wide_barycenter(h, lam, np.ones(h.shape), 0, **kw).b for h in hists]
     if solver == "plain":
         bs, segs, vs = fast.plain_barycenters(hists, lam, **kw)
         bs = [torch.from_numpy(b) for b in bs]
@@ -67,7 +67,7 @@ def solve(solver: str, hists: list[np.ndarray], lam: np.ndarray, reg: float, ite
     out = []
     for h, b, seg, v in zip(hists, bs, segs, vs, strict=True):
         if v is not None and cont == "wide":
-            b = torch.from_numpy(fast_wide.wide_barycenter(h, lam, v.cpu().numpy(), seg.escaped_at, **kw)[0])
+            b = torch.from_numpy(fast_wide.wide_barycenter(h, lam, v.cpu().numpy(), seg.escaped_at, **kw).b)
         elif v is not None:
             b, _ = sinkhorn_barycenter_1d(torch.tensor(h, device=device), torch.tensor(lam, device=device),
                                           warn=False, log_v0=torch.log(v), start=seg.escaped_at, **kw)

@@ -240,11 +240,10 @@ def _pot_plain(hists: torch.Tensor, lam: torch.Tensor, *, reg: float, stop_thres
 
 
 def _continue_wide(hists: torch.Tensor, lam: torch.Tensor, v: torch.Tensor, start: int,
-                   kw: dict[str, Any]) -> tuple[torch.Tensor, tuple[int, float, bool, int]]:
+                   kw: dict[str, Any]) -> tuple[torch.Tensor, tuple[int, float, bool]]:
     """The entropic iterate from scalings ``v`` at iteration ``start`` with ``sinkhorn_wide`` (CPU)."""
-    b, iterations, error, converged, _ = _wide.wide_barycenter(hists.cpu().numpy(), lam.cpu().numpy(),
-                                                               v.cpu().numpy(), start, **kw)
-    return torch.from_numpy(b), (iterations, error, converged, -1)
+    res = _wide.wide_barycenter(hists.cpu().numpy(), lam.cpu().numpy(), v.cpu().numpy(), start, **kw)
+    return torch.from_numpy(res.b), (res.iterations, res.error, res.converged)
 
 
 def _fedwb_sinkhorn_all(prepared: list[_Prepared], opts: dict[str, Any], report: FusionReport,
@@ -270,11 +269,11 @@ def _fedwb_sinkhorn_all(prepared: list[_Prepared], opts: dict[str, Any], report:
                 if not ok:
                     report.pot_plain_non_finite.append(p.name)
                 bs.append(b)
-                infos.append((opts["max_iter"], math.nan, False, -1))
+                infos.append((opts["max_iter"], math.nan, False))
         elif solver == "log":
             results = [sinkhorn_barycenter_1d(p.hists, lam, warn=False, **kw) for p in members]
             bs = [b for b, _ in results]
-            infos = [(i.iterations, i.error, i.converged, -1) for _, i in results]
+            infos = [(i.iterations, i.error, i.converged) for _, i in results]
         elif solver == "wide":
             bs, infos = [], []
             for p in members:
@@ -298,16 +297,16 @@ def _fedwb_sinkhorn_all(prepared: list[_Prepared], opts: dict[str, Any], report:
                     if device.type == "cpu" and _wide.available():
                         report.sinkhorn_escaped_to = "wide"
                         bs[idx], info = _continue_wide(p.hists, lam, v, seg.escaped_at, kw)
-                        infos.append(info[:3] + (seg.escaped_at,))
+                        infos.append(info)
                         continue
                     report.sinkhorn_escaped_to = "log"
                     bs[idx], log_info = sinkhorn_barycenter_1d(p.hists, lam, warn=False,
                                                                log_v0=torch.log(v.to(device)),
                                                                start=seg.escaped_at, **kw)
-                    infos.append((log_info.iterations, log_info.error, log_info.converged, seg.escaped_at))
+                    infos.append((log_info.iterations, log_info.error, log_info.converged))
                 else:
-                    infos.append((seg.iterations, seg.error, seg.converged, -1))
-        for p, b, (iterations, error, converged, _) in zip(members, bs, infos, strict=True):
+                    infos.append((seg.iterations, seg.error, seg.converged))
+        for p, b, (iterations, error, converged) in zip(members, bs, infos, strict=True):
             if opts["renormalize"]:
                 b = b / b.sum()
             report.sinkhorn_iterations = max(report.sinkhorn_iterations, iterations)

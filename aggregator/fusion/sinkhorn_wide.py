@@ -49,6 +49,7 @@ with ``stop_threshold`` and a segment that stops keeps that iteration's :math:`b
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 
@@ -62,6 +63,17 @@ _MANT = 0x000FFFFFFFFFFFFF
 _ONE = 0x3FF0000000000000
 _LN2 = math.log(2.0)
 _ERR_EXP = 500  # v (K u) is clamped below 2^500 for the error (only ever that large far from converging)
+
+
+class WideResult(NamedTuple):
+    """What ``wide_barycenter`` computed."""
+
+    b: np.ndarray  # the barycenter (n,), float64
+    iterations: int
+    error: float  # the last checked error (POT's)
+    converged: bool  # whether it met stop_threshold
+    band: int  # the widest band used
+    redone: int  # iterations redone after u broke its slope promise
 
 
 def available() -> bool:
@@ -92,7 +104,7 @@ def kernel_weights(reg: float, cap: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 if numba is not None:
-    _f2i, _i2f, _vexp, _flush_group = _fast._f2i, _fast._i2f, _fast._vexp, _fast.flush_group
+    _f2i, _i2f, _vexp, _flush_group, _band = _fast._f2i, _fast._i2f, _fast._vexp, _fast.flush_group, _fast._band
     _LN2_HI, _LN2_LO, _INV_LN2 = _fast._LN2_HI, _fast._LN2_LO, _fast._INV_LN2
     _jit_inline = numba.njit(inline="always", error_model="numpy", cache=True)
     _jit_tile = numba.njit(error_model="numpy", cache=True, nogil=True,
@@ -281,11 +293,10 @@ if numba is not None:
 
     @_jit
     def _band_for(reg, spread, slope, n, cap):  # pragma: no cover - compiled
-        """The smaller of the spread bound (``band_halfwidth``) and the slope bound (``slope_band``), capped."""
+        """The smaller of the spread bound (the plain solver's ``_band``) and the slope bound (``slope_band``)."""
         c = 40.0 + math.log(2.0 * n)
-        d_spread = math.ceil(math.sqrt(reg * (max(spread, 0.0) + c))) - 1
         d_slope = math.ceil(reg * (slope + math.sqrt(slope * slope + 4.0 * c / reg)) / 2.0) - 1
-        return min(cap, min(n - 1, max(0, min(d_spread, d_slope))))
+        return min(_band(reg, spread, n, cap), max(0, d_slope))
 
     @_jit
     def _local_band(reg, spread, local, glob, n, cap, reach):  # pragma: no cover - compiled
@@ -418,12 +429,13 @@ if numba is not None:
 
 def wide_barycenter(hist: np.ndarray, lam: np.ndarray, v0: np.ndarray, start: int, *, reg: float,
                     stop_threshold: float, max_iter: int, chunk: int = CHUNK, u_margin: int = U_MARGIN,
-                    centre_limit: float = CENTRE_LIMIT) -> tuple[np.ndarray, int, float, bool, int]:
+                    centre_limit: float = CENTRE_LIMIT) -> WideResult:
     r"""Continue the entropic barycenter of ``hist`` (K, n) from scalings ``v0`` (K, n) at iteration ``start``.
 
-    ``lam`` (K,) are normalized weights. Returns :math:`b` (n,) as float64 (values below the
-    float64 range become 0, as :math:`e^{\log b}` does in the log domain), the iteration count,
-    the last checked error, whether it met ``stop_threshold``, and the widest band used.
+    ``lam`` (K,) are normalized weights. Returns a ``WideResult``: :math:`b` (n,) as float64
+    (values below the float64 range become 0, as :math:`e^{\log b}` does in the log domain), the
+    iteration count, the last checked error, whether it met ``stop_threshold``, the widest band
+    used and the iterations redone.
     ``chunk``, ``u_margin`` (binary orders) and ``centre_limit`` (binary orders above the centre
     a term may reach before a stencil takes the largest term's exponent) change the work, not the
     iterate; tests vary them.
@@ -448,7 +460,7 @@ def wide_barycenter(hist: np.ndarray, lam: np.ndarray, v0: np.ndarray, start: in
              float(stop_threshold), vm, ve, np.empty_like(vm), np.empty_like(ve), bm, be, out,
              numba.get_num_threads(), int(chunk), int(u_margin), float(centre_limit))
     b = np.ldexp(bm, be)
-    return b, int(out[0]), float(out[1]), bool(out[2]), int(out[3])
+    return WideResult(b, int(out[0]), float(out[1]), bool(out[2]), int(out[3]), int(out[4]))
 
 
 def warm_up() -> float:
