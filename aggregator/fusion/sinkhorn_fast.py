@@ -193,39 +193,62 @@ if numba is not None:
                 out[i] += wd * right[i]
 
     @_jit_inline
-    def _stencil(x, lo, hi, seg_lo, seg_hi, w, band, out):  # pragma: no cover - compiled
-        """The band stencil of ``_stencil_passes``; interior points in one pass when band <= 4."""
+    def _finish(out, a, lo, hi, divide):  # pragma: no cover - compiled
+        """out[i] = a[i] / out[i] for i in [lo, hi) when ``divide``."""
+        if divide:
+            for i in range(lo, hi):
+                out[i] = a[i] / out[i]
+
+    @_jit_inline
+    def _stencil(x, lo, hi, seg_lo, seg_hi, w, band, out, a, divide):  # pragma: no cover - compiled
+        """out[i - lo] = (K x)[i] for i in [lo, hi), the band stencil of ``_stencil_passes``, or
+        a[i - lo] / (K x)[i] when ``divide``; interior points in one pass (K x never stored) when
+        band <= 4."""
         ia, ib = max(lo, seg_lo + band), min(hi, seg_hi - band)
         if band > 4 or ib - ia < 16:
             _stencil_passes(x, lo, hi, seg_lo, seg_hi, w, band, out)
+            _finish(out, a, 0, hi - lo, divide)
             return
         _stencil_passes(x, lo, ia, seg_lo, seg_hi, w, band, out)
+        _finish(out, a, 0, ia - lo, divide)
         _stencil_passes(x, ib, hi, seg_lo, seg_hi, w, band, out[ib - lo:])
+        _finish(out, a, ib - lo, hi - lo, divide)
         n = ib - ia
-        dst, c = out[ia - lo:ib - lo], x[ia:ib]
+        dst, c, ad = out[ia - lo:ib - lo], x[ia:ib], a[ia - lo:ib - lo]
         w1, w2, w3, w4 = w[1], w[2] if band >= 2 else 0.0, w[3] if band >= 3 else 0.0, w[4] if band >= 4 else 0.0
         l1, r1 = x[ia - 1:ib - 1], x[ia + 1:ib + 1]
         if band == 1:
             for i in range(n):
-                dst[i] = c[i] + w1 * (l1[i] + r1[i])
+                y = c[i] + w1 * (l1[i] + r1[i])
+                dst[i] = ad[i] / y if divide else y
             return
         l2, r2 = x[ia - 2:ib - 2], x[ia + 2:ib + 2]
         if band == 2:
             for i in range(n):
-                dst[i] = c[i] + w1 * (l1[i] + r1[i]) + w2 * (l2[i] + r2[i])
+                y = c[i] + w1 * (l1[i] + r1[i]) + w2 * (l2[i] + r2[i])
+                dst[i] = ad[i] / y if divide else y
             return
         l3, r3 = x[ia - 3:ib - 3], x[ia + 3:ib + 3]
         if band == 3:
             for i in range(n):
-                dst[i] = c[i] + w1 * (l1[i] + r1[i]) + w2 * (l2[i] + r2[i]) + w3 * (l3[i] + r3[i])
+                y = c[i] + w1 * (l1[i] + r1[i]) + w2 * (l2[i] + r2[i]) + w3 * (l3[i] + r3[i])
+                dst[i] = ad[i] / y if divide else y
             return
         l4, r4 = x[ia - 4:ib - 4], x[ia + 4:ib + 4]
         for i in range(n):
-            dst[i] = c[i] + w1 * (l1[i] + r1[i]) + w2 * (l2[i] + r2[i]) + w3 * (l3[i] + r3[i]) + w4 * (l4[i] + r4[i])
+            y = c[i] + w1 * (l1[i] + r1[i]) + w2 * (l2[i] + r2[i]) + w3 * (l3[i] + r3[i]) + w4 * (l4[i] + r4[i])
+            dst[i] = ad[i] / y if divide else y
+
+    @_jit_inline
+    def _mant_acc(y, pm, pe, i):  # pragma: no cover - compiled
+        """pm[i] *= the mantissa of y (in [1, 2)); pe[i] += its unbiased binary exponent."""
+        bits = _f2i(y)
+        pm[i] *= _i2f((bits & 0x000FFFFFFFFFFFFF) | 0x3FF0000000000000)
+        pe[i] += (bits >> 52) - 1023
 
     @_jit_tile
     def _tile_block(t, tid, s, nsteps, check_last, bv, bu, alo, ahi, a1, lam, group_end, seg_lo, seg_hi, tile_lo,
-                    tile_hi, w, v_cur, v_next, b, vloc, aloc, ubuf, kvbuf, kubuf, lbuf, bbuf, mbuf, pmbuf, pebuf,
+                    tile_hi, w, v_cur, v_next, b, vloc, aloc, ubuf, kubuf, lbuf, bbuf, mbuf, pmbuf, pebuf,
                     t_stat):  # pragma: no cover - compiled
         """``nsteps`` iterations on tile t of segment s, from a private copy of v with a halo.
 
@@ -249,7 +272,7 @@ if numba is not None:
             vloc[k, :width] = v_cur[k, r0:r1]
             aloc[k, :width] = a1[k, r0:r1]
         left_edge, right_edge = r0 == sl, r1 == sh
-        lb, bb, pm, pe, kv, u = lbuf[tid], bbuf[tid], pmbuf[tid], pebuf[tid], kvbuf[tid], ubuf[tid]
+        lb, bb, pm, pe, u = lbuf[tid], bbuf[tid], pmbuf[tid], pebuf[tid], ubuf[tid]
         bad = False
         vmin, vmax = EXP_HI + 1, 0
         err = 0.0
@@ -259,23 +282,18 @@ if numba is not None:
             p1 = width if right_edge else width - j * step
             q0, q1 = (p0 if left_edge else p0 + bv), (p1 if right_edge else p1 - bv)  # where u is exact
             c0, c1 = (q0 if left_edge else q0 + bu), (q1 if right_edge else q1 - bu)  # where K u and new v are
-            mq, mc = q1 - q0, c1 - c0
+            mc = c1 - c0
             lb[:mc] = 0.0
             pm[:mc] = 1.0
             pe[:mc] = 0
             for k in range(n_rows):
-                _stencil(vloc[k], q0, q1, lsl, lsh, w, bv, kv)
-                ak = aloc[k, q0:q1]
-                for i in range(mq):
-                    u[i] = ak[i] / kv[i]
+                _stencil(vloc[k], q0, q1, lsl, lsh, w, bv, u, aloc[k, q0:q1], True)
                 ku = kubuf[k]
-                _stencil(u, c0 - q0, c1 - q0, lsl - q0, lsh - q0, w, bu, ku)
                 # log b = sum_groups lambda_g log prod_{k in g} (K u_k): rows of equal weight share one
                 # log of the product of their mantissas (each in [1, 2)) plus the sum of their exponents.
+                _stencil(u, c0 - q0, c1 - q0, lsl - q0, lsh - q0, w, bu, ku, ku, False)
                 for i in range(mc):
-                    bits = _f2i(ku[i])
-                    pm[i] *= _i2f((bits & 0x000FFFFFFFFFFFFF) | 0x3FF0000000000000)
-                    pe[i] += (bits >> 52) - 1023
+                    _mant_acc(ku[i], pm, pe, i)
                 if group_end[k]:
                     flush_group(lb, pm, pe, lam[k], mc)
             for i in range(mc):
@@ -408,7 +426,6 @@ if numba is not None:
             aloc = np.empty((nthreads, n_rows, width))
             kubuf = np.empty((nthreads, n_rows, width))
             ubuf = np.empty((nthreads, width))
-            kvbuf = np.empty((nthreads, width))
             lbuf = np.empty((nthreads, width))
             bbuf = np.empty((nthreads, width))
             mbuf = np.empty((nthreads, width))
@@ -420,7 +437,7 @@ if numba is not None:
                     if active[s]:
                         _tile_block(t, tid, s, nsteps[s], check_last[s], band_v[s], band_u[s], a_lo[s], a_hi[s],
                                     a1, lam, group_end, seg_lo, seg_hi, tile_lo, tile_hi, w, v_cur, v_next, b,
-                                    vloc[tid], aloc[tid], ubuf, kvbuf, kubuf[tid], lbuf, bbuf, mbuf, pmbuf, pebuf,
+                                    vloc[tid], aloc[tid], ubuf, kubuf[tid], lbuf, bbuf, mbuf, pmbuf, pebuf,
                                     t_stat)
             seg_bad = np.zeros(n_seg, np.bool_)
             seg_err = np.zeros(n_seg)
