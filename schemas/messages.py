@@ -23,7 +23,7 @@ WireInt = Annotated[StrictInt, Field(ge=0, le=MAX_WIRE_INT)]  # no bool, no str,
 PolicyName = Literal["fedavg", "fedwb", "fedwb-sinkhorn", "fedwb-neurons", "hybrid", "median", "trimmed-mean",
                      "krum"]
 FedWBMethod = Literal["fedwb", "fedwb-sinkhorn", "fedwb-neurons"]
-EntropicSolver = Literal["auto", "plain", "plain-torch", "triton", "log", "pot-plain"]
+EntropicSolver = Literal["auto", "plain", "plain-torch", "triton", "log", "pot-plain", "wide"]
 PAPER_MAX_ITER = 10_000  # the authors' numItermax (their call: ot.bregman.barycenter, method "sinkhorn")
 
 
@@ -50,8 +50,9 @@ class PolicySpec(BaseModel):
     is below that threshold. ``reg``, ``stop_threshold`` and ``max_iter`` are the
     entropic barycenter's options (POT's ``reg``, ``stopThr``, ``numItermax``; the
     authors used 10,000 iterations: ``PAPER_MAX_ITER``) and ``solver`` how it is computed
-    (``auto``: the fast plain-domain iterate; ``log``: the log-domain one; ``pot-plain``:
-    the authors' exact POT call, for studies); ``biases`` says whether 1-D tensors go through FedWB or FedAvg.
+    (``auto``: the fast plain-domain iterate; ``log``: the log-domain one; ``wide``: the
+    wide-range one from the start; ``pot-plain``: the authors' exact POT call, for studies);
+    ``biases`` says whether 1-D tensors go through FedWB or FedAvg.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)

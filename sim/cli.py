@@ -133,10 +133,17 @@ def compare(
     target: Annotated[float | None, typer.Option(help="Target metric (default 0.9 mnist, 475 cartpole).")] = None,
 ) -> None:
     """Run every policy with every seed; one comparison figure and a rounds/seconds-to-target table."""
+    from fedwb.errors import fail
     from sim.compare import format_table, run_compare
 
     cfg = _OPTS["cfg"]
-    result = run_compare(cfg, [p.strip() for p in policies.split(",") if p.strip()], seeds, target)
+    names = [p.strip() for p in policies.split(",") if p.strip()]
+    if not names or seeds < 1:
+        fail(f"--policies needs at least one policy and --seeds at least 1 (got {policies!r}, {seeds})")
+    try:
+        result = run_compare(cfg, names, seeds, target)
+    except ValueError as exc:
+        fail(str(exc))
     typer.echo(format_table(result))
     typer.echo(f"figure: {result['figure']}")
 
@@ -148,7 +155,15 @@ def sweep(
     target: Annotated[float | None, typer.Option(help="Target metric (default 0.9 mnist, 475 cartpole).")] = None,
 ) -> None:
     """Run a grid of simulations one after another (resumable: finished cells are kept in OUT/sweep.jsonl),
-    then print mean and 95 % interval over seeds per cell; figures in OUT."""
+    then print mean and 95 % interval over seeds per cell; figures in OUT.
+
+    Grid: one --grid KEY=V1,V2,... per axis, KEY any scalar sim option; every combination is a cell.
+
+    Values take the option's type (null unsets an optional one); an axis or value given twice is an error.
+
+    Re-running the same command resumes; a cell finished with other options is an error (use another --out).
+
+    A new --target is applied to finished cells from their per-version records."""
     from fedwb.errors import fail
     from sim.sweep import format_summary, parse_grid, run_sweep
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -23,23 +24,30 @@ def to_target(rounds: list[dict[str, Any]], target: float) -> tuple[int | None, 
     return None, None
 
 
+def _policy_config(base: SimConfig, policy: str, seed: int, out: Path) -> SimConfig:
+    """One run of the comparison: ``base`` with this policy and seed (hybrid's switch options only for
+    hybrid; it switches after a third of the rounds unless told otherwise)."""
+    cfg = replace(base, policy=policy, seed=seed, out=str(out / f"{policy}-s{seed}"), job=None,
+                  switch_after=base.switch_after if policy == "hybrid" else None,
+                  dispersion_below=base.dispersion_below if policy == "hybrid" else None)
+    if policy == "hybrid" and cfg.switch_after is None and cfg.dispersion_below is None:
+        cfg = replace(cfg, switch_after=max(1, base.rounds // 3))
+    return cfg
+
+
 def run_compare(base: SimConfig, policies: list[str], seeds: int, target: float | None) -> dict[str, Any]:
+    if target is not None and not math.isfinite(target):
+        raise ValueError(f"--target must be a finite number, got {target}")
     out = Path(base.out)
     out.mkdir(parents=True, exist_ok=True)
     if target is None:
         target = {"mnist": 0.9, "cartpole": 475.0}.get(base.task, 0.0)
+    configs = {policy: [_policy_config(base, policy, seed, out) for seed in range(seeds)]
+               for policy in policies}  # every run's options checked before the first one starts
     runs: dict[str, list[list[dict[str, Any]]]] = {}
     table = []
     for policy in policies:
-        runs[policy] = []
-        for seed in range(seeds):
-            cfg = replace(base, policy=policy, seed=seed, out=str(out / f"{policy}-s{seed}"), job=None,
-                          switch_after=base.switch_after if policy == "hybrid" else None,
-                          dispersion_below=base.dispersion_below if policy == "hybrid" else None)
-            if policy == "hybrid" and cfg.switch_after is None and cfg.dispersion_below is None:
-                cfg = replace(cfg, switch_after=max(1, base.rounds // 3))
-            summary = run_sim(cfg)
-            runs[policy].append(summary["rounds"])
+        runs[policy] = [run_sim(cfg)["rounds"] for cfg in configs[policy]]
         hits = [to_target(r, target) for r in runs[policy]]
         finals = [headline(r[-1]["eval"])[1] for r in runs[policy] if r]
         table.append({

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
+import numpy as np
 import psutil
 
 from edge_agent.stragglers import parse_stragglers
@@ -100,6 +101,34 @@ class SimConfig:
 
         for spec in (*self.env_params, *self.held_out_envs):
             parse_env(spec)  # a bad key or value names itself
+        self._check_policy()
+        if self.task == "mnist":
+            from edge_agent.tasks.mnist import partition
+
+            partition(np.zeros(4, np.int64), 2, self.partition)  # ValueError names a bad scheme
+
+    def _check_policy(self) -> None:
+        """The aggregator's own policy checks, here, so a bad value fails before anything starts
+        (a sweep's last cell included), as one line naming it."""
+        from pydantic import ValidationError
+
+        from schemas.messages import PAPER_MAX_ITER, PolicySpec
+
+        max_iter: Any = self.max_iter
+        if isinstance(max_iter, str):
+            text = max_iter.strip().lower()
+            if text != "paper" and not text.lstrip("-").isdigit():
+                raise ValueError(f"--max-iter must be a whole number or 'paper', got {self.max_iter!r}")
+            max_iter = PAPER_MAX_ITER if text == "paper" else int(text)
+        opts = {"name": self.policy, "switch_after": self.switch_after, "dispersion_below": self.dispersion_below,
+                "wb_method": self.wb_method, "reg": self.reg, "max_iter": max_iter,
+                "stop_threshold": self.stop_threshold, "solver": self.solver}
+        try:
+            PolicySpec(**{k: v for k, v in opts.items() if v is not None})
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(map(str, err["loc"])) or "policy"
+            raise ValueError(f"invalid policy: {where}: {err['msg']}") from None
 
     @property
     def job_name(self) -> str:

@@ -16,7 +16,9 @@ import json
 import math
 import statistics
 import time
-from dataclasses import fields, replace
+import types
+import typing
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,21 +34,48 @@ def parse_grid(items: list[str]) -> dict[str, list[Any]]:
     """``["policy=fedavg,hybrid", "seed=0,1,2"]`` -> ``{"policy": ["fedavg", "hybrid"], "seed": [0, 1, 2]}``.
 
     Keys are ``SimConfig`` fields (dashes or underscores); values are parsed as JSON when they
-    can be (numbers, ``null``), else kept as strings. ``ValueError`` names a bad item.
+    can be (numbers, ``null``), else kept as strings, then checked against the field's type
+    (an ``int`` option takes integers, a ``float`` one finite numbers, ``null`` only where the
+    option may be unset). ``ValueError`` names a bad item: an unknown or list-valued option, an
+    axis given twice, a value given twice, a value of the wrong type.
     """
-    known = {f.name for f in fields(SimConfig)}
+    known = _grid_types()
     grid: dict[str, list[Any]] = {}
     for item in items:
         key, sep, values = item.partition("=")
         key = key.strip().replace("-", "_")
         if not sep or not values.strip():
             raise ValueError(f"--grid {item!r}: use KEY=V1,V2,...")
-        if key not in known or key in ("out", "job", "live"):
-            raise ValueError(f"--grid {item!r}: {key!r} is not a sim option that a grid can vary")
-        grid[key] = [_value(v.strip()) for v in values.split(",") if v.strip()]
+        if key not in known:
+            listed = key in {f.name for f in fields(SimConfig)} and key not in _NOT_GRIDDED
+            why = "takes a list, which a grid cannot vary (one sweep per value, each with its own --out)" if listed \
+                else "is not a sim option that a grid can vary"
+            raise ValueError(f"--grid {item!r}: {key!r} {why}")
+        if key in grid:
+            raise ValueError(f"--grid {item!r}: {key!r} is already an axis (give its values once: {key}=V1,V2,...)")
+        parsed = [_typed(key, known[key], _value(v.strip())) for v in values.split(",") if v.strip()]
+        twice = next((v for i, v in enumerate(parsed) if v in parsed[:i]), _NONE)
+        if twice is not _NONE:
+            raise ValueError(f"--grid {item!r}: {twice!r} is given twice")
+        grid[key] = parsed
     if not grid:
         raise ValueError("give at least one --grid KEY=V1,V2,...")
     return grid
+
+
+_NONE = object()
+_NOT_GRIDDED = ("out", "job", "live")  # where a cell runs and how it reports, not what it computes
+
+
+def _grid_types() -> dict[str, tuple[type, bool]]:
+    """Scalar ``SimConfig`` fields a grid may vary: name -> (type, whether None is allowed)."""
+    out = {}
+    for name, hint in typing.get_type_hints(SimConfig).items():
+        args = typing.get_args(hint) if typing.get_origin(hint) in (types.UnionType, typing.Union) else (hint,)
+        scalar = [a for a in args if a is not type(None)]
+        if name not in _NOT_GRIDDED and len(scalar) == 1 and scalar[0] in (int, float, str, bool):
+            out[name] = (scalar[0], type(None) in args)
+    return out
 
 
 def _value(text: str) -> Any:
@@ -54,6 +83,25 @@ def _value(text: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError:
         return text
+
+
+def _typed(key: str, kind: tuple[type, bool], value: Any) -> Any:
+    """``value`` as the option's type, or ``ValueError`` naming it."""
+    typ, optional = kind
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"--grid {key}: null is not allowed (the option must have a value)")
+    if typ is bool and isinstance(value, bool):
+        return value
+    if typ is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if typ is float and isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return value  # an int stays one, so a cell's key reads as it was typed
+    if typ is str and isinstance(value, str | int | float) and not isinstance(value, bool):
+        return str(value)
+    need = {int: "an integer", float: "a finite number", str: "a word", bool: "true or false"}[typ]
+    raise ValueError(f"--grid {key}={value!r}: {key} takes {need}")
 
 
 def cell_key(cell: dict[str, Any]) -> str:
@@ -102,25 +150,51 @@ def done_cells(path: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
+_NOT_COMPARED = ("out", "job", "live", "broker", "timeout")  # where and how a cell ran, not what it computed
+
+
+def fingerprint(cfg: SimConfig) -> dict[str, Any]:
+    """The options that decide a cell's result, as JSON values (what a resumed cell must match)."""
+    opts = {k: v for k, v in asdict(cfg).items() if k not in _NOT_COMPARED}
+    return json.loads(json.dumps(opts, default=str))
+
+
+def _same_options(record: Path, key: str, before: dict[str, Any] | None, now: dict[str, Any]) -> None:
+    """``ValueError`` when a finished cell ran with other options than this run would use (rows written
+    before options were recorded are taken as they are)."""
+    if before is None or before == now:
+        return
+    diff = [f"{k}={before.get(k)!r} (now {now.get(k)!r})" for k in sorted(set(before) | set(now))
+            if before.get(k) != now.get(k)]
+    raise ValueError(f"{record}: cell {key} was run with {', '.join(diff[:3])}"
+                     f"{' and more' if len(diff) > 3 else ''}; resume with the same options or use another --out")
+
+
 def run_sweep(base: SimConfig, grid: dict[str, list[Any]], target: float | None,
               progress: Any = print) -> dict[str, Any]:
     """Run every cell not yet in ``sweep.jsonl`` (resume), then summarize; returns the summary."""
+    if target is not None and not math.isfinite(target):
+        raise ValueError(f"--target must be a finite number, got {target}")
     out = Path(base.out)
     out.mkdir(parents=True, exist_ok=True)
     target = target if target is not None else {"mnist": 0.9, "cartpole": 475.0}.get(base.task, 0.0)
     record = out / "sweep.jsonl"
     done = done_cells(record)
+    for cell in cells(grid):  # every cell validated (and resumed ones compared) before the first one runs
+        cfg = replace(base, **cell)
+        if cell_key(cell) in done:
+            _same_options(record, cell_key(cell), done[cell_key(cell)].get("config"), fingerprint(cfg))
     todo = [c for c in cells(grid) if cell_key(c) not in done]
     total = len(cells(grid))
     progress(f"sweep: {total} cells, {total - len(todo)} done before, {len(todo)} to run -> {record}")
     configs = [replace(base, **cell, out=str(out / "cells" / cell_key(cell)), job=None, live=False)
-               for cell in todo]  # every cell validated before the first one runs
+               for cell in todo]
     spent: list[float] = []
     for i, (cell, cfg) in enumerate(zip(todo, configs, strict=True), start=1):
         t0 = time.monotonic()
         summary = run_sim(cfg)
         spent.append(time.monotonic() - t0)
-        row = cell_result(cell, summary, target)
+        row = cell_result(cell, summary, target) | {"config": fingerprint(cfg)}
         with record.open("a") as f:
             f.write(json.dumps(row, default=str) + "\n")
         eta = statistics.fmean(spent) * (len(todo) - i)
@@ -130,7 +204,7 @@ def run_sweep(base: SimConfig, grid: dict[str, list[Any]], target: float | None,
 
 
 def summarize(out: Path, grid: dict[str, list[Any]], target: float) -> dict[str, Any]:
-    rows = [r for r in done_cells(out / "sweep.jsonl").values()
+    rows = [_at_target(r, target) for r in done_cells(out / "sweep.jsonl").values()
             if all(r["cell"].get(k) in v for k, v in grid.items())]
     axes = [k for k in grid if k != "seed"]
     groups: dict[tuple, list[dict[str, Any]]] = {}
@@ -148,6 +222,16 @@ def summarize(out: Path, grid: dict[str, list[Any]], target: float) -> dict[str,
                "figures": [str(p) for p in _plots(out, axes, groups, table)]}
     (out / "sweep-summary.json").write_text(json.dumps(summary, indent=1, default=str))
     return summary
+
+
+def _at_target(row: dict[str, Any], target: float) -> dict[str, Any]:
+    """``row`` with rounds and seconds to ``target`` taken from its per-version metric (a resumed cell may
+    have been run with another ``--target``)."""
+    if row.get("target") == target or "metric" not in row:
+        return row
+    hit = next((i for i, m in enumerate(row["metric"]) if m is not None and m >= target), None)
+    return row | {"target": target, "rounds_to_target": None if hit is None else hit + 1,  # metric[0] is v1
+                  "seconds_to_target": None if hit is None else row["wall"][hit]}
 
 
 def _order(key: tuple) -> tuple:
