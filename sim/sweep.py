@@ -143,10 +143,15 @@ def done_cells(path: Path) -> dict[str, dict[str, Any]]:
     if not path.exists():
         return {}
     out = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
             row = json.loads(line)
             out[row["key"]] = row
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ValueError(f"{path}:{number}: not a sweep record (a cut or edited line?); remove that line "
+                             "to run its cell again") from None
     return out
 
 

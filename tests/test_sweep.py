@@ -116,3 +116,11 @@ def test_compare_checks_every_run_before_the_first_starts(tmp_path: Path) -> Non
     assert not (tmp_path / "fedavg-s0").exists()  # nothing ran
     with pytest.raises(ValueError, match="--target must be a finite number"):
         run_compare(SimConfig(task="noop", out=str(tmp_path)), ["fedavg"], 1, float("inf"))
+
+
+def test_a_damaged_record_is_named_not_a_traceback(tmp_path: Path) -> None:
+    from sim.sweep import done_cells
+
+    (tmp_path / "sweep.jsonl").write_text('{"key": "seed-0", "final": 0.5}\n{"key": "seed-1", "fin\n')
+    with pytest.raises(ValueError, match=r"sweep.jsonl:2: not a sweep record"):
+        done_cells(tmp_path / "sweep.jsonl")
