@@ -105,7 +105,7 @@ def sim(
         kwargs["held_out_lengths"] = _floats(held_out)
     kwargs["env_params"], kwargs["held_out_envs"] = _specs(env_params), _specs(held_out_envs)
     try:
-        cfg = SimConfig(**kwargs)
+        cfg = SimConfig(**kwargs, check_policy=ctx.invoked_subcommand is None)  # a sweep checks each cell
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

@@ -27,12 +27,13 @@ def to_target(rounds: list[dict[str, Any]], target: float) -> tuple[int | None, 
 def _policy_config(base: SimConfig, policy: str, seed: int, out: Path) -> SimConfig:
     """One run of the comparison: ``base`` with this policy and seed (hybrid's switch options only for
     hybrid; it switches after a third of the rounds unless told otherwise)."""
-    cfg = replace(base, policy=policy, seed=seed, out=str(out / f"{policy}-s{seed}"), job=None,
-                  switch_after=base.switch_after if policy == "hybrid" else None,
-                  dispersion_below=base.dispersion_below if policy == "hybrid" else None)
-    if policy == "hybrid" and cfg.switch_after is None and cfg.dispersion_below is None:
-        cfg = replace(cfg, switch_after=max(1, base.rounds // 3))
-    return cfg
+    hybrid = policy == "hybrid"
+    switch_after = base.switch_after if hybrid else None
+    dispersion_below = base.dispersion_below if hybrid else None
+    if hybrid and switch_after is None and dispersion_below is None:
+        switch_after = max(1, base.rounds // 3)
+    return replace(base, policy=policy, seed=seed, out=str(out / f"{policy}-s{seed}"), job=None,
+                   switch_after=switch_after, dispersion_below=dispersion_below)
 
 
 def run_compare(base: SimConfig, policies: list[str], seeds: int, target: float | None) -> dict[str, Any]:

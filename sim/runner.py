@@ -20,7 +20,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import InitVar, asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -76,8 +76,10 @@ class SimConfig:
     device: str = "cpu"
     timeout: float = 1800.0
     live: bool = True
+    # False for a template that a subcommand varies (sweep, compare): its cells are checked instead
+    check_policy: InitVar[bool] = True
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, check_policy: bool = True) -> None:
         if self.agents < 1 or self.rounds < 1:
             raise ValueError("--agents and --rounds must be >= 1")
         if self.quorum is not None and not 1 <= self.quorum <= self.agents:
@@ -101,7 +103,8 @@ class SimConfig:
 
         for spec in (*self.env_params, *self.held_out_envs):
             parse_env(spec)  # a bad key or value names itself
-        self._check_policy()
+        if check_policy:
+            self._check_policy()
         if self.task == "mnist":
             from edge_agent.tasks.mnist import partition
 

@@ -124,3 +124,19 @@ def test_a_damaged_record_is_named_not_a_traceback(tmp_path: Path) -> None:
     (tmp_path / "sweep.jsonl").write_text('{"key": "seed-0", "final": 0.5}\n{"key": "seed-1", "fin\n')
     with pytest.raises(ValueError, match=r"sweep.jsonl:2: not a sweep record"):
         done_cells(tmp_path / "sweep.jsonl")
+
+
+def test_a_template_may_leave_to_its_cells_what_they_vary(tmp_path: Path) -> None:
+    """``--policy hybrid`` without a switch is a valid template when the grid gives each cell one."""
+    from sim.sweep import run_sweep
+
+    base = SimConfig(task="noop", policy="hybrid", out=str(tmp_path), check_policy=False)
+    with pytest.raises(ValueError, match="needs switch_after"):
+        run_sweep(base, parse_grid(["seed=0,1"]), None)  # no cell gets a switch: named before anything runs
+    assert not (tmp_path / "cells").exists()
+    cli = subprocess.run([executable(), "sim", "--task", "noop", "--policy", "hybrid", "--out", str(tmp_path),
+                          "sweep", "--grid", "switch-after=1,1"], capture_output=True, text=True, timeout=60)
+    assert cli.returncode != 0 and "is given twice" in cli.stderr  # the template itself was accepted
+    alone = subprocess.run([executable(), "sim", "--task", "noop", "--policy", "hybrid", "--out", str(tmp_path)],
+                           capture_output=True, text=True, timeout=60)
+    assert alone.returncode == 2 and "needs switch_after" in alone.stderr and "Traceback" not in alone.stderr
