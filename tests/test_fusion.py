@@ -193,6 +193,14 @@ def test_fuse_validates_inputs() -> None:
         fuse([], [])
 
 
+@pytest.mark.parametrize("method", ["fedavg", "fedwb-sinkhorn", "median"])
+def test_weights_whose_sum_overflows_are_normalized_not_an_overflow(method: str) -> None:
+    a, b = {"w": torch.tensor([0.0, 1.0, 2.0])}, {"w": torch.tensor([2.0, 1.0, 0.0])}
+    big = fuse([a, b], [1e308, 1e308], method=method, warn=False)
+    small = fuse([a, b], [1.0, 1.0], method=method, warn=False)
+    assert torch.equal(big["w"], small["w"])
+
+
 def test_bias_option_and_report() -> None:
     g = torch.Generator().manual_seed(1)
     models = [{"w": torch.randn(8, 8, generator=g), "b": torch.randn(8, generator=g)} for _ in range(3)]

@@ -20,10 +20,12 @@ def normalize_weights(weights: Sequence[float] | torch.Tensor, k: int) -> list[f
     bad = [w for w in values if not math.isfinite(w) or w < 0]
     if bad:
         raise ValueError(f"fusion weights must be finite and non-negative, got {bad[0]!r}")
-    total = math.fsum(values)
-    if total <= 0:
+    top = max(values, default=0.0)
+    if top <= 0:
         raise ValueError("fusion weights sum to zero: nothing to fuse")
-    return [w / total for w in values]
+    scaled = [w / top for w in values]  # in [0, 1]: the sum cannot overflow, however large the weights
+    total = math.fsum(scaled)
+    return [w / total for w in scaled]
 
 
 def fedavg_tensor(tensors: Iterable[torch.Tensor], lam: Sequence[float]) -> torch.Tensor:

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from aggregator.fusion.fedavg import normalize_weights
 from aggregator.fusion.registry import register
 
 Model = Mapping[str, torch.Tensor]
@@ -191,8 +192,7 @@ def bound_influence(models: Sequence[Model], weights: Sequence[float], reference
     Returns the models to fuse, their normalized weights, and a JSON-able report
     (indices of the clipped and capped updates, the clipping reference and bound).
     """
-    total = math.fsum(weights)
-    lam = [w / total for w in weights]
+    lam = normalize_weights(weights, len(models))
     report: dict[str, Any] = {"share_cap": round(share_cap, 6)}
     out = [_as_model(m) for m in models]
     if clip_factor > 0 and reference:
