@@ -213,11 +213,15 @@ def _dist_version(name: str) -> str | None:
     return None
 
 
-def _sigterm_as_interrupt() -> None:
+def _signals_as_interrupt() -> None:
+    """SIGTERM and SIGINT both stop the run through its cleanup. SIGINT is set explicitly: a process
+    started from a background job of a non-interactive shell (``cmd &``, as CI runners and ``nohup``
+    scripts do) inherits it *ignored*, and Python then installs no Ctrl-C handler of its own."""
     def handler(signum: int, frame: object) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _headline(name: str, r: dict[str, Any]) -> str:
@@ -287,7 +291,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    _sigterm_as_interrupt()
+    _signals_as_interrupt()
     try:
         result = run_all(args)
     except KeyboardInterrupt:
