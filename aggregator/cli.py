@@ -14,7 +14,7 @@ import typer
 from fedwb.errors import fail
 from schemas import PolicySpec
 from schemas.connection import run_loop
-from schemas.messages import PAPER_MAX_ITER
+from schemas.messages import parse_max_iter as parse_iterations
 
 policy_app = typer.Typer(help="Show or change the fusion policy of a running job.", no_args_is_help=True)
 
@@ -61,12 +61,10 @@ def parse_max_iter(value: str | None) -> int | None:
     """``--max-iter``: a whole number, or ``paper`` for the authors' 10,000 iterations."""
     if value is None:
         return None
-    if value.strip().lower() == "paper":
-        return PAPER_MAX_ITER
     try:
-        return int(value)
-    except ValueError:
-        typer.echo(f"error: --max-iter must be a whole number or 'paper', got {value!r}", err=True)
+        return parse_iterations(value)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
 
 

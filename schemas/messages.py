@@ -27,6 +27,16 @@ EntropicSolver = Literal["auto", "plain", "plain-torch", "triton", "log", "pot-p
 PAPER_MAX_ITER = 10_000  # the authors' numItermax (their call: ot.bregman.barycenter, method "sinkhorn")
 
 
+def parse_max_iter(text: str) -> int:
+    """``--max-iter``: a whole number, or ``paper`` for the authors' 10,000; ``ValueError`` otherwise."""
+    if text.strip().lower() == "paper":
+        return PAPER_MAX_ITER
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"--max-iter must be a whole number or 'paper', got {text!r}") from None
+
+
 def _now() -> float:
     return time.time()
 

@@ -115,14 +115,9 @@ class SimConfig:
         (a sweep's last cell included), as one line naming it."""
         from pydantic import ValidationError
 
-        from schemas.messages import PAPER_MAX_ITER, PolicySpec
+        from schemas.messages import PolicySpec, parse_max_iter
 
-        max_iter: Any = self.max_iter
-        if isinstance(max_iter, str):
-            text = max_iter.strip().lower()
-            if text != "paper" and not text.lstrip("-").isdigit():
-                raise ValueError(f"--max-iter must be a whole number or 'paper', got {self.max_iter!r}")
-            max_iter = PAPER_MAX_ITER if text == "paper" else int(text)
+        max_iter = parse_max_iter(self.max_iter) if isinstance(self.max_iter, str) else self.max_iter
         opts = {"name": self.policy, "switch_after": self.switch_after, "dispersion_below": self.dispersion_below,
                 "wb_method": self.wb_method, "reg": self.reg, "max_iter": max_iter,
                 "stop_threshold": self.stop_threshold, "solver": self.solver}

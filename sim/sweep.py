@@ -185,17 +185,17 @@ def run_sweep(base: SimConfig, grid: dict[str, list[Any]], target: float | None,
     target = target if target is not None else {"mnist": 0.9, "cartpole": 475.0}.get(base.task, 0.0)
     record = out / "sweep.jsonl"
     done = done_cells(record)
-    for cell in cells(grid):  # every cell validated (and resumed ones compared) before the first one runs
-        cfg = replace(base, **cell)
-        if cell_key(cell) in done:
-            _same_options(record, cell_key(cell), done[cell_key(cell)].get("config"), fingerprint(cfg))
-    todo = [c for c in cells(grid) if cell_key(c) not in done]
-    total = len(cells(grid))
-    progress(f"sweep: {total} cells, {total - len(todo)} done before, {len(todo)} to run -> {record}")
-    configs = [replace(base, **cell, out=str(out / "cells" / cell_key(cell)), job=None, live=False)
-               for cell in todo]
+    every = cells(grid)
+    configs = {cell_key(c): replace(base, **c, out=str(out / "cells" / cell_key(c)), job=None, live=False)
+               for c in every}  # every cell validated (and resumed ones compared) before the first one runs
+    for key, cfg in configs.items():
+        if key in done:
+            _same_options(record, key, done[key].get("config"), fingerprint(cfg))
+    todo = [c for c in every if cell_key(c) not in done]
+    progress(f"sweep: {len(every)} cells, {len(every) - len(todo)} done before, {len(todo)} to run -> {record}")
     spent: list[float] = []
-    for i, (cell, cfg) in enumerate(zip(todo, configs, strict=True), start=1):
+    for i, cell in enumerate(todo, start=1):
+        cfg = configs[cell_key(cell)]
         t0 = time.monotonic()
         summary = run_sim(cfg)
         spent.append(time.monotonic() - t0)
