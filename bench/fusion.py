@@ -181,12 +181,13 @@ def _rel(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
                for n in a)
 
 
-def entropic(ks: list[int], iters: int, big_n: int, device: str, log_solver: bool) -> dict:
+def entropic(ks: list[int], iters: int, big_n: int, device: str, log_solver: bool, repeats: int = 3) -> dict:
     """The paper's fusion (reg 0.1, ``iters`` iterations, no early stop) on the MNIST MLP's shapes.
 
-    Rows: the plain-domain solver (compiled on CPU, torch on CUDA) against today's log-domain
-    one in the same run, with their largest relative difference; and K = 10 x one tensor of
-    ``big_n`` weights with the plain solver.
+    Rows: the plain-domain solver (compiled on CPU, torch on CUDA; median of ``repeats`` runs after
+    one untimed) against today's log-domain one in the same run (one run: it takes 10-30 s), with
+    their largest relative difference; and K = 10 x one tensor of ``big_n`` weights with the plain
+    solver (one run).
     """
     opts = {"reg": 0.1, "stop_threshold": 0.0, "max_iter": iters, "warn": False}
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -194,14 +195,13 @@ def entropic(ks: list[int], iters: int, big_n: int, device: str, log_solver: boo
     for k in ks:
         models = _mlp_models(k)
         row: dict = {"K": k, "params": sum(int(np.prod(s)) for s in MLP_SHAPES.values()), "iterations": iters}
-        t0 = time.perf_counter()
         fast, rep = fuse_with_report(models, [1.0] * k, "fedwb-sinkhorn", solver="plain", **opts)
-        row["plain_cpu_s"] = time.perf_counter() - t0
+        row["plain_cpu_s"] = median_seconds(lambda models=models, k=k: fuse_with_report(
+            models, [1.0] * k, "fedwb-sinkhorn", solver="plain", **opts), repeats, warmup=0)
         row["plain_log_domain_handover"] = rep.as_dict().get("sinkhorn_log_domain")
         w = [1.0 + 0.1 * i for i in range(k)]  # distinct weights: one log per row and point
-        t0 = time.perf_counter()
-        fuse_with_report(models, w, "fedwb-sinkhorn", solver="plain", **opts)
-        row["plain_cpu_unequal_weights_s"] = time.perf_counter() - t0
+        row["plain_cpu_unequal_weights_s"] = median_seconds(lambda models=models, w=w: fuse_with_report(
+            models, w, "fedwb-sinkhorn", solver="plain", **opts), repeats, warmup=0)
         if log_solver:
             t0 = time.perf_counter()
             slow, _ = fuse_with_report(models, [1.0] * k, "fedwb-sinkhorn", solver="log", **opts)

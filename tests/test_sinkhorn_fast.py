@@ -139,6 +139,27 @@ def test_tiles_with_halos_give_the_same_iterate(tile: int) -> None:
             assert np.abs(b - ref.numpy()).max() <= 1e-12 * float(ref.abs().max()), (reg, h.shape)
 
 
+@pytest.mark.parametrize("reg", [0.01, 0.05, 0.1, 1.0])
+def test_slope_sized_bands_give_the_same_iterate(reg: float) -> None:
+    """Bands sized from the steepest step of log v (promised per block, checked on every value read) give
+    the iterate of the spread-sized ones and of the log domain, including blocks redone after v outgrew
+    its promise and, at reg 0.01, bands of 0 (a stencil that is the identity)."""
+    hists = segments((9, 900, 5000), rows=4, seed=5)
+    lam = np.array([0.4, 0.2, 0.25, 0.15])
+    kw = {"reg": reg, "stop_threshold": 0.0, "max_iter": 120, "tile": 512}
+    on, segs_on, _ = fast.plain_barycenters(hists, lam, slopes=True, **kw)
+    off, segs_off, _ = fast.plain_barycenters(hists, lam, slopes=False, **kw)
+    for h, b, b_off, seg in zip(hists, on, off, segs_on, strict=True):
+        ref, _ = sinkhorn_barycenter_1d(torch.tensor(h), lam, reg=reg, max_iter=120, stop_threshold=0.0, warn=False)
+        scale = float(ref.abs().max())
+        assert np.abs(b - ref.numpy()).max() <= 1e-12 * scale, (reg, h.shape)
+        assert np.abs(b - b_off).max() <= 1e-13 * scale, (reg, h.shape)
+        assert seg.iterations == 120 and seg.escaped_at == -1
+    if reg == 0.1:  # v steepens fastest in the first blocks: a promise was made, broke and was redone
+        assert sum(s.slope_redone for s in segs_on) > 0
+    assert sum(s.slope_redone for s in segs_off) == 0
+
+
 def test_fuse_solvers_agree_on_mlp_shapes_and_report() -> None:
     g = torch.Generator().manual_seed(0)
     shapes = {"fc1.weight": (200, 78), "fc1.bias": (200,), "fc2.weight": (10, 200), "fc2.bias": (10,),

@@ -12,7 +12,9 @@ where :math:`(Kx)_i = \sum_{|d| \le D} e^{-d^2/\varepsilon} x_{i+d}` is a band s
 the grid (the Gibbs kernel of the cost :math:`(i-j)^2`, truncated where the left-out mass
 is below :math:`e^{-40}` relative to the kept diagonal term; :math:`D` is sized from the
 spread :math:`\log(\max x / \min x)` of the stencil's input, as in the log-domain solver,
-so it widens by itself when mass must travel far). Per grid point and iteration this is
+so it widens by itself when mass must travel far, or, where smaller, from the steepest step
+of :math:`\log x` between neighbours, promised for a block and checked on every value read;
+see ``_iterate``). Per grid point and iteration this is
 two short stencils, two divisions and, per group of rows with equal weight, one
 logarithm of the product of their mantissas (a vectorizable log, below), instead of the
 log domain's 2(2D+1) exponentials; the exponential of :math:`\log b` is shared by the K
@@ -62,6 +64,7 @@ EXP_LO = 1023 + math.ceil(math.log2(RANGE_LO))
 EXP_HI = 1022 + math.floor(math.log2(RANGE_HI))
 TILE = 2048  # grid points per tile: K rows of its buffers (with the halo) stay in L2
 BLOCK = 10  # iterations per tile pass (POT checks every 10th iteration; blocks end there)
+SLOPE_MARGIN = 2  # binary orders the steepest step of log v may grow within a block before it is redone
 MARGIN = 20  # binary orders v may move within a block before the band must be re-sized
 GROUP_MAX = 512  # rows per shared log: a product of 512 mantissas in [1, 2) stays finite
 _LN2_HI, _LN2_LO = 6.93147180369123816490e-01, 1.90821492927058770002e-10
@@ -82,6 +85,7 @@ class SegmentResult:
     converged: bool
     band: int
     escaped_at: int  # -1, or the iteration at which values left the plain range
+    slope_redone: int = 0  # blocks redone with spread bands after v grew steeper than its slope promise
 
 
 if numba is not None:
@@ -200,12 +204,27 @@ if numba is not None:
                 out[i] = a[i] / out[i]
 
     @_jit_inline
+    def _exp_step(x, y):  # pragma: no cover - compiled
+        """|biased exponent of x - that of y|: |log x - log y| < (this + 1) ln 2 for positive normal x, y."""
+        return abs((_f2i(x) >> 52) - (_f2i(y) >> 52))
+
+    @_jit_inline
+    def _steepest(x, lo, hi):  # pragma: no cover - compiled
+        """max of ``_exp_step`` over the pairs (x[i - 1], x[i]), i in [lo, hi), lo >= 1 (zero-based slices:
+        the loop vectorizes)."""
+        top = 0
+        c, left = x[lo:hi], x[lo - 1:hi - 1]
+        for i in range(hi - lo):
+            top = max(top, _exp_step(c[i], left[i]))
+        return top
+
+    @_jit_inline
     def _stencil(x, lo, hi, seg_lo, seg_hi, w, band, out, a, divide):  # pragma: no cover - compiled
         """out[i - lo] = (K x)[i] for i in [lo, hi), the band stencil of ``_stencil_passes``, or
         a[i - lo] / (K x)[i] when ``divide``; interior points in one pass (K x never stored) when
-        band <= 4."""
+        1 <= band <= 4."""
         ia, ib = max(lo, seg_lo + band), min(hi, seg_hi - band)
-        if band > 4 or ib - ia < 16:
+        if band == 0 or band > 4 or ib - ia < 16:
             _stencil_passes(x, lo, hi, seg_lo, seg_hi, w, band, out)
             _finish(out, a, 0, hi - lo, divide)
             return
@@ -246,20 +265,30 @@ if numba is not None:
         pm[i] *= _i2f((bits & 0x000FFFFFFFFFFFFF) | 0x3FF0000000000000)
         pe[i] += (bits >> 52) - 1023
 
+    @_jit
+    def _slope_band(reg, slope, c):  # pragma: no cover - compiled
+        """Half-width D with every term beyond it below e^-c of the centre when log x steps by <= ``slope``
+        between neighbours: a term at distance d is at most e^(slope d - d^2 / reg) of it, so
+        D + 1 >= reg (slope + sqrt(slope^2 + 4 c / reg)) / 2 (``sinkhorn_wide.slope_band``'s bound)."""
+        return max(0, math.ceil(reg * (slope + math.sqrt(slope * slope + 4.0 * c / reg)) / 2.0) - 1)
+
     @_jit_tile
-    def _tile_block(t, tid, s, nsteps, check_last, bv, bu, alo, ahi, a1, lam, group_end, seg_lo, seg_hi, tile_lo,
-                    tile_hi, w, v_cur, v_next, b, vloc, aloc, ubuf, kubuf, lbuf, bbuf, mbuf, pmbuf, pebuf,
+    def _tile_block(t, tid, s, nsteps, check_last, bv, bu, alo, ahi, slope_bits, a1, lam, group_end, seg_lo, seg_hi,
+                    tile_lo, tile_hi, w, v_cur, v_next, b, vloc, aloc, ubuf, kubuf, lbuf, bbuf, mbuf, pmbuf, pebuf,
                     t_stat):  # pragma: no cover - compiled
         """``nsteps`` iterations on tile t of segment s, from a private copy of v with a halo.
 
         Overlapped tiling: the tile copies v and a on [lo - H, hi + H) (clipped to the
         segment), H = nsteps (bv + bu); each iteration's valid region shrinks by bv + bu on
         every side that is not a segment edge, so after ``nsteps`` the tile's own points are
-        exact and no tile waits for another. Flags (t_stat[t, 2]) any new v outside ``[alo, ahi]``
-        (biased exponents: the interval the band was sized for, inside the plain range).
+        exact and no tile waits for another. Flags (t_stat[t, 2] = 1) any new v outside ``[alo, ahi]``
+        (biased exponents: the interval the band was sized for, inside the plain range), and
+        (t_stat[t, 2] = 2) a v it reads whose neighbours' binary exponents differ by more than
+        ``slope_bits`` (the slope the v band was sized for: (slope_bits + 1) ln 2 nats per point).
         With v in the plain range and a + 1e-16 in [1e-16, 1], u and K u stay within
         [1e-116 / sum(w), 1e100], far from under- and overflow, so they need no check.
-        t_stat[t] = [min exponent of v, max exponent of v, bad, error partial].
+        t_stat[t] = [min exponent of v, max exponent of v, bad, error partial, u band, the steepest
+        exponent step of the v's read (pairs inside [q0, q1), which every tile's regions cover)].
         """
         n_rows = a1.shape[0]
         lo, hi = tile_lo[t], tile_hi[t]
@@ -273,7 +302,8 @@ if numba is not None:
             aloc[k, :width] = a1[k, r0:r1]
         left_edge, right_edge = r0 == sl, r1 == sh
         lb, bb, pm, pe, u = lbuf[tid], bbuf[tid], pmbuf[tid], pebuf[tid], ubuf[tid]
-        bad = False
+        bad = 0.0
+        steep = 0
         vmin, vmax = EXP_HI + 1, 0
         err = 0.0
         c0, c1 = 0, width
@@ -287,6 +317,14 @@ if numba is not None:
             pm[:mc] = 1.0
             pe[:mc] = 0
             for k in range(n_rows):
+                # the pairs of v read here, (i - 1, i) for i in [q0, q1) inside the segment (every tile's
+                # regions cover its own points and its seams), against the slope the v band was sized for
+                s0 = max(q0, lsl + 1) if bv > 0 else q1
+                top = _steepest(vloc[k], s0, q1)
+                steep = max(steep, top)
+                if top > slope_bits:
+                    bad = 2.0  # v is steeper than the v band was sized for
+                    break
                 _stencil(vloc[k], q0, q1, lsl, lsh, w, bv, u, aloc[k, q0:q1], True)
                 ku = kubuf[k]
                 # log b = sum_groups lambda_g log prod_{k in g} (K u_k): rows of equal weight share one
@@ -296,6 +334,8 @@ if numba is not None:
                     _mant_acc(ku[i], pm, pe, i)
                 if group_end[k]:
                     flush_group(lb, pm, pe, lam[k], mc)
+            if bad != 0.0:
+                break
             for i in range(mc):
                 bb[i] = _vexp(lb[i])
             if check_last and j == nsteps - 1:  # POT's error on the tile's own points: sum_i std_k(v_k (K u_k))
@@ -327,9 +367,9 @@ if numba is not None:
                     vmin = min(vmin, e)
                     vmax = max(vmax, e)
             if vmin < alo or vmax > ahi:
-                bad = True
+                bad = 1.0
                 break
-        if not bad:
+        if bad == 0.0:
             o0 = lo - r0
             for k in range(n_rows):
                 v_next[k, lo:hi] = vloc[k, o0:o0 + hi - lo]
@@ -337,7 +377,9 @@ if numba is not None:
             t_stat[t, 0] = vmin
             t_stat[t, 1] = vmax
             t_stat[t, 3] = err
-        t_stat[t, 2] = 1.0 if bad else 0.0
+        t_stat[t, 2] = bad
+        t_stat[t, 4] = bu
+        t_stat[t, 5] = steep
 
     @_jit
     def _band(reg, spread, n, cap):  # pragma: no cover - compiled
@@ -346,9 +388,9 @@ if numba is not None:
         return min(cap, min(n - 1, max(0, d)))
 
     @_jit_parallel
-    def _iterate(a1, lam, group_end, seg_lo, seg_hi, tile_seg, tile_lo, tile_hi, w, reg, band_cap, spread_a,
-                 max_iter, stop_threshold, v_cur, v_next, b, out_iter, out_err, out_conv, out_band,
-                 out_escaped, nthreads, block, margin):  # pragma: no cover - compiled
+    def _iterate(a1, lam, group_end, seg_lo, seg_hi, tile_seg, tile_lo, tile_hi, tile_slope_a, w, reg, band_cap,
+                 spread_a, max_iter, stop_threshold, v_cur, v_next, b, out_iter, out_err, out_conv, out_band,
+                 out_escaped, out_redone, nthreads, block, margin, slopes, slope_margin):  # pragma: no cover - compiled
         """Run the plain-domain iterate on every segment; returns the array holding the last good v.
 
         Each segment advances in blocks of up to ``block`` iterations that end at POT's check
@@ -357,6 +399,17 @@ if numba is not None:
         redone with a 4x wider margin (a slightly wider band), and once the margin spans the
         whole plain range, one iteration at a time (band from the actual range); a segment whose
         values leave the plain range then is handed back (``out_escaped``) with its last good v.
+
+        Bands from slopes (``slopes``): the band of K v is the smaller of the spread one and the
+        slope one (``_slope_band``) for a promise on the steepest step of log v between neighbours
+        in the segment: the steepest binary-exponent step the last block read plus ``slope_margin``
+        (P, so log v steps by < (P + 1) ln 2). Every tile checks the promise on every v it reads
+        (the pairs of its u region, which across tiles cover every pair of the segment), and a
+        block that breaks it is redone with the spread bands. The band of K u is per tile:
+        log u = log(a + 1e-16) - log K v steps by at most log a's steepest step within the tile's
+        reach (``tile_slope_a``, nats) + (P + 1) ln 2 + ln 2 (log K v is at most log 2 steeper than
+        log v: K is a positive combination of shifted copies, clipped at the segment's edges). Terms
+        beyond the reach are farther than the spread band, where the spread bound holds.
         """
         log_wsum = math.log(w.sum() * 2.0 - 1.0)  # log of the kernel's total weight, sum_d w_|d|
         ln2 = math.log(2.0)
@@ -366,7 +419,7 @@ if numba is not None:
         max_tile = 0
         for t in range(n_tiles):
             max_tile = max(max_tile, tile_hi[t] - tile_lo[t])
-        t_stat = np.empty((n_tiles, 4))
+        t_stat = np.zeros((n_tiles, 6))
         active = np.ones(n_seg, np.bool_)
         stepwise = np.zeros(n_seg, np.bool_)
         stepwise_until = np.zeros(n_seg, np.int64)
@@ -380,12 +433,16 @@ if numba is not None:
         a_lo = np.zeros(n_seg, np.int64)
         a_hi = np.zeros(n_seg, np.int64)
         check_last = np.zeros(n_seg, np.bool_)
+        slope_bits = np.full(n_seg, 1 << 20)  # promised steepest exponent step of v in the block (none: huge)
+        no_slope = np.ones(n_seg, np.bool_)  # no measured slope yet, or the last block broke its promise
+        seg_steep = np.zeros(n_seg, np.int64)
         for s in range(n_seg):
             out_iter[s] = 0
             out_err[s] = np.inf
             out_conv[s] = False
             out_band[s] = 0
             out_escaped[s] = -1
+            out_redone[s] = 0
         while True:
             any_active = False
             halo = 0
@@ -413,11 +470,19 @@ if numba is not None:
                 # spread of log u <= that + spread of log(a + 1e-16)
                 band_v[s] = _band(reg, spread_v, n, band_cap)
                 band_u[s] = _band(reg, spread_v + spread_a[s] + log_wsum, n, band_cap)
+                slope_bits[s] = 1 << 20
+                if slopes and not stepwise[s] and not no_slope[s]:
+                    c = 40.0 + math.log(2.0 * n)
+                    promise = seg_steep[s] + slope_margin  # what the last block read + margin
+                    d = max(1, _slope_band(reg, (promise + 1) * ln2 + 1e-9, c))  # >= 1: the check needs neighbours
+                    if d <= band_v[s]:
+                        band_v[s] = d
+                        slope_bits[s] = promise
                 if not stepwise[s]:  # keep the halo's extra work below about a tile's quarter
                     steps = max(1, min(steps, max_tile // (4 * (band_v[s] + band_u[s]) + 1)))
                 nsteps[s] = steps
                 check_last[s] = (ii[s] + steps - 1) % 10 == 1
-                out_band[s] = max(out_band[s], max(band_v[s], band_u[s]))
+                out_band[s] = max(out_band[s], band_v[s])
                 halo = max(halo, steps * (band_v[s] + band_u[s]))
             if not any_active:
                 break
@@ -435,11 +500,23 @@ if numba is not None:
                 for t in range(tid, n_tiles, nthreads):
                     s = tile_seg[t]
                     if active[s]:
-                        _tile_block(t, tid, s, nsteps[s], check_last[s], band_v[s], band_u[s], a_lo[s], a_hi[s],
-                                    a1, lam, group_end, seg_lo, seg_hi, tile_lo, tile_hi, w, v_cur, v_next, b,
-                                    vloc[tid], aloc[tid], ubuf, kubuf[tid], lbuf, bbuf, mbuf, pmbuf, pebuf,
+                        bu = band_u[s]
+                        if slope_bits[s] < 1 << 20:  # log u steps by <= log a's + the promised log v's + log 2
+                            c = 40.0 + math.log(2.0 * (seg_hi[s] - seg_lo[s]))
+                            step_u = tile_slope_a[t] + (slope_bits[s] + 2) * ln2 + 1e-9
+                            bu = min(bu, _slope_band(reg, step_u, c))
+                        _tile_block(t, tid, s, nsteps[s], check_last[s], band_v[s], bu, a_lo[s], a_hi[s],
+                                    slope_bits[s], a1, lam, group_end, seg_lo, seg_hi, tile_lo, tile_hi, w, v_cur,
+                                    v_next, b, vloc[tid], aloc[tid], ubuf, kubuf[tid], lbuf, bbuf, mbuf, pmbuf, pebuf,
                                     t_stat)
             seg_bad = np.zeros(n_seg, np.bool_)
+            seg_steep_bad = np.zeros(n_seg, np.bool_)
+            for s in range(n_seg):
+                if active[s]:
+                    seg_steep[s] = 0
+            for t in range(n_tiles):  # the next block's slope promise starts from what this one read
+                if active[tile_seg[t]]:
+                    seg_steep[tile_seg[t]] = max(seg_steep[tile_seg[t]], np.int64(t_stat[t, 5]))
             seg_err = np.zeros(n_seg)
             new_lo = np.full(n_seg, EXP_HI + 1)
             new_hi = np.zeros(n_seg, np.int64)
@@ -447,19 +524,25 @@ if numba is not None:
                 s = tile_seg[t]
                 if not active[s]:
                     continue
-                if t_stat[t, 2] != 0.0:
+                if t_stat[t, 2] == 1.0:
                     seg_bad[s] = True
+                elif t_stat[t, 2] == 2.0:
+                    seg_steep_bad[s] = True
                 else:
+                    out_band[s] = max(out_band[s], np.int64(t_stat[t, 4]))
                     new_lo[s] = min(new_lo[s], np.int64(t_stat[t, 0]))
                     new_hi[s] = max(new_hi[s], np.int64(t_stat[t, 1]))
                     seg_err[s] += t_stat[t, 3]
             for s in range(n_seg):
                 if not active[s]:
                     continue
-                if seg_bad[s]:  # v_cur of this segment is still the block's start: keep it through the swap
+                if seg_bad[s] or seg_steep_bad[s]:  # v_cur is still the block's start: keep it through the swap
                     for k in range(n_rows):
                         v_next[k, seg_lo[s]:seg_hi[s]] = v_cur[k, seg_lo[s]:seg_hi[s]]
-                    if stepwise[s]:  # values left the plain range: the log domain takes over from here
+                    if not seg_bad[s]:  # only the slope promise broke: redo with the spread bands
+                        no_slope[s] = True
+                        out_redone[s] += 1
+                    elif stepwise[s]:  # values left the plain range: the log domain takes over from here
                         active[s] = False
                         out_escaped[s] = ii[s]
                         out_iter[s] = ii[s]
@@ -470,6 +553,7 @@ if numba is not None:
                         stepwise_until[s] = ii[s] + nsteps[s]
                     continue
                 ii[s] += nsteps[s]
+                no_slope[s] = False
                 out_iter[s] = ii[s]
                 v_lo[s], v_hi[s] = new_lo[s], new_hi[s]
                 if check_last[s]:
@@ -492,6 +576,19 @@ def _tiles(seg_lo: np.ndarray, seg_hi: np.ndarray, tile: int) -> tuple[np.ndarra
     return np.array(segs, np.int64), np.array(los, np.int64), np.array(his, np.int64)
 
 
+def tile_slopes(a1: np.ndarray, seg_lo: np.ndarray, seg_hi: np.ndarray, tile_seg: np.ndarray,
+                tile_lo: np.ndarray, tile_hi: np.ndarray, reach: int) -> np.ndarray:
+    r"""Per tile, a bound (nats) on :math:`|\log a_{k,i+1} - \log a_{k,i}|` over every row and every pair
+    within ``reach`` points of the tile, inside its segment: (exponent difference + 1) ln 2."""
+    ex = (a1.view(np.int64) >> 52).astype(np.int64)
+    step = np.abs(np.diff(ex, axis=1)).max(axis=0) if a1.shape[1] > 1 else np.zeros(0, np.int64)
+    out = np.empty(len(tile_seg))
+    for t, (s, lo, hi) in enumerate(zip(tile_seg.tolist(), tile_lo.tolist(), tile_hi.tolist(), strict=True)):
+        p0, p1 = max(int(seg_lo[s]), lo - reach), min(int(seg_hi[s]), hi + reach) - 1  # pairs (i, i + 1), i in [p0, p1)
+        out[t] = (float(step[p0:p1].max()) + 1.0) * math.log(2.0) if p1 > p0 else 0.0
+    return out
+
+
 def row_groups(lam: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rows ordered by weight (equal weights side by side: one log per group and point), the sorted
     weights, and where each group of at most ``GROUP_MAX`` equal weights ends."""
@@ -504,7 +601,7 @@ def row_groups(lam: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def plain_barycenters(hists: list[np.ndarray], lam: np.ndarray, *, reg: float, stop_threshold: float,
-                      max_iter: int, tile: int = TILE
+                      max_iter: int, tile: int = TILE, slopes: bool = True
                       ) -> tuple[list[np.ndarray], list[SegmentResult], list[np.ndarray | None]]:
     r"""Entropic barycenters of several (K, n_s) histogram stacks with one compiled iteration.
 
@@ -530,21 +627,24 @@ def plain_barycenters(hists: list[np.ndarray], lam: np.ndarray, *, reg: float, s
                                   max(sizes)), 1)
     w = np.exp(-np.arange(band_cap + 1, dtype=np.float64) ** 2 / reg)
     tile_seg, tile_lo, tile_hi = _tiles(seg_lo, seg_hi, tile)
+    # a tile reads at most BLOCK (band_v + band_u) points beyond itself, its u stencil band_u more
+    slope_a = tile_slopes(a1, seg_lo, seg_hi, tile_seg, tile_lo, tile_hi, (2 * BLOCK + 1) * band_cap)
     v_cur = np.ones_like(a1)
     v_next = np.empty_like(a1)
     b = np.empty(a1.shape[1])
     n_seg = len(hists)
     it, err = np.zeros(n_seg, np.int64), np.zeros(n_seg)
     conv, band, esc = np.zeros(n_seg, np.bool_), np.zeros(n_seg, np.int64), np.zeros(n_seg, np.int64)
-    v_last = _iterate(a1, lam, group_end, seg_lo, seg_hi, tile_seg, tile_lo, tile_hi,
+    redone = np.zeros(n_seg, np.int64)
+    v_last = _iterate(a1, lam, group_end, seg_lo, seg_hi, tile_seg, tile_lo, tile_hi, slope_a,
                       w, float(reg), band_cap, spread_a, int(max_iter), float(stop_threshold), v_cur, v_next, b,
-                      it, err, conv, band, esc, numba.get_num_threads(), BLOCK, MARGIN)
+                      it, err, conv, band, esc, redone, numba.get_num_threads(), BLOCK, MARGIN, slopes, SLOPE_MARGIN)
     bs, results, vs = [], [], []
     for s in range(n_seg):
         lo, hi = int(seg_lo[s]), int(seg_hi[s])
         bs.append(b[lo:hi].copy())
         results.append(SegmentResult(iterations=int(it[s]), error=float(err[s]), converged=bool(conv[s]),
-                                     band=int(band[s]), escaped_at=int(esc[s])))
+                                     band=int(band[s]), escaped_at=int(esc[s]), slope_redone=int(redone[s])))
         if esc[s] >= 0:
             v = np.empty((k_rows, hi - lo))
             v[order] = v_last[:, lo:hi]
