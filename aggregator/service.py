@@ -69,6 +69,7 @@ from schemas.chunks import (
 )
 from schemas.codec import MQTT_MAX_PACKET
 from schemas.connection import run_loop
+from schemas.receive import fast_publish
 from schemas.signing import load_private_key, sign
 from schemas.topics import UPSTREAM_PREFIX
 
@@ -846,6 +847,7 @@ class Aggregator:
                                 clean_session=False, will=will, keepalive=30,
                                 max_queued_outgoing_messages=None)
         client._client.manual_ack_set(True)
+        fast_publish(client)  # updates are copied once on arrival, not three times (paho's decoder)
         async with client:
             self._client = client
             self._connected = True

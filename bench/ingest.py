@@ -3,7 +3,9 @@
     python -m bench.ingest --json [--publishers 4] [--messages 400] [--params 100000]
 
 Phase 1: P publisher processes send ``messages`` packed 100k-parameter updates as fast as
-they can through mosquitto on loopback to a plain aiomqtt subscriber (receive only).
+they can through mosquitto on loopback to a plain aiomqtt subscriber (receive only); then
+again to a plain subscriber with the aggregator's one-copy PUBLISH decoder
+(``schemas.receive``), so the report separates that decoder's gain from the rest.
 Phase 2: the same stream to the real aggregator (decode, validate, buffer; durable inbox
 on and off), which never reaches quorum; its accepted count comes from its status.
 Phase 2b (``--workers N``): the same stream to 1, then N aggregator *processes* that share the
@@ -33,6 +35,7 @@ from aggregator.settings import AggregatorSettings
 from bench.common import emit, machine, progress
 from broker import start_broker
 from schemas import GlobalModel, ModelUpdate, PolicySpec, Topics
+from schemas.receive import fast_publish
 
 
 def _publisher(host: str, port: int, job: str, idx: int, count: int, params: int, base: int) -> None:
@@ -57,11 +60,16 @@ def _start_publishers(host, port, job, publishers, messages, params) -> list[mp.
     return procs
 
 
-async def plain_rate(host: str, port: int, publishers: int, messages: int, params: int) -> tuple[float, float]:
-    """Messages/s a plain subscriber receives, and this process's CPU µs per message while it does."""
-    job = "bench-plain"
+async def plain_rate(host: str, port: int, publishers: int, messages: int, params: int,
+                     fast: bool = False) -> tuple[float, float]:
+    """Messages/s a plain subscriber receives, and this process's CPU µs per message while it does
+    (``fast``: with the aggregator's one-copy PUBLISH decoder, ``schemas.receive``)."""
+    job = "bench-plain-fast" if fast else "bench-plain"
     total = (messages // publishers) * publishers
-    async with aiomqtt.Client(host, port, identifier="bench-plain-sub") as c:
+    c = aiomqtt.Client(host, port, identifier=f"{job}-sub")
+    if fast:
+        fast_publish(c)
+    async with c:
         await c.subscribe(Topics(job).updates, qos=1)
         procs = _start_publishers(host, port, job, publishers, messages, params)
         got, first, cpu0 = 0, None, 0.0
@@ -219,6 +227,9 @@ async def run(args: argparse.Namespace) -> dict:
         progress("phase 1: plain subscriber")
         plain, plain_cpu = await plain_rate(b.host, b.port, args.publishers, args.messages, args.params)
         progress(f"  {plain:.0f} msg/s, {plain_cpu:.0f} CPU µs per message")
+        plain_fast, plain_fast_cpu = await plain_rate(b.host, b.port, args.publishers, args.messages, args.params,
+                                                      fast=True)
+        progress(f"  with the aggregator's one-copy decoder: {plain_fast:.0f} msg/s, {plain_fast_cpu:.0f} CPU µs")
         progress("phase 2: aggregator (no state dir, then durable inbox)")
         agg_mem, agg_cpu = await aggregator_rate(b.url, b.host, b.port, args.publishers, args.messages,
                                                  args.params, False)
@@ -243,6 +254,10 @@ async def run(args: argparse.Namespace) -> dict:
             "plain_subscriber_msgs_per_s": plain, "aggregator_updates_per_s": agg_mem,
             "aggregator_durable_updates_per_s": agg_disk, "ratio": agg_mem / plain,
             "ratio_durable": agg_disk / plain, "latency": lat,
+            # the same plain subscriber with the aggregator's PUBLISH decoder (schemas.receive): how much of the
+            # ratio is that decoder rather than the aggregator's own work
+            "plain_fast_decode_msgs_per_s": plain_fast, "plain_fast_decode_cpu_us_per_msg": plain_fast_cpu,
+            "ratio_vs_plain_fast_decode": agg_mem / plain_fast,
             # CPU per message of the receiving process: less noisy than rates on a saturated 2-core box
             "plain_cpu_us_per_msg": plain_cpu, "aggregator_cpu_us_per_update": agg_cpu,
             "aggregator_durable_cpu_us_per_update": disk_cpu, "cpu_ratio": plain_cpu / agg_cpu,

@@ -51,6 +51,7 @@ from schemas.chunks import (
 )
 from schemas.codec import MQTT_MAX_PACKET
 from schemas.connection import run_loop
+from schemas.receive import fast_publish
 
 log = logging.getLogger("fedwb.agent")
 
@@ -367,8 +368,10 @@ class Agent:
     async def _session(self) -> None:
         """One connection: consume global models, publish the outbox and status."""
         will = aiomqtt.Will(self.topics.agent_status(self.s.agent_id), self._status("offline"), qos=1, retain=True)
-        async with aiomqtt.Client(**self.address.client_kwargs(), identifier=f"fedwb-agent-{self.s.job}-"
-                                  f"{self.s.agent_id}", will=will, keepalive=30) as client:
+        client = aiomqtt.Client(**self.address.client_kwargs(), identifier=f"fedwb-agent-{self.s.job}-"
+                                f"{self.s.agent_id}", will=will, keepalive=30)
+        fast_publish(client)  # global models are copied once on arrival, not three times (paho's decoder)
+        async with client:
             self._connected = True
             await client.subscribe([(self.topics.global_model, 1), (self.topics.ack(self.s.agent_id), 1)])
             if self.unconfirmed is not None and self.pending is None:
