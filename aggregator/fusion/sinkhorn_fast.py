@@ -218,45 +218,71 @@ if numba is not None:
             top = max(top, _exp_step(c[i], left[i]))
         return top
 
-    @_jit_inline
-    def _stencil(x, lo, hi, seg_lo, seg_hi, w, band, out, a, divide):  # pragma: no cover - compiled
-        """out[i - lo] = (K x)[i] for i in [lo, hi), the band stencil of ``_stencil_passes``, or
-        a[i - lo] / (K x)[i] when ``divide``; interior points in one pass (K x never stored) when
-        1 <= band <= 4."""
-        ia, ib = max(lo, seg_lo + band), min(hi, seg_hi - band)
-        if band == 0 or band > 4 or ib - ia < 16:
-            _stencil_passes(x, lo, hi, seg_lo, seg_hi, w, band, out)
-            _finish(out, a, 0, hi - lo, divide)
-            return
-        _stencil_passes(x, lo, ia, seg_lo, seg_hi, w, band, out)
-        _finish(out, a, 0, ia - lo, divide)
-        _stencil_passes(x, ib, hi, seg_lo, seg_hi, w, band, out[ib - lo:])
-        _finish(out, a, ib - lo, hi - lo, divide)
-        n = ib - ia
-        dst, c, ad = out[ia - lo:ib - lo], x[ia:ib], a[ia - lo:ib - lo]
-        w1, w2, w3, w4 = w[1], w[2] if band >= 2 else 0.0, w[3] if band >= 3 else 0.0, w[4] if band >= 4 else 0.0
-        l1, r1 = x[ia - 1:ib - 1], x[ia + 1:ib + 1]
-        if band == 1:
+    def _make_stencil(check):
+        """The band stencil, and with ``check`` (a constant of the compiled code, so the loops carry no test)
+        also the steepest ``_exp_step`` of x over the pairs (i - 1, i) inside the segment, i in [lo, hi),
+        measured in the same pass (no extra load)."""
+
+        @_jit_inline
+        def stencil(x, lo, hi, seg_lo, seg_hi, w, band, out, a, divide):  # pragma: no cover - compiled
+            """out[i - lo] = (K x)[i] for i in [lo, hi), the band stencil of ``_stencil_passes``, or
+            a[i - lo] / (K x)[i] when ``divide``; interior points in one pass (K x never stored) when
+            1 <= band <= 4. Returns the steepest step when checking, else 0."""
+            top = 0
+            ia, ib = max(lo, seg_lo + band), min(hi, seg_hi - band)
+            if band == 0 or band > 4 or ib - ia < 16:
+                if check:
+                    top = _steepest(x, max(lo, seg_lo + 1), hi)
+                _stencil_passes(x, lo, hi, seg_lo, seg_hi, w, band, out)
+                _finish(out, a, 0, hi - lo, divide)
+                return top
+            if check:
+                top = max(_steepest(x, max(lo, seg_lo + 1), ia), _steepest(x, ib, hi))
+            _stencil_passes(x, lo, ia, seg_lo, seg_hi, w, band, out)
+            _finish(out, a, 0, ia - lo, divide)
+            _stencil_passes(x, ib, hi, seg_lo, seg_hi, w, band, out[ib - lo:])
+            _finish(out, a, ib - lo, hi - lo, divide)
+            n = ib - ia
+            dst, c, ad = out[ia - lo:ib - lo], x[ia:ib], a[ia - lo:ib - lo]
+            w1, w2 = w[1], w[2] if band >= 2 else 0.0
+            w3, w4 = w[3] if band >= 3 else 0.0, w[4] if band >= 4 else 0.0
+            l1, r1 = x[ia - 1:ib - 1], x[ia + 1:ib + 1]
+            if band == 1:
+                for i in range(n):
+                    y = c[i] + w1 * (l1[i] + r1[i])
+                    dst[i] = ad[i] / y if divide else y
+                    if check:
+                        top = max(top, _exp_step(c[i], l1[i]))
+                return top
+            l2, r2 = x[ia - 2:ib - 2], x[ia + 2:ib + 2]
+            if band == 2:
+                for i in range(n):
+                    y = c[i] + w1 * (l1[i] + r1[i]) + w2 * (l2[i] + r2[i])
+                    dst[i] = ad[i] / y if divide else y
+                    if check:
+                        top = max(top, _exp_step(c[i], l1[i]))
+                return top
+            l3, r3 = x[ia - 3:ib - 3], x[ia + 3:ib + 3]
+            if band == 3:
+                for i in range(n):
+                    y = c[i] + w1 * (l1[i] + r1[i]) + w2 * (l2[i] + r2[i]) + w3 * (l3[i] + r3[i])
+                    dst[i] = ad[i] / y if divide else y
+                    if check:
+                        top = max(top, _exp_step(c[i], l1[i]))
+                return top
+            l4, r4 = x[ia - 4:ib - 4], x[ia + 4:ib + 4]
             for i in range(n):
-                y = c[i] + w1 * (l1[i] + r1[i])
+                y = (c[i] + w1 * (l1[i] + r1[i]) + w2 * (l2[i] + r2[i]) + w3 * (l3[i] + r3[i])
+                     + w4 * (l4[i] + r4[i]))
                 dst[i] = ad[i] / y if divide else y
-            return
-        l2, r2 = x[ia - 2:ib - 2], x[ia + 2:ib + 2]
-        if band == 2:
-            for i in range(n):
-                y = c[i] + w1 * (l1[i] + r1[i]) + w2 * (l2[i] + r2[i])
-                dst[i] = ad[i] / y if divide else y
-            return
-        l3, r3 = x[ia - 3:ib - 3], x[ia + 3:ib + 3]
-        if band == 3:
-            for i in range(n):
-                y = c[i] + w1 * (l1[i] + r1[i]) + w2 * (l2[i] + r2[i]) + w3 * (l3[i] + r3[i])
-                dst[i] = ad[i] / y if divide else y
-            return
-        l4, r4 = x[ia - 4:ib - 4], x[ia + 4:ib + 4]
-        for i in range(n):
-            y = c[i] + w1 * (l1[i] + r1[i]) + w2 * (l2[i] + r2[i]) + w3 * (l3[i] + r3[i]) + w4 * (l4[i] + r4[i])
-            dst[i] = ad[i] / y if divide else y
+                if check:
+                    top = max(top, _exp_step(c[i], l1[i]))
+            return top
+
+        return stencil
+
+    _stencil = _make_stencil(False)
+    _stencil_checked = _make_stencil(True)
 
     @_jit_inline
     def _mant_acc(y, pm, pe, i):  # pragma: no cover - compiled
@@ -319,13 +345,12 @@ if numba is not None:
             for k in range(n_rows):
                 # the pairs of v read here, (i - 1, i) for i in [q0, q1) inside the segment (every tile's
                 # regions cover its own points and its seams), against the slope the v band was sized for
-                s0 = max(q0, lsl + 1) if bv > 0 else q1
-                top = _steepest(vloc[k], s0, q1)
+                top = _stencil_checked(vloc[k], q0, q1, lsl, lsh, w, bv, u, aloc[k, q0:q1], True) if bv > 0 else \
+                    _stencil(vloc[k], q0, q1, lsl, lsh, w, bv, u, aloc[k, q0:q1], True)
                 steep = max(steep, top)
                 if top > slope_bits:
                     bad = 2.0  # v is steeper than the v band was sized for
                     break
-                _stencil(vloc[k], q0, q1, lsl, lsh, w, bv, u, aloc[k, q0:q1], True)
                 ku = kubuf[k]
                 # log b = sum_groups lambda_g log prod_{k in g} (K u_k): rows of equal weight share one
                 # log of the product of their mantissas (each in [1, 2)) plus the sum of their exponents.
