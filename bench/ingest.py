@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing as mp
+import shutil
 import statistics
 import tempfile
 import time
@@ -91,7 +92,16 @@ async def aggregator_rate(url: str, host: str, port: int, publishers: int, messa
     """Updates/s the aggregator admits, and this process's (its) CPU µs per update while it does."""
     job = f"bench-agg-{uuid.uuid4().hex[:6]}"
     total = (messages // publishers) * publishers
-    state = tempfile.mkdtemp() if durable else None
+    state = tempfile.mkdtemp(prefix="fedwb-bench-ingest-") if durable else None
+    try:
+        return await _aggregator_rate(url, host, port, publishers, messages, params, job, total, state)
+    finally:
+        if state is not None:  # the durable inbox: ~80 MB of updates per run
+            shutil.rmtree(state, ignore_errors=True)
+
+
+async def _aggregator_rate(url: str, host: str, port: int, publishers: int, messages: int, params: int, job: str,
+                           total: int, state: str | None) -> tuple[float, float]:
     s = AggregatorSettings(broker=url, job=job, task="noop", task_options={"shapes": [[params]]},
                            quorum=100_000, status_interval=0.2, state_dir=state, device="cpu")
     agg = Aggregator(s)
