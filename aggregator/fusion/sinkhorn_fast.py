@@ -64,6 +64,7 @@ EXP_LO = 1023 + math.ceil(math.log2(RANGE_LO))
 EXP_HI = 1022 + math.floor(math.log2(RANGE_HI))
 TILE = 2048  # grid points per tile: K rows of its buffers (with the halo) stay in L2
 BLOCK = 10  # iterations per tile pass (POT checks every 10th iteration; blocks end there)
+NO_PROMISE = 1 << 20  # no slope promise for a block: a step no exponent difference reaches
 SLOPE_MARGIN = 2  # binary orders the steepest step of log v may grow within a block before it is redone
 MARGIN = 20  # binary orders v may move within a block before the band must be re-sized
 GROUP_MAX = 512  # rows per shared log: a product of 512 mantissas in [1, 2) stays finite
@@ -291,11 +292,18 @@ if numba is not None:
         pm[i] *= _i2f((bits & 0x000FFFFFFFFFFFFF) | 0x3FF0000000000000)
         pe[i] += (bits >> 52) - 1023
 
+    @_jit_inline
+    def _slope_c(n):  # pragma: no cover - compiled
+        """The log of the slope bound's tolerance for a segment of n points: terms left out are below e^-c of
+        the centre, c = 40 + log 2n (``sinkhorn_wide.slope_band``)."""
+        return 40.0 + math.log(2.0 * n)
+
     @_jit
-    def _slope_band(reg, slope, c):  # pragma: no cover - compiled
-        """Half-width D with every term beyond it below e^-c of the centre when log x steps by <= ``slope``
-        between neighbours: a term at distance d is at most e^(slope d - d^2 / reg) of it, so
+    def _slope_band(reg, slope, n):  # pragma: no cover - compiled
+        """Half-width D with every term beyond it below e^-c (``_slope_c``) of the centre when log x steps by
+        <= ``slope`` between neighbours: a term at distance d is at most e^(slope d - d^2 / reg) of it, so
         D + 1 >= reg (slope + sqrt(slope^2 + 4 c / reg)) / 2 (``sinkhorn_wide.slope_band``'s bound)."""
+        c = _slope_c(n)
         return max(0, math.ceil(reg * (slope + math.sqrt(slope * slope + 4.0 * c / reg)) / 2.0) - 1)
 
     @_jit_tile
@@ -458,7 +466,7 @@ if numba is not None:
         a_lo = np.zeros(n_seg, np.int64)
         a_hi = np.zeros(n_seg, np.int64)
         check_last = np.zeros(n_seg, np.bool_)
-        slope_bits = np.full(n_seg, 1 << 20)  # promised steepest exponent step of v in the block (none: huge)
+        slope_bits = np.full(n_seg, NO_PROMISE)  # promised steepest exponent step of v in the block
         no_slope = np.ones(n_seg, np.bool_)  # no measured slope yet, or the last block broke its promise
         seg_steep = np.zeros(n_seg, np.int64)
         for s in range(n_seg):
@@ -495,11 +503,10 @@ if numba is not None:
                 # spread of log u <= that + spread of log(a + 1e-16)
                 band_v[s] = _band(reg, spread_v, n, band_cap)
                 band_u[s] = _band(reg, spread_v + spread_a[s] + log_wsum, n, band_cap)
-                slope_bits[s] = 1 << 20
+                slope_bits[s] = NO_PROMISE
                 if slopes and not stepwise[s] and not no_slope[s]:
-                    c = 40.0 + math.log(2.0 * n)
                     promise = seg_steep[s] + slope_margin  # what the last block read + margin
-                    d = max(1, _slope_band(reg, (promise + 1) * ln2 + 1e-9, c))  # >= 1: the check needs neighbours
+                    d = max(1, _slope_band(reg, (promise + 1) * ln2 + 1e-9, n))  # >= 1: the check needs neighbours
                     if d <= band_v[s]:
                         band_v[s] = d
                         slope_bits[s] = promise
@@ -526,10 +533,9 @@ if numba is not None:
                     s = tile_seg[t]
                     if active[s]:
                         bu = band_u[s]
-                        if slope_bits[s] < 1 << 20:  # log u steps by <= log a's + the promised log v's + log 2
-                            c = 40.0 + math.log(2.0 * (seg_hi[s] - seg_lo[s]))
+                        if slope_bits[s] != NO_PROMISE:  # log u steps by <= log a's + the promised log v's + log 2
                             step_u = tile_slope_a[t] + (slope_bits[s] + 2) * ln2 + 1e-9
-                            bu = min(bu, _slope_band(reg, step_u, c))
+                            bu = min(bu, _slope_band(reg, step_u, seg_hi[s] - seg_lo[s]))
                         _tile_block(t, tid, s, nsteps[s], check_last[s], band_v[s], bu, a_lo[s], a_hi[s],
                                     slope_bits[s], a1, lam, group_end, seg_lo, seg_hi, tile_lo, tile_hi, w, v_cur,
                                     v_next, b, vloc[tid], aloc[tid], ubuf, kubuf[tid], lbuf, bbuf, mbuf, pmbuf, pebuf,

@@ -105,6 +105,7 @@ def kernel_weights(reg: float, cap: int) -> tuple[np.ndarray, np.ndarray]:
 
 if numba is not None:
     _f2i, _i2f, _vexp, _flush_group, _band = _fast._f2i, _fast._i2f, _fast._vexp, _fast.flush_group, _fast._band
+    _slope_band, _slope_c = _fast._slope_band, _fast._slope_c
     _LN2_HI, _LN2_LO, _INV_LN2 = _fast._LN2_HI, _fast._LN2_LO, _fast._INV_LN2
     _jit_inline = numba.njit(inline="always", error_model="numpy", cache=True)
     _jit_tile = numba.njit(error_model="numpy", cache=True, nogil=True,
@@ -294,9 +295,7 @@ if numba is not None:
     @_jit
     def _band_for(reg, spread, slope, n, cap):  # pragma: no cover - compiled
         """The smaller of the spread bound (the plain solver's ``_band``) and the slope bound (``slope_band``)."""
-        c = 40.0 + math.log(2.0 * n)
-        d_slope = math.ceil(reg * (slope + math.sqrt(slope * slope + 4.0 * c / reg)) / 2.0) - 1
-        return min(_band(reg, spread, n, cap), max(0, d_slope))
+        return min(_band(reg, spread, n, cap), _slope_band(reg, slope, n))
 
     @_jit
     def _local_band(reg, spread, local, glob, n, cap, reach):  # pragma: no cover - compiled
@@ -306,7 +305,7 @@ if numba is not None:
         (concave in d): the local band stands when that is below e^-C at its largest over d > reach, and the
         local band fits in the reach; otherwise the global one.
         """
-        c = 40.0 + math.log(2.0 * n)
+        c = _slope_c(n)
         d = _band_for(reg, spread, local, n, cap)
         top = max(reach + 1.0, reg * glob / 2.0)
         if d < reach and local * reach + glob * (top - reach) - top * top / reg <= -c:
