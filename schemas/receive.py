@@ -21,15 +21,13 @@ import time
 import types
 from typing import Any
 
+import paho.mqtt
+from paho.mqtt.client import MQTT_ERR_SUCCESS, MQTTMessage, MQTTv311
+
 _NEEDED = ("_in_packet", "_handle_on_message", "_send_puback", "_manual_ack", "_protocol", "_handle_publish")
 
 
 def _paho_supported() -> bool:
-    try:
-        import paho.mqtt
-        from paho.mqtt.client import MQTTv311  # noqa: F401 - the names the handler needs
-    except ImportError:  # pragma: no cover - paho is a dependency
-        return False
     return str(getattr(paho.mqtt, "__version__", "0")).split(".")[0] == "2"
 
 
@@ -54,8 +52,6 @@ def split_publish(header: int, packet: bytes | bytearray) -> tuple[bytes, int, i
 
 def _handle_publish(self: Any) -> Any:
     """paho ``Client._handle_publish`` for QoS 0/1 on MQTT 3.1.1, through ``split_publish``."""
-    from paho.mqtt.client import MQTT_ERR_SUCCESS, MQTTMessage, MQTTv311
-
     header = self._in_packet["command"]
     parts = split_publish(header, self._in_packet["packet"]) if self._protocol == MQTTv311 else None
     if parts is None:
