@@ -1,0 +1,114 @@
+"""The bounded incoming backlog: a slow consumer holds a bounded amount, nothing is lost, nothing deadlocks."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import aiomqtt
+
+from schemas.backlog import Backlog, bound_backlog
+from tests.mqtt_helpers import client
+
+KB = 1024
+
+
+class Watched(Backlog):
+    """A Backlog that records the most it held and signals its first pause."""
+
+    def __init__(self, *a, **kw) -> None:
+        super().__init__(*a, **kw)
+        self.most = 0
+        self.first_pause = asyncio.Event()
+
+    def _put(self, item) -> None:
+        super()._put(item)
+        self.most = max(self.most, self.bytes)
+
+    def _pause(self) -> None:
+        super()._pause()
+        if self.paused:
+            self.first_pause.set()
+
+
+def watched(c: aiomqtt.Client, max_bytes: int) -> Watched:
+    c._queue = Watched(c, max_bytes=max_bytes)
+    return c._queue
+
+
+def test_a_slow_consumer_holds_a_bounded_backlog_and_loses_nothing(mosquitto) -> None:
+    """60 messages of 100 KB to a subscriber that acknowledges on arrival (the broker sends all it has) and
+    handles each in a few ms: it never holds much more than its 1 MB bound, and gets all 60, in order."""
+    payloads = [os.urandom(100 * KB) for _ in range(60)]
+
+    async def go() -> Watched:
+        sub = client(mosquitto, "slow")
+        queue = watched(sub, 1024 * KB)
+        async with sub, client(mosquitto, "pub") as pub:
+            await sub.subscribe("flow/#", qos=1)
+            for i, p in enumerate(payloads):
+                await pub.publish(f"flow/{i}", p, qos=1)
+            got = []
+            async with asyncio.timeout(60):
+                async for m in sub.messages:
+                    got.append(bytes(m.payload))
+                    await asyncio.sleep(0.003)  # the consumer's work, not synchronisation
+                    if len(got) == len(payloads):
+                        break
+        assert got == payloads
+        return queue
+
+    queue = asyncio.run(go())
+    assert queue.pauses >= 1 and queue.first_pause.is_set()
+    assert queue.most <= 1024 * KB + 101 * KB  # the bound, plus the one packet that crossed it
+    assert queue.bytes == 0 and not queue.paused
+
+
+def test_a_consumer_that_waits_on_the_reader_is_not_deadlocked(mosquitto) -> None:
+    """The reader is paused (the queue is over its bound) while the consumer awaits the PUBACK of its own QoS 1
+    publish, which only the reader can deliver: the stall is detected, the reader resumes, the publish
+    completes, and every message still arrives."""
+    payloads = [os.urandom(100 * KB) for _ in range(10)]
+
+    async def go() -> Watched:
+        sub = client(mosquitto, "waiter")
+        queue = watched(sub, 250 * KB)
+        async with sub, client(mosquitto, "pub") as pub:
+            await sub.subscribe("wait/#", qos=1)
+            for i, p in enumerate(payloads):
+                await pub.publish(f"wait/{i}", p, qos=1)
+            async with asyncio.timeout(30):
+                await queue.first_pause.wait()
+                got = []
+                async for m in sub.messages:
+                    got.append(bytes(m.payload))
+                    if len(got) == 1:
+                        await sub.publish("wait-reply", b"x", qos=1)  # needs the reader for its PUBACK
+                    if len(got) == len(payloads):
+                        break
+        assert got == payloads
+        return queue
+
+    queue = asyncio.run(go())
+    assert queue.stalls >= 1
+
+
+def test_without_a_socket_the_queue_only_counts() -> None:
+    """Before connecting (or on a loop without a selector) nothing can be paused: the queue still takes every
+    message and counts what it holds; bound_backlog is idempotent and refuses objects without a queue."""
+
+    class Msg:
+        def __init__(self, payload) -> None:
+            self.payload = payload
+
+    async def go() -> None:
+        c = aiomqtt.Client("127.0.0.1", 1, identifier="never-connected")
+        q = bound_backlog(c, max_bytes=10)
+        assert q is c._queue and bound_backlog(c) is q
+        for p in (b"x" * 100, memoryview(b"y" * 50), "not bytes", None):
+            q.put_nowait(Msg(p))
+        assert q.qsize() == 4 and q.bytes == 150 and not q.paused
+        assert q.get_nowait().payload == b"x" * 100 and q.bytes == 50 and q.taken == 1
+        assert bound_backlog(object()) is None
+
+    asyncio.run(go())
