@@ -86,7 +86,7 @@ def decode_tensor(obj: Any, name: str = "?") -> torch.Tensor:
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
     ):
         raise WireError(f"weights[{name!r}] has an invalid shape {shape!r}")
-    if not isinstance(data, bytes | bytearray):
+    if not isinstance(data, bytes | bytearray | memoryview):  # memoryview: _unpack_viewing's, of the payload
         raise WireError(f"weights[{name!r}] data must be bytes")
     dtype = DTYPES[dtype_name]
     itemsize = _ITEMSIZE[dtype_name]
@@ -147,13 +147,26 @@ def _plain(value: Any) -> Any:
     return value
 
 
+class _Reader:
+    """A file-like ``read`` over any bytes-like object, copying only what is read (``io.BytesIO``
+    copies a ``memoryview`` or ``bytearray`` whole before the first read)."""
+
+    def __init__(self, data: bytes | bytearray | memoryview) -> None:
+        self._view = memoryview(data).cast("B") if not isinstance(data, bytes) else data
+        self._pos = 0
+
+    def read(self, n: int = -1) -> bytes:
+        end = len(self._view) if n < 0 else self._pos + n
+        chunk = bytes(self._view[self._pos:end])
+        self._pos += len(chunk)
+        return chunk
+
+
 def tensor_count(data: bytes | bytearray | memoryview) -> int | None:
     """How many tensors a payload's ``weights`` map holds, read from its header without decoding
     anything else; None when there is no such map (the full decoder then names the problem)."""
-    import io
-
     try:
-        unpacker = msgpack.Unpacker(io.BytesIO(data), raw=False, strict_map_key=True, read_size=1 << 16,
+        unpacker = msgpack.Unpacker(_Reader(data), raw=False, strict_map_key=True, read_size=1 << 16,
                                     max_buffer_size=max(1 << 20, len(data)))
         fields = unpacker.read_map_header()
     except Exception:  # noqa: BLE001 - not a map: the full decoder says what it is
@@ -187,10 +200,12 @@ def unpack(data: bytes | bytearray | memoryview, cls: type[M], *,
     reference model's count), so a payload of millions of tiny tensors is refused in
     milliseconds instead of being parsed.
     """
+    count = None
     if isinstance(data, bytes | bytearray | memoryview) and len(data) <= max_bytes and "weights" in cls.model_fields:
-        check_tensor_count(tensor_count(data), tensors, max_tensors)
+        count = tensor_count(data)
+        check_tensor_count(count, tensors, max_tensors)
     try:
-        return _unpack(data, cls, max_bytes)
+        return _unpack(data, cls, max_bytes, count)
     except WireError:
         raise
     except ValidationError as exc:
@@ -201,13 +216,70 @@ def unpack(data: bytes | bytearray | memoryview, cls: type[M], *,
         raise WireError(f"malformed {cls.__name__} payload: {type(exc).__name__}: {exc}") from None
 
 
-def _unpack(data: Any, cls: type[M], max_bytes: int) -> M:
+_BIN_WIDTH = {0xC4: 1, 0xC5: 2, 0xC6: 4}  # msgpack bin 8/16/32: bytes of the length that follows the type
+VIEW_BYTES_PER_TENSOR = 64 * 1024  # from this average tensor size on, tensor data is viewed, not copied
+
+
+def _unpacker(view: memoryview, start: int) -> msgpack.Unpacker:
+    return msgpack.Unpacker(_Reader(view[start:]), raw=False, strict_map_key=True, read_size=1 << 14,
+                            max_buffer_size=max(1 << 20, len(view) - start))
+
+
+def _unpack_viewing(data: bytes | bytearray | memoryview) -> dict | None:
+    """``msgpack.unpackb(data)`` for a payload as ``pack`` writes it, except that each tensor's ``data``
+    is a read-only view of ``data`` instead of a copy (the tensor then keeps the payload alive).
+
+    None (the caller decodes the ordinary way, which also names any problem) for anything else:
+    a ``data`` that is not a bin, a truncated or malformed document, bytes after it."""
+    view = memoryview(data).toreadonly()
+    try:
+        base, unpacker = 0, _unpacker(view, 0)
+        body: dict = {}
+        for _ in range(unpacker.read_map_header()):
+            key = unpacker.unpack()
+            if not isinstance(key, str):  # what strict_map_key refuses or allows is unpackb's to say
+                return None
+            if key != "weights":
+                body[key] = unpacker.unpack()
+                continue
+            weights: dict = {}
+            for _ in range(unpacker.read_map_header()):
+                name, tensor = unpacker.unpack(), {}
+                for _ in range(unpacker.read_map_header()):
+                    field = unpacker.unpack()
+                    if not isinstance(name, str) or not isinstance(field, str):
+                        return None
+                    if field != "data":
+                        tensor[field] = unpacker.unpack()
+                        continue
+                    at = base + unpacker.tell()
+                    width = _BIN_WIDTH.get(view[at]) if at < len(view) else None
+                    if width is None:
+                        return None
+                    lo = at + 1 + width
+                    hi = lo + int.from_bytes(view[at + 1:lo], "big")
+                    if lo > len(view) or hi > len(view):
+                        return None
+                    tensor[field] = view[lo:hi]
+                    base, unpacker = hi, _unpacker(view, hi)  # resume after the bin, never reading it
+                weights[name] = tensor
+            body[key] = weights
+        return body if base + unpacker.tell() == len(view) else None
+    except Exception:  # noqa: BLE001 - malformed: the ordinary decoder raises the WireError that names it
+        return None
+
+
+def _unpack(data: Any, cls: type[M], max_bytes: int, tensors: int | None = None) -> M:
     if not isinstance(data, bytes | bytearray | memoryview):
         raise WireError(f"payload must be bytes, not {type(data).__name__}")
     if len(data) > max_bytes:
         raise WireError(f"payload of {len(data)} bytes exceeds the limit of {max_bytes}")
+    body = None
+    if tensors and "weights" in cls.model_fields and len(data) >= VIEW_BYTES_PER_TENSOR * tensors:
+        body = _unpack_viewing(data)
     try:
-        body = msgpack.unpackb(bytes(data), raw=False, strict_map_key=True)
+        if body is None:
+            body = msgpack.unpackb(data, raw=False, strict_map_key=True)  # any bytes-like: no copy of a view
     except Exception as exc:  # noqa: BLE001
         raise WireError(f"not a msgpack document: {type(exc).__name__}: {exc}") from None
     if not isinstance(body, dict):

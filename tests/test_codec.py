@@ -160,3 +160,52 @@ def test_decoded_tensors_wrap_the_payload_without_a_second_copy_and_fuse_without
         fuse_with_report(updates, [1.0, 2.0, 3.0], method, max_iter=5, warn=False)
     for u, b in zip(updates, before, strict=True):
         assert all(torch.equal(u[k], b[k]) for k in b)
+
+
+def _outcome(data, cls=ModelUpdate):
+    """What ``unpack`` makes of ``data``: the decoded fields and tensors, or the WireError's text."""
+    try:
+        msg = schemas.unpack(data, cls)
+    except WireError as exc:
+        return ("error", str(exc))
+    return ("ok", {k: v for k, v in msg.model_dump(exclude={"weights"}).items()},
+            {n: (t.dtype, tuple(t.shape), t.numpy().tobytes()) for n, t in msg.weights.items()})
+
+
+@pytest.mark.parametrize("as_", [bytes, bytearray, lambda b: memoryview(bytearray(b)).toreadonly()])
+def test_big_tensors_are_views_of_the_payload_and_decode_the_same(as_, monkeypatch: pytest.MonkeyPatch) -> None:
+    """From VIEW_BYTES_PER_TENSOR per tensor on, tensor data is a view of the payload, not msgpack's copy:
+    the same message as the copying decoder, and the tensor keeps the payload alive."""
+    w = {"a": torch.randn(40_000), "b": torch.arange(20_000, dtype=torch.int64).reshape(100, 200),
+         "c": torch.randn(3)}
+    payload = as_(schemas.pack(update(w, metrics={"loss": 0.25})))
+    copied = _outcome(payload)
+    monkeypatch.setattr(schemas.codec, "VIEW_BYTES_PER_TENSOR", 1)
+    assert schemas.codec._unpack_viewing(payload) is not None  # the viewing path decodes this one
+    assert _outcome(payload) == copied
+    back = schemas.unpack(payload, ModelUpdate)
+    del payload
+    junk = [bytearray(b"\xff" * 400_000) for _ in range(8)]  # reuse of freed memory would show
+    assert all(torch.equal(back.weights[k], w[k]) for k in w) and len(junk) == 8
+
+
+def test_viewing_decoder_agrees_with_unpackb_on_every_mutation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Truncations, flipped bytes, trailing bytes, non-string keys, a data field that is not a bin: the viewing
+    decoder accepts exactly what the copying one accepts, with the same result or the same error."""
+    rng = random.Random(11)
+    valid = schemas.pack(update({"w": torch.randn(300), "i": torch.arange(200)}))
+    odd = msgpack.packb({**msgpack.unpackb(valid), 7: 1})  # an int key: unpackb's strict_map_key says no
+    body = msgpack.unpackb(valid)
+    body["weights"]["w"]["data"] = "not a bin"
+    payloads = [valid + b"\x00", odd, msgpack.packb(body)]
+    for _ in range(400):
+        payloads.append(valid[: rng.randint(0, len(valid) - 1)])
+        buf = bytearray(valid)
+        for _ in range(rng.randint(1, 6)):
+            buf[rng.randrange(len(buf))] = rng.randrange(256)
+        payloads.append(bytes(buf))
+    copied = [_outcome(p) for p in payloads]
+    monkeypatch.setattr(schemas.codec, "VIEW_BYTES_PER_TENSOR", 1)
+    viewed = [_outcome(p) for p in payloads]
+    assert viewed == copied
+    assert sum(o[0] == "error" for o in viewed) >= 400  # the corpus does reach the error paths
