@@ -416,17 +416,25 @@ class Aggregator:
             await self._on_chunk(agent, bytes(payload))
             return
         try:  # cheap envelope checks first (size, tensor count); big payloads decode off the event loop
-            update = self._decode(payload) if len(payload) < INLINE_DECODE_BYTES else \
-                await asyncio.to_thread(self._decode, payload)
+            if len(payload) < INLINE_DECODE_BYTES:
+                update = self._decode(payload)
+            else:
+                with self._working():
+                    update = await asyncio.to_thread(self._decode, payload)
         except WireError as exc:
             self._reject_wire(agent, exc)
             return
 
         async def persist() -> None:
             if self.checkpoint is not None:
-                await asyncio.to_thread(self.checkpoint.inbox_put, update.update_id, payload)
+                with self._working():
+                    await asyncio.to_thread(self.checkpoint.inbox_put, update.update_id, payload)
 
         await self._admit(agent, update, persist)
+
+    def _working(self) -> contextlib.AbstractContextManager:
+        """Around work in a thread that needs nothing from the MQTT reader: the backlog bound holds through it."""
+        return self._backlog.working() if self._backlog is not None else contextlib.nullcontext()
 
     def _reject_wire(self, agent: str, exc: WireError) -> None:
         self._reject(agent, wire_reason(exc), str(exc))
@@ -513,7 +521,8 @@ class Aggregator:
         if held is None:
             return  # a chunk of a transfer already decided (duplicate, rejected, done) or expired: dropped
         try:
-            await asyncio.to_thread(held.reassembly.add, index, data)
+            with self._working():
+                await asyncio.to_thread(held.reassembly.add, index, data)
         except (WireError, OSError) as exc:
             self._reject(agent, "bad_chunk", str(exc))
             return
@@ -524,7 +533,8 @@ class Aggregator:
         """A transfer has all its chunks: check the tensors (one at a time), then admit the update."""
         held = self._spool().finish(agent)
         try:
-            weights = await asyncio.to_thread(held.reassembly.weights)
+            with self._working():
+                weights = await asyncio.to_thread(held.reassembly.weights)
             update = build_message(ModelUpdate, held.manifest, weights)
         except (WireError, OSError) as exc:
             held.reassembly.discard()
@@ -533,8 +543,9 @@ class Aggregator:
 
         async def persist() -> None:
             if self.checkpoint is not None:
-                path = await asyncio.to_thread(self.checkpoint.inbox_put_chunked, update.update_id, held.payload,
-                                               held.path)
+                with self._working():
+                    path = await asyncio.to_thread(self.checkpoint.inbox_put_chunked, update.update_id,
+                                                   held.payload, held.path)
                 update.__dict__["weights"] = FileWeights(path, held.manifest)
 
         adm = await self._admit(agent, update, persist)

@@ -18,7 +18,9 @@ message, the socket is only read later.
 Stalls: a consumer may wait for something only the reader can deliver (the PUBACK of its own
 QoS 1 publish). A paused reader whose queue has not moved for ``stall_s`` is put back and left on
 until the consumer takes a message again — never a deadlock, at worst the unbounded behaviour
-above while the consumer is stuck.
+above while the consumer is stuck. Work that needs nothing from the reader (a big decode or a
+disk write in a thread) runs inside ``with queue.working():``, which no stall interrupts: the
+bound holds through it.
 
 The reader is the one aiomqtt registered (read back from the asyncio selector loop's key for the
 socket), so its error handling is aiomqtt's own; on a loop without a selector (uvloop) or before
@@ -28,6 +30,8 @@ the socket is registered, the queue only counts and never pauses.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 MAX_BYTES = 16 * 1024 * 1024  # 40 updates of 100k float32 parameters; one big model at a time
@@ -54,11 +58,21 @@ class Backlog(asyncio.Queue):
         self.stalls = 0  # times it was put back because the consumer did not move
         self._reader: tuple[Any, int, Any, tuple] | None = None  # (socket, fd, callback, args) while paused
         self._stalled = False
+        self._working = 0
         self._watch: asyncio.TimerHandle | None = None
 
     @property
     def paused(self) -> bool:
         return self._reader is not None
+
+    @contextlib.contextmanager
+    def working(self) -> Iterator[None]:
+        """The consumer is busy with work that needs nothing from the reader: a pause during it is not a stall."""
+        self._working += 1
+        try:
+            yield
+        finally:
+            self._working -= 1
 
     def _put(self, item: Any) -> None:
         super()._put(item)
@@ -102,7 +116,7 @@ class Backlog(asyncio.Queue):
         self._watch = None
         if self._reader is None:
             return
-        if self.taken == taken:
+        if self.taken == taken and not self._working:
             self.stalls += 1
             self._stalled = True
             self._resume()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 
 import aiomqtt
 
@@ -112,3 +113,32 @@ def test_without_a_socket_the_queue_only_counts() -> None:
         assert bound_backlog(object()) is None
 
     asyncio.run(go())
+
+
+def test_work_that_needs_no_reader_keeps_the_bound(mosquitto) -> None:
+    """A consumer busy for 0.5 s in a thread (a big decode, a disk write) inside ``working()``: no stall is
+    declared, so the queue stays within its bound while 40 more messages wait in the broker."""
+    payloads = [os.urandom(100 * KB) for _ in range(40)]
+
+    async def go() -> Watched:
+        sub = client(mosquitto, "busy")
+        queue = watched(sub, 300 * KB)
+        async with sub, client(mosquitto, "pub") as pub:
+            await sub.subscribe("busy/#", qos=1)
+            for i, p in enumerate(payloads):
+                await pub.publish(f"busy/{i}", p, qos=1)
+            got = []
+            async with asyncio.timeout(30):
+                async for m in sub.messages:
+                    got.append(bytes(m.payload))
+                    if len(got) == 1:
+                        with queue.working():
+                            await asyncio.to_thread(time.sleep, 0.5)  # the work itself, needing no reader
+                    if len(got) == len(payloads):
+                        break
+        assert got == payloads
+        return queue
+
+    queue = asyncio.run(go())
+    assert queue.stalls == 0 and queue.pauses >= 1
+    assert queue.most <= 300 * KB + 101 * KB
