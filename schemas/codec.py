@@ -230,8 +230,10 @@ def _unpack_viewing(data: bytes | bytearray | memoryview) -> dict | None:
     is a read-only view of ``data`` instead of a copy (the tensor then keeps the payload alive).
 
     None (the caller decodes the ordinary way, which also names any problem) for anything else:
-    a ``data`` that is not a bin, a truncated or malformed document, bytes after it."""
+    a ``data`` that is not a bin, a truncated or malformed document, bytes after it — and a payload
+    that is mostly not tensor data, whose views would keep all of it alive for a few tensor bytes."""
     view = memoryview(data).toreadonly()
+    viewed = 0
     try:
         base, unpacker = 0, _unpacker(view, 0)
         body: dict = {}
@@ -261,10 +263,11 @@ def _unpack_viewing(data: bytes | bytearray | memoryview) -> dict | None:
                     if lo > len(view) or hi > len(view):
                         return None
                     tensor[field] = view[lo:hi]
+                    viewed += hi - lo
                     base, unpacker = hi, _unpacker(view, hi)  # resume after the bin, never reading it
                 weights[name] = tensor
             body[key] = weights
-        return body if base + unpacker.tell() == len(view) else None
+        return body if base + unpacker.tell() == len(view) and 2 * viewed >= len(view) else None
     except Exception:  # noqa: BLE001 - malformed: the ordinary decoder raises the WireError that names it
         return None
 

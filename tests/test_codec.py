@@ -209,3 +209,13 @@ def test_viewing_decoder_agrees_with_unpackb_on_every_mutation(monkeypatch: pyte
     viewed = [_outcome(p) for p in payloads]
     assert viewed == copied
     assert sum(o[0] == "error" for o in viewed) >= 400  # the corpus does reach the error paths
+
+
+def test_a_payload_that_is_mostly_not_tensors_is_copied_not_viewed() -> None:
+    """Views keep the whole payload alive: a payload whose tensor data is under half of it (here a 300 KB string
+    beside a 100 KB tensor) is decoded the copying way, so a few tensor bytes never pin a big payload."""
+    body = msgpack.unpackb(schemas.pack(update({"w": torch.randn(25_000)})))
+    body["job"] = "j" * 300_000
+    assert schemas.codec._unpack_viewing(msgpack.packb(body)) is None
+    body["job"] = "j"
+    assert schemas.codec._unpack_viewing(msgpack.packb(body)) is not None
