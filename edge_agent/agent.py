@@ -304,7 +304,7 @@ class Agent:
         self.state = "training"
         self._wake.set()
         t0 = time.monotonic()
-        # The decoded tensors already own their memory (the codec copies out of the payload) and this
+        # The decoded tensors view (or copy) their own packet's buffer, which nothing else uses, and this
         # version is never trained again, so the task gets them without another 4 bytes/param copy.
         weights, budget = self._starting_point(g)
         result = await asyncio.to_thread(self.task.train, weights, budget)
