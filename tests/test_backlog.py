@@ -37,29 +37,37 @@ def watched(c: aiomqtt.Client, max_bytes: int) -> Watched:
     return c._queue
 
 
+async def _through(b, name: str, limit: int, count: int, handle, wait_for_pause: bool = False) -> Watched:
+    """Publish ``count`` messages of 100 KB to a subscriber whose queue is bounded at ``limit`` bytes, then
+    consume them all, calling ``await handle(i, sub, queue)`` on the i-th; they must all arrive, in order."""
+    payloads = [os.urandom(100 * KB) for _ in range(count)]
+    sub = client(b, name)
+    queue = watched(sub, limit)
+    async with sub, client(b, "pub") as pub:
+        await sub.subscribe(f"{name}/#", qos=1)
+        for i, p in enumerate(payloads):
+            await pub.publish(f"{name}/{i}", p, qos=1)
+        got = []
+        async with asyncio.timeout(60):
+            if wait_for_pause:
+                await queue.first_pause.wait()
+            async for m in sub.messages:
+                got.append(bytes(m.payload))
+                await handle(len(got) - 1, sub, queue)
+                if len(got) == len(payloads):
+                    break
+    assert got == payloads
+    return queue
+
+
 def test_a_slow_consumer_holds_a_bounded_backlog_and_loses_nothing(mosquitto) -> None:
     """60 messages of 100 KB to a subscriber that acknowledges on arrival (the broker sends all it has) and
     handles each in a few ms: it never holds much more than its 1 MB bound, and gets all 60, in order."""
-    payloads = [os.urandom(100 * KB) for _ in range(60)]
 
-    async def go() -> Watched:
-        sub = client(mosquitto, "slow")
-        queue = watched(sub, 1024 * KB)
-        async with sub, client(mosquitto, "pub") as pub:
-            await sub.subscribe("flow/#", qos=1)
-            for i, p in enumerate(payloads):
-                await pub.publish(f"flow/{i}", p, qos=1)
-            got = []
-            async with asyncio.timeout(60):
-                async for m in sub.messages:
-                    got.append(bytes(m.payload))
-                    await asyncio.sleep(0.003)  # the consumer's work, not synchronisation
-                    if len(got) == len(payloads):
-                        break
-        assert got == payloads
-        return queue
+    async def handle(i: int, sub, queue) -> None:
+        await asyncio.sleep(0.003)  # the consumer's work, not synchronisation
 
-    queue = asyncio.run(go())
+    queue = asyncio.run(_through(mosquitto, "slow", 1024 * KB, 60, handle))
     assert queue.pauses >= 1 and queue.first_pause.is_set()
     assert queue.most <= 1024 * KB + 101 * KB  # the bound, plus the one packet that crossed it
     assert queue.bytes == 0 and not queue.paused
@@ -69,29 +77,27 @@ def test_a_consumer_that_waits_on_the_reader_is_not_deadlocked(mosquitto) -> Non
     """The reader is paused (the queue is over its bound) while the consumer awaits the PUBACK of its own QoS 1
     publish, which only the reader can deliver: the stall is detected, the reader resumes, the publish
     completes, and every message still arrives."""
-    payloads = [os.urandom(100 * KB) for _ in range(10)]
 
-    async def go() -> Watched:
-        sub = client(mosquitto, "waiter")
-        queue = watched(sub, 250 * KB)
-        async with sub, client(mosquitto, "pub") as pub:
-            await sub.subscribe("wait/#", qos=1)
-            for i, p in enumerate(payloads):
-                await pub.publish(f"wait/{i}", p, qos=1)
-            async with asyncio.timeout(30):
-                await queue.first_pause.wait()
-                got = []
-                async for m in sub.messages:
-                    got.append(bytes(m.payload))
-                    if len(got) == 1:
-                        await sub.publish("wait-reply", b"x", qos=1)  # needs the reader for its PUBACK
-                    if len(got) == len(payloads):
-                        break
-        assert got == payloads
-        return queue
+    async def handle(i: int, sub, queue) -> None:
+        if i == 0:
+            await sub.publish("wait-reply", b"x", qos=1)  # needs the reader for its PUBACK
 
-    queue = asyncio.run(go())
+    queue = asyncio.run(_through(mosquitto, "wait", 250 * KB, 10, handle, wait_for_pause=True))
     assert queue.stalls >= 1
+
+
+def test_work_that_needs_no_reader_keeps_the_bound(mosquitto) -> None:
+    """A consumer busy for 0.5 s in a thread (a big decode, a disk write) inside ``working()``: no stall is
+    declared, so the queue stays within its bound while 40 more messages wait in the broker."""
+
+    async def handle(i: int, sub, queue) -> None:
+        if i == 0:
+            with queue.working():
+                await asyncio.to_thread(time.sleep, 0.5)  # the work itself, needing no reader
+
+    queue = asyncio.run(_through(mosquitto, "busy", 300 * KB, 40, handle))
+    assert queue.stalls == 0 and queue.pauses >= 1
+    assert queue.most <= 300 * KB + 101 * KB
 
 
 def test_without_a_socket_the_queue_only_counts() -> None:
@@ -113,32 +119,3 @@ def test_without_a_socket_the_queue_only_counts() -> None:
         assert bound_backlog(object()) is None
 
     asyncio.run(go())
-
-
-def test_work_that_needs_no_reader_keeps_the_bound(mosquitto) -> None:
-    """A consumer busy for 0.5 s in a thread (a big decode, a disk write) inside ``working()``: no stall is
-    declared, so the queue stays within its bound while 40 more messages wait in the broker."""
-    payloads = [os.urandom(100 * KB) for _ in range(40)]
-
-    async def go() -> Watched:
-        sub = client(mosquitto, "busy")
-        queue = watched(sub, 300 * KB)
-        async with sub, client(mosquitto, "pub") as pub:
-            await sub.subscribe("busy/#", qos=1)
-            for i, p in enumerate(payloads):
-                await pub.publish(f"busy/{i}", p, qos=1)
-            got = []
-            async with asyncio.timeout(30):
-                async for m in sub.messages:
-                    got.append(bytes(m.payload))
-                    if len(got) == 1:
-                        with queue.working():
-                            await asyncio.to_thread(time.sleep, 0.5)  # the work itself, needing no reader
-                    if len(got) == len(payloads):
-                        break
-        assert got == payloads
-        return queue
-
-    queue = asyncio.run(go())
-    assert queue.stalls == 0 and queue.pauses >= 1
-    assert queue.most <= 300 * KB + 101 * KB
