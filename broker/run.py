@@ -32,13 +32,20 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+PORT_TRIES = 3  # broker starts on ports we picked ourselves, before giving up (start_broker)
+
+
+class BrokerExited(RuntimeError):
+    """The broker process exited before it listened (a bad config, or its port taken meanwhile)."""
+
+
 def wait_for_port(host: str, port: int, timeout: float = 15.0,
                   proc: subprocess.Popen | None = None) -> None:
     """Block until ``host:port`` accepts TCP connections; raise on timeout or process exit."""
     deadline = time.monotonic() + timeout
     while True:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"broker exited with code {proc.returncode} before listening")
+            raise BrokerExited(f"broker exited with code {proc.returncode} before listening")
         try:
             with socket.create_connection((host, port), timeout=0.5):
                 return
@@ -159,7 +166,23 @@ def start_broker(port: int | None = None, *, kind: str = "auto", host: str = "12
                  data_dir: Path | None = None, quiet: bool = True,
                  timeout: float = 15.0, secure_dir: Path | None = None,
                  tls_port: int | None = None, bridge: Bridge | None = None) -> BrokerProcess:
-    """Start mosquitto (``kind='mosquitto'``), amqtt (``'embedded'``) or whichever exists."""
+    """Start mosquitto (``kind='mosquitto'``), amqtt (``'embedded'``) or whichever exists.
+
+    Ports left to us are free when picked but may be taken before the broker binds them (another
+    process, or the TLS port drawn equal to the plain one): a broker that exits before listening
+    on such ports is started again on fresh ones, up to ``PORT_TRIES`` times."""
+    tries = 1 if port is not None and (secure_dir is None or tls_port is not None) else PORT_TRIES
+    for attempt in range(tries):
+        try:
+            return _start_broker(port, kind, host, data_dir, quiet, timeout, secure_dir, tls_port, bridge)
+        except BrokerExited:
+            if attempt == tries - 1:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _start_broker(port: int | None, kind: str, host: str, data_dir: Path | None, quiet: bool, timeout: float,
+                  secure_dir: Path | None, tls_port: int | None, bridge: Bridge | None) -> BrokerProcess:
     port = port or free_port(host)
     mosquitto = find_mosquitto()
     if kind == "auto":
@@ -177,7 +200,8 @@ def start_broker(port: int | None = None, *, kind: str = "auto", host: str = "12
         if secure_dir is not None:
             from broker.security import render_secure_config
 
-            tls_port = tls_port or free_port(host)
+            while tls_port is None or tls_port == port:
+                tls_port = free_port(host)
             conf.write_text(render_secure_config(Path(secure_dir).resolve(), data_dir, port,
                                                  tls_port, bind=host, tls_bind=host))
         else:

@@ -57,3 +57,32 @@ def test_cli_broker_accepts_connections_and_stops_on_sigint() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_port_taken_before_the_broker_binds_it_is_retried(mosquitto_bin, monkeypatch, tmp_path) -> None:
+    """free_port() can hand out a port that is taken before mosquitto binds it (another process; or, for the
+    secure config, the TLS port drawn equal to the plain one): the broker is started again on fresh ports
+    instead of failing the caller."""
+    import socket
+
+    from broker import run
+    from broker.security import gen_credentials
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))  # bound, not listening: mosquitto cannot bind it, and nothing answers on it
+    draws = [taken.getsockname()[1]]
+    real = run.free_port
+    monkeypatch.setattr(run, "free_port", lambda host="127.0.0.1": draws.pop(0) if draws else real(host))
+    with taken, run.start_broker(kind="mosquitto") as b:
+        assert b.port != taken.getsockname()[1]
+        wait_for_port(b.host, b.port, 5)
+    same = real()
+    draws[:] = [same, same]  # the plain and the TLS port drawn equal
+    conf = tmp_path / "secrets"
+    gen_credentials(conf, agents=1, job="j")
+    from broker.security import gen_tls
+
+    gen_tls(conf / "tls", clients=[])
+    with run.start_broker(kind="mosquitto", secure_dir=conf) as b:
+        assert b.port == same and b.tls_port != same
+        wait_for_port(b.host, b.tls_port, 5)
