@@ -20,7 +20,9 @@ QoS 1 publish). A paused reader whose queue has not moved for ``stall_s`` is put
 until the consumer takes a message again — never a deadlock, at worst the unbounded behaviour
 above while the consumer is stuck. Work that needs nothing from the reader (a big decode or a
 disk write in a thread) runs inside ``with queue.working():``, which no stall interrupts: the
-bound holds through it.
+bound holds through it. No pause lasts longer than ``MAX_PAUSE_S`` (then one more packet is read),
+so the socket is never left unread long enough for the keepalive to drop the connection (paho
+gives up after two keepalive intervals without a byte).
 
 The reader is the one aiomqtt registered (read back from the asyncio selector loop's key for the
 socket), so its error handling is aiomqtt's own; on a loop without a selector (uvloop) or before
@@ -37,6 +39,7 @@ from typing import Any
 MAX_BYTES = 16 * 1024 * 1024  # 40 updates of 100k float32 parameters; one big model at a time
 MAX_MESSAGES = 1000  # control commands and acks are small: bounds the count as well
 STALL_S = 0.05
+MAX_PAUSE_S = 10.0  # the longest one pause lasts (our keepalives are 30 s)
 
 
 def _size(message: Any) -> int:
@@ -59,6 +62,7 @@ class Backlog(asyncio.Queue):
         self._reader: tuple[Any, int, Any, tuple] | None = None  # (socket, fd, callback, args) while paused
         self._stalled = False
         self._working = 0
+        self._paused_at = 0.0
         self._watch: asyncio.TimerHandle | None = None
 
     @property
@@ -108,6 +112,7 @@ class Backlog(asyncio.Queue):
             return
         self._reader = (sock, fd, handle._callback, handle._args)
         loop.remove_reader(fd)
+        self._paused_at = loop.time()
         self.pauses += 1
         self._watch = loop.call_later(self.stall_s, self._check, self.taken)
 
@@ -116,12 +121,15 @@ class Backlog(asyncio.Queue):
         self._watch = None
         if self._reader is None:
             return
+        loop, _ = self._loop_and_socket()
+        if loop.time() - self._paused_at > MAX_PAUSE_S:
+            self._resume()  # read now and then whatever the consumer does: the keepalive needs bytes
+            return
         if self.taken == taken and not self._working:
             self.stalls += 1
             self._stalled = True
             self._resume()
             return
-        loop, _ = self._loop_and_socket()
         self._watch = loop.call_later(self.stall_s, self._check, self.taken)
 
     def _resume(self) -> None:

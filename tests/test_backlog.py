@@ -119,3 +119,20 @@ def test_without_a_socket_the_queue_only_counts() -> None:
         assert bound_backlog(object()) is None
 
     asyncio.run(go())
+
+
+def test_no_pause_outlasts_max_pause(mosquitto, monkeypatch) -> None:
+    """A consumer that works (inside ``working()``) longer than MAX_PAUSE_S: the reader is put back now and
+    then so the keepalive sees bytes, and each time it pauses again at the next packet over the bound."""
+    from schemas import backlog
+
+    monkeypatch.setattr(backlog, "MAX_PAUSE_S", 0.2)
+
+    async def handle(i: int, sub, queue) -> None:
+        if i == 0:
+            with queue.working():
+                await asyncio.to_thread(time.sleep, 1.0)
+
+    queue = asyncio.run(_through(mosquitto, "keep", 300 * KB, 30, handle))
+    assert queue.stalls == 0 and queue.pauses >= 3  # paused, read one more after each 0.2 s, paused again
+    assert queue.most <= 300 * KB + 8 * 101 * KB  # at most one packet per 0.2 s beyond the bound
