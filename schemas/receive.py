@@ -9,19 +9,21 @@ reads the MQTT 3.1.1 header fields through a ``memoryview`` and copies the paylo
 
 Before that decoder, paho *reads* a big packet as ``packet += sock.recv(rest)`` in a loop: every
 call allocates a fresh buffer of the whole rest (a 400 KB update arrives in 5-6 reads on
-loopback) and every ``+=`` grows the packet again — about 300 µs of the ~560 µs the aggregator
-spent per 400 KB update. So ``fast_publish`` also gives the client a reader for the body of a
-PUBLISH of ``DIRECT_READ`` bytes or more: ``recv_into`` one buffer of the exact size, kept for
-the next packet up to ``KEEP_BYTES`` (warm memory, no page faults), then paho's own code
-handles the packet as before. Header bytes, small packets, and sockets without ``recv_into``
-(websockets) keep paho's reader.
+loopback) and every ``+=`` grows the packet again (~300 µs per 400 KB update in the aggregator
+while its queue grew without bound; once ``schemas.backlog`` bounds it, no gain was measurable on
+loopback, so this is kept for never allocating per read, not for a figure). ``fast_publish``
+reads the body of a PUBLISH of ``DIRECT_READ`` bytes or more with ``recv_into`` into one buffer
+of the exact size, kept for the next packet up to ``KEEP_BYTES``, then paho's own code handles
+the packet as before. Header bytes, small packets, and sockets without ``recv_into``
+(websockets) keep paho's reader. With ``views=True`` the buffer is the packet's own (never
+reused) and the payload a read-only ``memoryview`` of it: no copy at all after the socket's.
 
 Scope, so the shortcut can never change what a message means: QoS 0 and 1 on MQTT 3.1.1,
 which is what our clients use; anything else (QoS 2, MQTT 5 properties, a packet too short
 for its own header or with an empty topic) goes to paho's own decoder, which also reports
-malformed packets as it always did. The handler uses paho's private ``_in_packet``,
-``_handle_on_message``, ``_send_puback`` and ``_manual_ack``; it is installed only where they
-exist and paho's major version is 2 (``installed`` says whether it was).
+malformed packets as it always did. The handler and reader use paho's private attributes in
+``_NEEDED``; they are installed only where those exist and paho's major version is 2
+(``installed`` says whether they were).
 """
 
 from __future__ import annotations
