@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import ssl
 from pathlib import Path
 
@@ -86,6 +87,33 @@ async def test_tls_listener(secure) -> None:
     with pytest.raises((aiomqtt.MqttError, TimeoutError)):
         async with asyncio.timeout(5), aiomqtt.Client(b.host, b.tls_port, **creds(users, "agent-0")):
             pass  # plain MQTT on the TLS port
+
+
+async def test_big_payloads_over_tls_reach_the_aggregators_fast_reader_intact(secure, job: str) -> None:
+    """The aggregator's receive path over TLS: bodies read with recv_into from an SSL socket (16 KB records, data
+    already decrypted when the socket stops signalling), payloads as views, the backlog bounded at 1 MB."""
+    from schemas.backlog import bound_backlog
+    from schemas.receive import fast_publish
+
+    b, users, conf = secure
+    tls = ssl.create_default_context(cafile=str(conf / "tls" / "ca.crt"))
+    payloads = [os.urandom(n) for n in (3 * 2**20, 200_000, 1_000_000, 70_000, 2 * 2**20)]
+    sub = aiomqtt.Client(b.host, b.tls_port, tls_context=tls, **creds(users, f"aggregator-{job}"))
+    assert fast_publish(sub, views=True)
+    queue = bound_backlog(sub, max_bytes=2**20)
+    async with asyncio.timeout(30), sub, aiomqtt.Client(b.host, b.tls_port, tls_context=tls,
+                                                        **creds(users, "agent-0")) as pub:
+        await sub.subscribe(Topics(job).updates, qos=1)
+        for p in payloads:
+            await pub.publish(Topics(job).update("agent-0"), p, qos=1)
+        got = []
+        async for m in sub.messages:
+            got.append(m.payload)
+            if len(got) == len(payloads):
+                break
+    assert all(isinstance(p, memoryview) for p in got)
+    assert [bytes(p) for p in got] == payloads
+    assert queue.pauses >= 1
 
 
 async def test_python_password_hash_is_accepted_by_mosquitto(tmp_path: Path) -> None:
