@@ -181,6 +181,7 @@ class Aggregator:
                                    max_clock_skew=settings.max_clock_skew)
         self.counters = Counters()
         self.metrics = Metrics(settings.metrics_port)
+        self.metrics.watch_backlog(self.backlog_stats)
         self.version = 0
         self.weights: dict[str, torch.Tensor] = {}
         self.policy: PolicySpec = settings.policy
@@ -200,6 +201,7 @@ class Aggregator:
         self._fusing: asyncio.Task | None = None
         self._client: aiomqtt.Client | None = None
         self._backlog: Any = None  # the incoming queue of the current connection (schemas.backlog)
+        self._backlog_past = {"pauses": 0, "stalls": 0}  # of the connections before it
         self._warned: set[tuple[str, str]] = set()
         self._warn_window: list = [time.monotonic(), 0, 0]  # window start, warnings, suppressed
         self._acks: dict[str, UpdateAck] = {}
@@ -431,6 +433,12 @@ class Aggregator:
                     await asyncio.to_thread(self.checkpoint.inbox_put, update.update_id, payload)
 
         await self._admit(agent, update, persist)
+
+    def backlog_stats(self) -> dict[str, float]:
+        """The incoming backlog now (bytes, messages, paused) and its pauses and stalls since start."""
+        q = self._backlog
+        now = {"bytes": q.bytes, "messages": q.qsize(), "paused": float(q.paused)} if q is not None else {}
+        return {**now, **{k: v + (getattr(q, k) if q is not None else 0) for k, v in self._backlog_past.items()}}
 
     def _working(self) -> contextlib.AbstractContextManager:
         """Around work in a thread that needs nothing from the MQTT reader: the backlog bound holds through it."""
@@ -861,6 +869,8 @@ class Aggregator:
                                 max_queued_outgoing_messages=None)
         client._client.manual_ack_set(True)
         fast_publish(client, views=True)  # updates are read into one buffer each and never copied after
+        if self._backlog is not None:
+            self._backlog_past = {k: v + getattr(self._backlog, k) for k, v in self._backlog_past.items()}
         self._backlog = bound_backlog(client)  # behind: leave the backlog in the broker, not in our memory
         async with client:
             self._client = client

@@ -136,3 +136,41 @@ def test_no_pause_outlasts_max_pause(mosquitto, monkeypatch) -> None:
     queue = asyncio.run(_through(mosquitto, "keep", 300 * KB, 30, handle))
     assert queue.stalls == 0 and queue.pauses >= 3  # paused, read one more after each 0.2 s, paused again
     assert queue.most <= 300 * KB + 8 * 101 * KB  # at most one packet per 0.2 s beyond the bound
+
+
+def test_the_aggregators_backlog_shows_in_its_metrics(mosquitto, job: str, monkeypatch) -> None:
+    """An aggregator whose backlog bound (300 KB here) is crossed by 40 updates of 400 KB: every update is
+    accepted, and /metrics reports the pauses, nothing held at the end, and the reader not paused."""
+    import functools
+    import urllib.request
+
+    import schemas
+    from aggregator import service
+    from broker import free_port
+    from schemas import Topics
+    from schemas import backlog as bl
+    from tests.mqtt_helpers import Watcher, update
+    from tests.test_aggregator import running, settings
+
+    monkeypatch.setattr(service, "bound_backlog", functools.partial(bl.bound_backlog, max_bytes=300 * KB))
+    port = free_port()
+    s = settings(mosquitto, job, task_options={"shapes": [[100_000]]}, quorum=1000, metrics_port=port)
+
+    async def go() -> str:
+        async with Watcher(mosquitto, job) as w, running(s):
+            g = await w.version(0)
+            payloads = [schemas.pack(update(job, f"a{i}", 0, {k: v + i for k, v in g.weights.items()}))
+                        for i in range(40)]
+            async with client(mosquitto, "pub") as pub:
+                for i, p in enumerate(payloads):
+                    await pub.publish(Topics(job).update(f"a{i}"), p, qos=1)
+            await w.until(lambda: w.statuses and w.status.accepted == 40, 60, "40 accepted")
+            return await asyncio.to_thread(
+                lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode())
+
+    text = asyncio.run(go())
+    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+              if line.startswith("fedwb_incoming_")}
+    assert values["fedwb_incoming_pauses"] >= 1
+    assert values["fedwb_incoming_bytes"] == 0 and values["fedwb_incoming_messages"] == 0
+    assert values["fedwb_incoming_paused"] == 0 and "fedwb_incoming_stalls" in values
