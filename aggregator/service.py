@@ -71,6 +71,7 @@ from schemas.chunks import (
 from schemas.codec import MQTT_MAX_PACKET
 from schemas.connection import run_loop
 from schemas.receive import fast_publish
+from schemas.send import fast_send
 from schemas.signing import load_private_key, sign
 from schemas.topics import UPSTREAM_PREFIX
 
@@ -869,6 +870,7 @@ class Aggregator:
                                 max_queued_outgoing_messages=None)
         client._client.manual_ack_set(True)
         fast_publish(client, views=True)  # updates are read into one buffer each and never copied after
+        fast_send(client)  # a global model leaves through views of its packet, not a copy per partial write
         if self._backlog is not None:
             self._backlog_past = {k: v + getattr(self._backlog, k) for k, v in self._backlog_past.items()}
         self._backlog = bound_backlog(client)  # behind: leave the backlog in the broker, not in our memory

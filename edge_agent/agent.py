@@ -52,6 +52,7 @@ from schemas.chunks import (
 from schemas.codec import MQTT_MAX_PACKET
 from schemas.connection import run_loop
 from schemas.receive import fast_publish
+from schemas.send import fast_send
 
 log = logging.getLogger("fedwb.agent")
 
@@ -373,6 +374,7 @@ class Agent:
         client = aiomqtt.Client(**self.address.client_kwargs(), identifier=f"fedwb-agent-{self.s.job}-"
                                 f"{self.s.agent_id}", will=will, keepalive=30)
         fast_publish(client, views=True)  # a global model is read into one buffer and never copied after
+        fast_send(client)  # an update leaves through views of its packet, not a copy per partial write
         async with client:
             self._connected = True
             await client.subscribe([(self.topics.global_model, 1), (self.topics.ack(self.s.agent_id), 1)])
