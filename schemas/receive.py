@@ -30,10 +30,8 @@ from __future__ import annotations
 
 import ssl
 import time
-import types
 from typing import Any
 
-import paho.mqtt
 from paho.mqtt.client import (
     MQTT_ERR_AGAIN,
     MQTT_ERR_CONN_LOST,
@@ -45,15 +43,13 @@ from paho.mqtt.client import (
     time_func,
 )
 
+from schemas.paho_patch import override, patchable
+
 _NEEDED = ("_in_packet", "_handle_on_message", "_send_puback", "_manual_ack", "_protocol", "_handle_publish",
            "_packet_read", "_sock_recv", "_easy_log", "_msgtime_mutex", "_call_socket_register_write")
 DIRECT_READ = 64 * 1024  # PUBLISH bodies this long or longer are read straight into one buffer
 KEEP_BYTES = 64 * 1024 * 1024  # the receive buffer is kept for the next packet up to this size
 READS_PER_CALL = 100  # as paho: a huge packet yields to the event loop every this many reads
-
-
-def _paho_supported() -> bool:
-    return str(getattr(paho.mqtt, "__version__", "0")).split(".")[0] == "2"
 
 
 def split_publish(header: int, packet: bytes | bytearray | memoryview,
@@ -174,17 +170,13 @@ def fast_publish(client: Any, views: bool = False) -> bool:
     ``views``: QoS 0/1 payloads arrive as read-only ``memoryview``s of a buffer that belongs to
     that one packet, not as ``bytes`` — no copy at all after the socket's, for a consumer that
     takes any bytes-like payload (the aggregator's update path). Default: ``bytes``, copied once."""
-    paho_client = getattr(client, "_client", None)
-    if paho_client is None or not _paho_supported() or not all(hasattr(paho_client, n) for n in _NEEDED):
+    paho_client = patchable(client, _NEEDED)
+    if paho_client is None:
         return False
     paho_client._fedwb_views = views
-    if not hasattr(paho_client, "_fedwb_paho_handle_publish"):
-        paho_client._fedwb_paho_handle_publish = paho_client._handle_publish
-        paho_client._handle_publish = types.MethodType(_handle_publish, paho_client)
-        paho_client._fedwb_paho_sock_recv = paho_client._sock_recv
-        paho_client._sock_recv = types.MethodType(_sock_recv, paho_client)
-        paho_client._fedwb_paho_packet_read = paho_client._packet_read
-        paho_client._packet_read = types.MethodType(_packet_read, paho_client)
+    override(paho_client, "_handle_publish", _handle_publish)
+    override(paho_client, "_sock_recv", _sock_recv)
+    override(paho_client, "_packet_read", _packet_read)
     return True
 
 

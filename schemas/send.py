@@ -15,10 +15,9 @@ each write itself, so packets go unwrapped. Uses paho's private ``_packet_queue`
 
 from __future__ import annotations
 
-import types
 from typing import Any
 
-import paho.mqtt
+from schemas.paho_patch import override, patchable
 
 VIEW_FROM = 64 * 1024  # packets this long or longer are written through views
 _NEEDED = ("_packet_queue", "_packet_write", "_transport", "_out_packet")
@@ -51,11 +50,8 @@ def _packet_queue(self: Any, command: int, packet: bytes | bytearray, mid: int, 
 
 def fast_send(client: Any) -> bool:
     """Give this aiomqtt client (its paho client) writes without copies; whether they were installed."""
-    paho_client = getattr(client, "_client", None)
-    if paho_client is None or str(getattr(paho.mqtt, "__version__", "0")).split(".")[0] != "2" \
-            or not all(hasattr(paho_client, n) for n in _NEEDED):
+    paho_client = patchable(client, _NEEDED)
+    if paho_client is None:
         return False
-    if not hasattr(paho_client, "_fedwb_paho_packet_queue"):
-        paho_client._fedwb_paho_packet_queue = paho_client._packet_queue
-        paho_client._packet_queue = types.MethodType(_packet_queue, paho_client)
+    override(paho_client, "_packet_queue", _packet_queue)
     return True
