@@ -422,16 +422,14 @@ class Aggregator:
             if len(payload) < INLINE_DECODE_BYTES:
                 update = self._decode(payload)
             else:
-                with self._working():
-                    update = await asyncio.to_thread(self._decode, payload)
+                update = await self._in_thread(self._decode, payload)
         except WireError as exc:
             self._reject_wire(agent, exc)
             return
 
         async def persist() -> None:
             if self.checkpoint is not None:
-                with self._working():
-                    await asyncio.to_thread(self.checkpoint.inbox_put, update.update_id, payload)
+                await self._in_thread(self.checkpoint.inbox_put, update.update_id, payload)
 
         await self._admit(agent, update, persist)
 
@@ -441,9 +439,11 @@ class Aggregator:
         now = {"bytes": q.bytes, "messages": q.qsize(), "paused": float(q.paused)} if q is not None else {}
         return {**now, **{k: v + (getattr(q, k) if q is not None else 0) for k, v in self._backlog_past.items()}}
 
-    def _working(self) -> contextlib.AbstractContextManager:
-        """Around work in a thread that needs nothing from the MQTT reader: the backlog bound holds through it."""
-        return self._backlog.working() if self._backlog is not None else contextlib.nullcontext()
+    async def _in_thread(self, fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` in a thread, for message handling that needs nothing from the MQTT reader while it runs
+        (decodes, inbox writes, chunks): the backlog's bound holds through it (``Backlog.working``)."""
+        with self._backlog.working() if self._backlog is not None else contextlib.nullcontext():
+            return await asyncio.to_thread(fn, *args)
 
     def _reject_wire(self, agent: str, exc: WireError) -> None:
         self._reject(agent, wire_reason(exc), str(exc))
@@ -530,8 +530,7 @@ class Aggregator:
         if held is None:
             return  # a chunk of a transfer already decided (duplicate, rejected, done) or expired: dropped
         try:
-            with self._working():
-                await asyncio.to_thread(held.reassembly.add, index, data)
+            await self._in_thread(held.reassembly.add, index, data)
         except (WireError, OSError) as exc:
             self._reject(agent, "bad_chunk", str(exc))
             return
@@ -542,8 +541,7 @@ class Aggregator:
         """A transfer has all its chunks: check the tensors (one at a time), then admit the update."""
         held = self._spool().finish(agent)
         try:
-            with self._working():
-                weights = await asyncio.to_thread(held.reassembly.weights)
+            weights = await self._in_thread(held.reassembly.weights)
             update = build_message(ModelUpdate, held.manifest, weights)
         except (WireError, OSError) as exc:
             held.reassembly.discard()
@@ -552,9 +550,8 @@ class Aggregator:
 
         async def persist() -> None:
             if self.checkpoint is not None:
-                with self._working():
-                    path = await asyncio.to_thread(self.checkpoint.inbox_put_chunked, update.update_id,
-                                                   held.payload, held.path)
+                path = await self._in_thread(self.checkpoint.inbox_put_chunked, update.update_id, held.payload,
+                                             held.path)
                 update.__dict__["weights"] = FileWeights(path, held.manifest)
 
         adm = await self._admit(agent, update, persist)
