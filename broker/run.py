@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -172,13 +173,10 @@ def start_broker(port: int | None = None, *, kind: str = "auto", host: str = "12
     process, or the TLS port drawn equal to the plain one): a broker that exits before listening
     on such ports is started again on fresh ones, up to ``PORT_TRIES`` times."""
     tries = 1 if port is not None and (secure_dir is None or tls_port is not None) else PORT_TRIES
-    for attempt in range(tries):
-        try:
+    for _ in range(tries - 1):
+        with contextlib.suppress(BrokerExited):
             return _start_broker(port, kind, host, data_dir, quiet, timeout, secure_dir, tls_port, bridge)
-        except BrokerExited:
-            if attempt == tries - 1:
-                raise
-    raise AssertionError("unreachable")  # pragma: no cover
+    return _start_broker(port, kind, host, data_dir, quiet, timeout, secure_dir, tls_port, bridge)
 
 
 def _start_broker(port: int | None, kind: str, host: str, data_dir: Path | None, quiet: bool, timeout: float,
