@@ -225,3 +225,75 @@ def test_long_blocks_follow_the_drift_of_the_potentials(drift: float, most_execu
     assert fake.executed <= most_executed and len(fake.steps) <= most_blocks, (fake.executed, fake.steps)
     if drift < 0.1:
         assert max(fake.steps) == 10 * triton_solver.LONG_CHECKS
+
+
+def _band_lse(x: torch.Tensor, cost: torch.Tensor, band: int) -> torch.Tensor:
+    """Reference: LSE_{|d|<=band}(x[:, i+d] - c_d) over the row, 0 where every term is -inf."""
+    k_rows, n = x.shape
+    pad = torch.full((k_rows, band), -math.inf, dtype=torch.float64)
+    xp = torch.cat([pad, x, pad], dim=1)
+    terms = torch.stack([xp[:, band + d:band + d + n] - cost[d + band] for d in range(-band, band + 1)])
+    out = torch.logsumexp(terms, dim=0)
+    return torch.where(torch.isfinite(out), out, 0.0)
+
+
+@needs_triton
+@pytest.mark.parametrize("device", DEVICES)
+def test_windowed_lse_is_the_exact_band_lse_where_values_span_far_beyond_float64(device: str) -> None:
+    """The log kernels' windowed LSE (one exponential per point against the window's maximum) equals the exact
+    two-pass LSE on rows spanning several windows: smooth values, jumps of 1,500 nats inside a window (points
+    far beneath the window's maximum take the exact recomputation), and runs of -inf narrower and wider than
+    the band; and f = log a - LSE is -inf exactly where a = 0."""
+    rng = np.random.default_rng(3)
+    n, band, reg = 3000, 7, 0.1
+    gap = band
+    x = np.cumsum(rng.normal(0, 0.3, (3, n)), axis=1)
+    x[1] += np.where(np.arange(n) % 700 < 350, 1500.0, -1500.0)  # deep valleys beside high plateaus
+    x[1, 1200:1205] = 3000.0  # a spike above the plateau
+    x[2, 100:104] = -np.inf  # narrower than the band
+    x[2, 900:1400] = -np.inf  # wider than the band: l = LSE is -inf there (returned as 0)
+    xt = torch.tensor(x, device=device)
+    offsets = torch.arange(-gap, gap + 1, dtype=torch.float64, device=device)
+    cost = offsets * offsets / reg
+    w = torch.exp(-cost)
+    loga = torch.where(torch.rand(3, n, generator=torch.Generator().manual_seed(0)) < 0.2, -math.inf,
+                       torch.log(torch.rand(3, n, dtype=torch.float64, generator=torch.Generator().manual_seed(1))))
+    loga = loga.to(device)
+    span = triton_solver.WINDOW - 2 * band
+    tiles = -(-n // span)
+    scratch = torch.empty(3 * tiles * triton_solver.WINDOW, dtype=torch.float64, device=device)
+    counts = torch.empty(3 * tiles * triton_solver.WINDOW, dtype=torch.int32, device=device)
+    ref = _band_lse(torch.tensor(x), cost.cpu(), band)
+    for sub_a in (False, True):
+        out = torch.full((3, n), math.nan, dtype=torch.float64, device=device)
+        triton_solver._lse_rows[(tiles, 3)](xt, loga, out, scratch, counts, w, cost, gap, n, span, band,
+                                            DS=min(band, triton_solver.UNROLL), BW=triton_solver.WINDOW,
+                                            SUB_A=sub_a, LOG_TINY=triton_solver.LOG_TINY)
+        got = out.cpu()
+        want = torch.where(loga.cpu() > -math.inf, loga.cpu() - ref, -math.inf) if sub_a else ref
+        assert torch.equal(torch.isfinite(got), torch.isfinite(want))
+        fin = torch.isfinite(want)
+        assert float((got[fin] - want[fin]).abs().max()) <= 1e-12 * max(1.0, float(want[fin].abs().max()))
+    valley = ref[1, 400:600]
+    assert float(valley.max()) < float(ref[1].max()) - 2000, "the valleys must lie far beneath the window maximum"
+
+
+@needs_triton
+@pytest.mark.parametrize("device", DEVICES)
+def test_windowed_and_exact_log_kernels_give_the_same_iterate(device: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The far-apart histograms switch to the log domain; the rest of the solve is the same iterate with the
+    windowed LSE and with the two-pass one (WINDOW_BAND below every band)."""
+    h = cases(40, np.random.default_rng(11))["far"]
+    lam = torch.full((h.shape[0],), 1.0 / h.shape[0], dtype=torch.float64)
+    kw = {"reg": 0.05, "stop_threshold": 0.0, "max_iter": 30}
+    switches = []
+    to_log = triton_solver._Blocks.to_log
+    monkeypatch.setattr(triton_solver._Blocks, "to_log", lambda self: (switches.append(1), to_log(self)))
+    triton_solver._cache.clear()
+    windowed = triton_solver.barycenters_triton([torch.tensor(h, device=device)], lam, **kw)[0][0].cpu()
+    monkeypatch.setattr(triton_solver, "WINDOW_BAND", -1)
+    triton_solver._cache.clear()
+    exact = triton_solver.barycenters_triton([torch.tensor(h, device=device)], lam, **kw)[0][0].cpu()
+    triton_solver._cache.clear()
+    assert len(switches) == 2
+    assert float((windowed - exact).abs().max()) <= 1e-12 * float(exact.abs().max())

@@ -16,9 +16,14 @@ same iterate continues in the log domain from :math:`G = \log v`:
     \ell_k = \mathrm{LSE}_{|d| \le D_u}(f_{k,i+d} - d^2/\varepsilon), \qquad
     \log b = \sum_k \lambda_k \ell_k, \qquad G_k = \log b - \ell_k,
 
-kernel ``_lse_f`` for :math:`f` and ``_lse_g`` for the rest (in place; each program touches
-its own points only), each LSE exact in two passes (max, then sum of exponentials), so no
-value can under- or overflow there. Bands are sized from the range promised for the block and
+with bands up to ``WINDOW_BAND``, kernel ``_lse_rows`` (row by row, twice: f, then l) and
+``_log_update`` for the rest: each program exponentiates its window of ``WINDOW`` points once
+against the window's maximum and sums the band from a private scratch row (one exponential per
+point instead of one per term; a point whose band sum falls below ``e^LOG_TINY``, i.e. lies more
+than ~667 nats beneath its window's maximum, is recomputed exactly). Wider bands: kernel
+``_lse_f`` for :math:`f` and ``_lse_g`` for the rest (in place; each program touches its own
+points only), each LSE exact in two passes (max, then sum of exponentials). No value can under-
+or overflow on either path. Bands are sized from the range promised for the block and
 checked at its end, as in the torch solver; the plain kernels unroll the inner band
 (``|d| <= UNROLL``) so its loads are in flight together. A tensor is handed to the torch log
 solver only if its potentials spread beyond the gaps.
@@ -69,6 +74,9 @@ LONG_CHECKS = 10  # a block spans up to this many of POT's check periods (10 ite
 UNROLL = 5  # plain kernels: band offsets |d| <= this are unrolled (compile-time), wider ones looped
 CACHED_LAYOUTS = 2  # solver states (and their captured CUDA graphs) kept for the next fusion of the same shapes
 CACHED_BYTES = 2**30  # a state holding more device memory than this is freed after its solve
+WINDOW = 1024  # log kernels: points a program exponentiates once (its columns and the band on both sides)
+WINDOW_BAND = 64  # log kernels: bands up to this use the windowed LSE (one exponential per point), wider the exact
+LOG_TINY = -667.0  # windowed LSE: band sums below e^this (~1e-290, relative to the window's maximum) are recomputed
 
 
 def available() -> bool:
@@ -121,10 +129,32 @@ def _lse_g(f_ptr, g_ptr, cost_ptr, gap, lam_ptr, live_ptr, logb_ptr, err_ptr, rm
     cols = tl.program_id(0) * BN + tl.arange(0, BN)
     rows = tl.arange(0, KP)
     rmask = rows < k_rows
+    lse = _lse_band(f_ptr, rows[:, None] * length, cols, rmask, cost_ptr, gap, length, D, KP, BN)
+    _g_update(lse, g_ptr, lam_ptr, live_ptr, logb_ptr, err_ptr, rmin_ptr, rmax_ptr, length, k_rows, cols, rows,
+              CHECK)
+
+
+@_jit
+def _log_update(ell_ptr, g_ptr, lam_ptr, live_ptr, logb_ptr, err_ptr, rmin_ptr, rmax_ptr, length, k_rows,
+                KP: tl.constexpr, BN: tl.constexpr, CHECK: tl.constexpr):  # pragma: no cover - compiled
+    """The rest of ``_lse_g`` from l = LSE(f - c) computed by ``_lse_rows`` (in ``ell``)."""
+    cols = tl.program_id(0) * BN + tl.arange(0, BN)
+    rows = tl.arange(0, KP)
+    here = (rows < k_rows)[:, None] & (cols < length)[None, :]
+    lse = tl.load(ell_ptr + rows[:, None] * length + cols[None, :], mask=here, other=0.0)
+    _g_update(lse, g_ptr, lam_ptr, live_ptr, logb_ptr, err_ptr, rmin_ptr, rmax_ptr, length, k_rows, cols, rows,
+              CHECK)
+
+
+@_jit
+def _g_update(lse, g_ptr, lam_ptr, live_ptr, logb_ptr, err_ptr, rmin_ptr, rmax_ptr, length, k_rows, cols, rows,
+              CHECK: tl.constexpr):  # pragma: no cover - compiled
+    """From l = ``lse`` (KP, BN): log b = sum_k lam_k l_k; POT's error (at checks); G = log b - l on live
+    points; G's running range."""
+    rmask = rows < k_rows
     cmask = cols < length
     here = rmask[:, None] & cmask[None, :]
     base = rows[:, None] * length
-    lse = _lse_band(f_ptr, base, cols, rmask, cost_ptr, gap, length, D, KP, BN)
     live = tl.load(live_ptr + cols, mask=cmask, other=0.0) > 0.0
     ok = here & live[None, :]
     ell = tl.where(ok, lse, 0.0)
@@ -222,6 +252,66 @@ def _plain_v(u_ptr, v_ptr, w_ptr, gapf_ptr, lam_ptr, live_ptr, b_ptr, err_ptr, r
     tl.store(lmax_ptr + cols, hi, mask=live)
 
 
+@_jit
+def _lse_window(x_ptr, row0, scr_ptr, cnt_ptr, c0, length, w_ptr, cost_ptr, gap, D,
+                DS: tl.constexpr, BW: tl.constexpr, LOG_TINY: tl.constexpr):  # pragma: no cover - compiled
+    r"""LSE_{|d|<=D}(x[row0 + c + d] - c_d) for the window's columns c = c0 - D + p, p < BW (valid for
+    D <= p < BW - D), with one exponential per point instead of one per term.
+
+    With r the window's maximum, :math:`e = e^{x - r} \le 1` goes to a private scratch row and
+    :math:`\mathrm{LSE} = r + \log \sum_d w_d e_{c+d}` (:math:`w_d = e^{-c_d}`). Every term that
+    underflows is below :math:`2^{-1074} w_d`, so wherever the sum is at least ``e^LOG_TINY`` it is the
+    exact LSE to rounding; points below that (far beneath the window's maximum) are recomputed by
+    ``_lse_band``'s two exact passes. Points whose whole band is -inf give 0, as there."""
+    p = tl.arange(0, BW)
+    c = c0 - D + p
+    x = tl.load(x_ptr + row0 + c, mask=(c >= 0) & (c < length), other=float("-inf"))
+    r = tl.max(x, axis=0)
+    r = tl.where(r > float("-inf"), r, 0.0)
+    tl.store(scr_ptr + p, tl.exp(x - r))
+    tl.store(cnt_ptr + p, tl.cumsum((x > float("-inf")).to(tl.int32), axis=0))
+    tl.debug_barrier()  # the scratch row is read at other threads' points
+    s = _band_sum(scr_ptr, 0, p, BW, w_ptr, gap, D, DS, BW)
+    n_fin = (tl.load(cnt_ptr + p + D, mask=p + D < BW, other=0)
+             - tl.load(cnt_ptr + p - D - 1, mask=p - D - 1 >= 0, other=0))
+    log_s = tl.log(tl.where(s > 0.0, s, 1.0))
+    lse = tl.where(n_fin > 0, r + log_s, 0.0)
+    bad = (n_fin > 0) & ((s == 0.0) | (log_s < LOG_TINY)) & (p >= D) & (p < BW - D) & (c < length)
+    if tl.max(bad.to(tl.int32), axis=0) > 0:
+        m = tl.full((BW,), float("-inf"), tl.float64)
+        for d in range(-D, D + 1):
+            j = c + d
+            xd = tl.load(x_ptr + row0 + j, mask=bad & (j >= 0) & (j < length), other=float("-inf"))
+            m = tl.maximum(m, xd - tl.load(cost_ptr + (d + gap)))
+        m = tl.where(m > float("-inf"), m, 0.0)
+        acc = tl.zeros((BW,), tl.float64)
+        for d in range(-D, D + 1):
+            j = c + d
+            xd = tl.load(x_ptr + row0 + j, mask=bad & (j >= 0) & (j < length), other=float("-inf"))
+            acc += tl.exp(xd - tl.load(cost_ptr + (d + gap)) - m)
+        lse = tl.where(bad, m + tl.log(tl.where(acc > 0.0, acc, 1.0)), lse)
+    return lse
+
+
+@_jit
+def _lse_rows(x_ptr, loga_ptr, out_ptr, scr_ptr, cnt_ptr, w_ptr, cost_ptr, gap, length, span, D,
+              DS: tl.constexpr, BW: tl.constexpr, SUB_A: tl.constexpr, LOG_TINY: tl.constexpr):  # pragma: no cover
+    """Program (t, k): columns [t span, (t + 1) span) of row k (span = BW - 2D): f = log a - LSE(G - c)
+    (``SUB_A``: -inf where a = 0) or l = LSE(f - c)."""
+    t, k = tl.program_id(0), tl.program_id(1)
+    slot = (k * tl.num_programs(0) + t) * BW
+    c0 = t * span
+    lse = _lse_window(x_ptr, k * length, scr_ptr + slot, cnt_ptr + slot, c0, length, w_ptr, cost_ptr, gap, D,
+                      DS, BW, LOG_TINY)
+    p = tl.arange(0, BW)
+    c = c0 - D + p
+    mine = (p >= D) & (p < BW - D) & (c < length)
+    if SUB_A:
+        la = tl.load(loga_ptr + k * length + c, mask=mine, other=float("-inf"))
+        lse = tl.where(la > float("-inf"), la - lse, float("-inf"))
+    tl.store(out_ptr + k * length + c, lse, mask=mine)
+
+
 def runs_on(device: torch.device) -> bool:
     """CUDA tensors, or CPU ones under Triton's interpreter (tests)."""
     return triton is not None and (device.type == "cuda" or bool(triton.knobs.runtime.interpret))
@@ -254,6 +344,7 @@ class _Blocks(SegmentBlocks):
         self.kp = max(2, triton.next_power_of_2(k_rows))
         self.bn = max(16, min(256, 2048 // self.kp))
         self.err_all = torch.zeros(LONG_CHECKS, length, dtype=torch.float64, device=dev)  # POT's error per check
+        self.log_extra: tuple[torch.Tensor, ...] = ()  # made at the first switch to the log domain
         self.reset(lay, lam)
 
     def reset(self, lay: Layout, lam: torch.Tensor) -> None:
@@ -277,7 +368,9 @@ class _Blocks(SegmentBlocks):
         for j in range(steps):
             check = j >= first_check and (j - first_check) % 10 == 0
             err = self.err_all[(j - first_check) // 10 if check else 0]
-            if log:
+            if log and max(dv, du) <= WINDOW_BAND:
+                self._log_windowed(dv, du, check, err)
+            elif log:
                 grid = (triton.cdiv(self.length, self.bn),)
                 _lse_f[grid](self.g, self.loga, self.work, self.cost, self.gap, self.length, self.k_rows,
                              D=dv, KP=self.kp, BN=self.bn)
@@ -295,8 +388,30 @@ class _Blocks(SegmentBlocks):
             self.last_min.copy_(self.run_min)
             self.last_max.copy_(self.run_max)
 
+    def _log_windowed(self, dv: int, du: int, check: bool, err: torch.Tensor) -> None:
+        """One log-domain iteration with the windowed LSE: f = log a - LSE(G - c), l = LSE(f - c), row by row;
+        then log b, G, the error and the range over all rows."""
+        for d, src, dst, sub_a in ((dv, self.g, self.work, True), (du, self.work, self.ell, False)):
+            span = WINDOW - 2 * d
+            _lse_rows[(triton.cdiv(self.length, span), self.k_rows)](
+                src, self.loga, dst, self.scratch, self.counts, self.w, self.cost, self.gap, self.length, span, d,
+                DS=min(d, UNROLL), BW=WINDOW, SUB_A=sub_a, LOG_TINY=LOG_TINY)
+        _log_update[(triton.cdiv(self.length, self.bn),)](
+            self.ell, self.g, self.lam, self.livef, self.logb, err, self.run_min, self.run_max, self.length,
+            self.k_rows, KP=self.kp, BN=self.bn, CHECK=check)
+
+    def held_bytes(self) -> int:
+        """Device memory of this state's arrays (its CUDA graphs' pool aside)."""
+        return 8 * self.k_rows * self.length * 8 + sum(t.numel() * t.element_size() for t in self.log_extra)
+
     def to_log(self) -> None:
         """Continue from the plain state in the log domain: G = log v, log b = log b (same iterate)."""
+        if not self.log_extra:  # l and the windowed LSE's scratch rows, sized for the widest windowed band
+            slots = self.k_rows * triton.cdiv(self.length, WINDOW - 2 * WINDOW_BAND) * WINDOW
+            self.ell = torch.empty_like(self.v)
+            self.scratch = torch.empty(slots, dtype=torch.float64, device=self.v.device)
+            self.counts = torch.empty(slots, dtype=torch.int32, device=self.v.device)
+            self.log_extra = (self.ell, self.scratch, self.counts)
         self.g.copy_(torch.where(self.lay.realf > 0, torch.log(self.v), -math.inf))
         self.logb.copy_(torch.log(self.b))
         self.active = (self.g, self.logb)
@@ -323,8 +438,7 @@ def _take_blocks(lay: Layout, lam: torch.Tensor, reg: float, graphs: bool) -> tu
 
 def _give_back(key: tuple, blocks: _Blocks) -> None:
     """Keep ``blocks`` for the next solve of its shapes, unless it is too big to hold on to between fusions."""
-    held = 8 * blocks.k_rows * blocks.length * 8  # its (K, L) float64 arrays, graph pool aside
-    if held > CACHED_BYTES:
+    if blocks.held_bytes() > CACHED_BYTES:
         return
     with _cache_lock:
         _cache[key] = blocks
