@@ -1,6 +1,7 @@
 """GPU probe of the Triton entropic solver (issue 13): K = 10 MNIST-MLP histograms at 1,000 iterations (median,
-and the GPU time inside blocks vs the rest), K = 2..64, one tensor of 10^6 points, 10,000 iterations with the
-log-domain continuation, ``fuse()`` end to end; agreement with the CPU reference from ``bench.gpu.make_ref``.
+and the GPU time inside blocks vs the rest), K = 2..64, one tensor of 10^6 points and 10,000 iterations with the
+log-domain continuation (each with the windowed log-domain LSE and with the exact two-pass one), ``fuse()`` end
+to end; agreement with the CPU reference from ``bench.gpu.make_ref``.
 Prints one JSON object per line (the figures of docs/benchmarks.md, CUDA section).
 
     python -m bench.gpu.probe
@@ -95,8 +96,21 @@ for sz in (2, 64):
 g = torch.Generator(device="cuda").manual_seed(0)
 big = torch.rand(10, 10**6, generator=g, dtype=torch.float64, device="cuda")
 big /= big.sum(1, keepdim=True)
-timed("K10_n1e6_1000", new, [big], lam, 1000, reps=2)
-timed("K10_10000_with_log_continuation", new, hists, lam, 10000, reps=1, ref=d["ref10000"], cont=True)
+
+
+def windowed_and_exact(name, hs, lm, iters, reps, ref=None, cont=False):
+    """The same case with the windowed log-domain LSE (default) and with the exact two-pass one."""
+    band = new.WINDOW_BAND
+    for label, wb in (("windowed", band), ("exact", -1)):
+        new.WINDOW_BAND = wb
+        new._cache.clear()
+        timed(f"{name}_{label}", new, hs, lm, iters, reps=reps, ref=ref, cont=cont)
+    new.WINDOW_BAND = band
+    new._cache.clear()
+
+
+windowed_and_exact("K10_n1e6_1000", [big], lam, 1000, reps=2)
+windowed_and_exact("K10_10000_with_log_continuation", hists, lam, 10000, reps=2, ref=d["ref10000"], cont=True)
 gm = torch.Generator().manual_seed(1)
 shapes = {"fc1.weight": (200, 784), "fc1.bias": (200,), "fc2.weight": (200, 200), "fc2.bias": (200,),
           "fc3.weight": (10, 200), "fc3.bias": (10,)}
