@@ -42,18 +42,71 @@ class BrokerExited(RuntimeError):
 
 def wait_for_port(host: str, port: int, timeout: float = 15.0,
                   proc: subprocess.Popen | None = None) -> None:
-    """Block until ``host:port`` accepts TCP connections; raise on timeout or process exit."""
+    """Block until ``host:port`` accepts TCP connections (with ``proc``: until ``proc`` itself listens
+    there, where Linux's /proc tells, so another process on the port is never taken for it); raise on
+    timeout or process exit."""
     deadline = time.monotonic() + timeout
     while True:
         if proc is not None and proc.poll() is not None:
             raise BrokerExited(f"broker exited with code {proc.returncode} before listening")
         try:
             with socket.create_connection((host, port), timeout=0.5):
+                pass
+            if proc is None or listens(proc.pid, port) is not False:
                 return
         except OSError:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"nothing listens on {host}:{port} after {timeout:.0f}s") from None
-            time.sleep(0.05)
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"nothing listens on {host}:{port} after {timeout:.0f}s")
+        time.sleep(0.05)
+
+
+def listens(pid: int, port: int) -> bool | None:
+    """Whether process ``pid`` or one of its descendants (``fedwb broker`` runs mosquitto as its child)
+    holds a listening TCP socket on ``port``, from Linux's /proc (their socket inodes against the
+    listening sockets of /proc/net/tcp and tcp6); None where /proc cannot tell (no such tables, or
+    the process's descriptors are not ours to read)."""
+    if not os.path.exists("/proc/net/tcp"):
+        return None
+    inodes: set[str] = set()
+    for p in _process_tree(pid):
+        try:
+            fds = os.listdir(f"/proc/{p}/fd")
+        except FileNotFoundError:
+            continue  # gone meanwhile
+        except OSError:
+            return None
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                link = os.readlink(f"/proc/{p}/fd/{fd}")
+                if link.startswith("socket:["):
+                    inodes.add(link[8:-1])
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as f:
+            next(f, None)
+            for line in f:
+                cols = line.split()
+                if (len(cols) > 9 and cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port
+                        and cols[9] in inodes):
+                    return True
+    return False
+
+
+def _process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants, from the parent ids in /proc/*/stat."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])  # after "pid (comm) state"
+                children.setdefault(ppid, []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo.extend(children.get(p, []))
+    return tree
 
 
 def render_config(port: int, data_dir: Path, bind: str = "127.0.0.1",

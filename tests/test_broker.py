@@ -76,6 +76,14 @@ def test_a_port_taken_before_the_broker_binds_it_is_retried(mosquitto_bin, monke
     with taken, run.start_broker(kind="mosquitto") as b:
         assert b.port != taken.getsockname()[1]
         wait_for_port(b.host, b.port, 5)
+    listening = socket.socket()
+    listening.bind(("127.0.0.1", 0))
+    listening.listen()  # another process's listener answers on the port mosquitto cannot bind
+    draws[:] = [listening.getsockname()[1]]
+    with listening, run.start_broker(kind="mosquitto") as b:
+        assert b.port != listening.getsockname()[1], "a foreign listener was taken for the broker"
+        assert run.listens(b.proc.pid, b.port) is True
+        assert run.listens(b.proc.pid, listening.getsockname()[1]) is False
     same = real()
     draws[:] = [same, same]  # the plain and the TLS port drawn equal
     conf = tmp_path / "secrets"
