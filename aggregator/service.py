@@ -497,7 +497,7 @@ class Aggregator:
         decode = functools.partial(unpack_manifest, payload, max_bytes=self.s.max_model_bytes,
                                    tensors=len(self.weights) or None)
         try:
-            manifest = decode() if len(payload) < INLINE_DECODE_BYTES else await asyncio.to_thread(decode)
+            manifest = decode() if len(payload) < INLINE_DECODE_BYTES else await self._in_thread(decode)
             envelope = envelope_message(ModelUpdate, manifest)
             if manifest.transfer_id != envelope.update_id:
                 raise WireError("a chunked update's transfer id must be its update id")
@@ -510,7 +510,7 @@ class Aggregator:
             self._verdict(agent, envelope.update_id, envelope.agent_id, early)
             return
         try:
-            opened = await asyncio.to_thread(transfers.start, agent, manifest, payload)
+            opened = await self._in_thread(transfers.start, agent, manifest, payload)
         except (WireError, OSError) as exc:
             self._reject_wire(agent, WireError(str(exc)))
             return
