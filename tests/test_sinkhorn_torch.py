@@ -297,3 +297,31 @@ def test_windowed_and_exact_log_kernels_give_the_same_iterate(device: str, monke
     triton_solver._cache.clear()
     assert len(switches) == 2
     assert float((windowed - exact).abs().max()) <= 1e-12 * float(exact.abs().max())
+
+
+@needs_triton
+@pytest.mark.parametrize("device", DEVICES)
+def test_plain_kernels_carry_v_past_the_cpu_range_and_stay_pots_iterate(device: str,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the GPU the plain kernels keep v in [1e-200, 1e200] (no subnormal penalty there), not the CPU solver's
+    [1e-100, 1e100]: mixtures whose potentials reach ~1e190 within 60 iterations stay in the plain kernels all
+    along and still give POT's sinkhorn_log iterate."""
+    h = cases(40, np.random.default_rng(1))["mix"]
+    lam = np.array([0.5, 0.5])
+    its = 60
+    switches = []
+    to_log = triton_solver._Blocks.to_log
+    monkeypatch.setattr(triton_solver._Blocks, "to_log", lambda self: (switches.append(1), to_log(self)))
+    triton_solver._cache.clear()
+    bs, segs, _ = triton_solver.barycenters_triton([torch.tensor(h, device=device)], torch.tensor(lam), reg=0.1,
+                                                   stop_threshold=0.0, max_iter=its)
+    (state,) = triton_solver._cache.values()
+    v = state.v[:, state.lay.realf > 0].cpu()
+    triton_solver._cache.clear()
+    ref = ot.bregman.barycenter(h.T, cost(h.shape[1]), 0.1, weights=lam, method="sinkhorn_log", numItermax=its,
+                                stopThr=0.0, warn=False)
+    assert not switches, "v stayed inside the plain kernels' range"
+    assert max(float(v.max()), 1 / float(v.min())) > 1e100, "the case must leave the CPU solver's plain range"
+    assert segs[0].iterations == its
+    ours = bs[0].cpu().numpy()
+    assert np.abs(ours - ref).max() <= 1e-10 * np.abs(ref).max()

@@ -8,7 +8,7 @@ tensors of a model at once, in the layout of :mod:`aggregator.fusion.sinkhorn_to
 Plain domain first: kernel ``_plain_u`` computes :math:`u = (a + 10^{-16}) / K v` over the
 flattened array; ``_plain_v`` computes :math:`\log b = \sum_k \lambda_k \log (K u_k)` and
 :math:`v_k = b / K u_k` on live points (K u recomputed, not stored), POT's stopping error at
-check iterations and v's range. From the block where v would leave ``[1e-100, 1e100]``, the
+check iterations and v's range. From the block where v would leave ``[1e-200, 1e200]``, the
 same iterate continues in the log domain from :math:`G = \log v`:
 
 .. math::
@@ -51,7 +51,7 @@ from collections import OrderedDict
 import torch
 
 from aggregator.fusion.sinkhorn import band_halfwidth, log_kernel_bound
-from aggregator.fusion.sinkhorn_fast import MARGIN, RANGE_HI, RANGE_LO, SegmentResult
+from aggregator.fusion.sinkhorn_fast import MARGIN, SegmentResult
 from aggregator.fusion.sinkhorn_torch import (
     Layout,
     SegmentBlocks,
@@ -76,6 +76,14 @@ CACHED_LAYOUTS = 2  # solver states (and their captured CUDA graphs) kept for th
 CACHED_BYTES = 2**30  # a state holding more device memory than this is freed after its solve
 WINDOW = 1024  # log kernels: points a program exponentiates once (its columns and the band on both sides)
 WINDOW_BAND = 64  # log kernels: bands up to this use the windowed LSE (one exponential per point), wider the exact
+# The plain kernels' range for v (the CPU solver's [1e-100, 1e100] guards against x86's slow subnormals, which a
+# GPU does not have). Every value a kept block forms stays a normal double: with v in [1e-200, 1e200], a in
+# [1e-16, 1] and kernel weights w_0 = 1 >= w_d summing to W < 1 + 2 sqrt(pi reg), K v lies in [1e-200, W 1e200],
+# u = a / K v in [1e-216 / W, 1e200], K u in [1e-216 / W, W 1e200] and b, their weighted geometric mean, too
+# (normal for any W < 1e90); a term w_d x that underflows is below 2^-1074 next to a sum of at least 1e-216 / W.
+# Sums of positive terms keep their relative precision at any magnitude, so the plain iterate is as exact here as
+# in the log domain; a block whose v leaves the range (or turns 0, inf or NaN) is redone, as before.
+PLAIN_LO, PLAIN_HI = 1e-200, 1e200
 LOG_TINY = -667.0  # windowed LSE: band sums below e^this (~1e-290, relative to the window's maximum) are recomputed
 
 
@@ -451,7 +459,7 @@ def barycenters_triton(hists: list[torch.Tensor], lam: torch.Tensor, *, reg: flo
                        ) -> tuple[list[torch.Tensor], list[SegmentResult], list[torch.Tensor | None]]:
     r"""Entropic barycenters of several (K, n_s) histogram stacks with the fused kernels.
 
-    Plain-domain kernels while v stays inside ``[1e-100, 1e100]``; from the block where it
+    Plain-domain kernels while v stays inside ``[PLAIN_LO, PLAIN_HI]``; from the block where it
     would not, log-domain kernels from the same iterate (:math:`G = \log v`). ``lam`` (K,)
     are the normalized weights. Returns, per stack, the barycenter :math:`b` (n_s,), a
     ``SegmentResult`` and ``None``, except that a segment whose potentials spread beyond
@@ -480,7 +488,7 @@ def _solve(blocks: _Blocks, reg: float, stop_threshold: float, max_iter: int
     n_seg, n_max = len(lay.sizes), max(lay.sizes)
     prog = SegmentProgress(n_seg)
     ii, band_used, log_mode = 0, 0, False
-    full = math.log2(RANGE_HI / RANGE_LO)
+    log2_lo, log2_hi = math.log2(PLAIN_LO), math.log2(PLAIN_HI)
     margin = float(MARGIN)  # binary orders v (plain) or G / ln 2 (log) may move within a block
     x_lo = x_hi = 1.0  # range of v (plain) or G (log) on live points
     periods, cap = 1, max_iter  # check periods per block (doubles while blocks succeed); where blocks must end
@@ -492,9 +500,9 @@ def _solve(blocks: _Blocks, reg: float, stop_threshold: float, max_iter: int
             lo, hi = x_lo - margin * math.log(2.0), x_hi + margin * math.log(2.0)
             spread = hi - lo
         else:
-            reach = 2.0 ** min(margin, full)
-            lo, hi = max(RANGE_LO, x_lo / reach), min(RANGE_HI, x_hi * reach)
-            spread = math.log(hi / lo)
+            l_lo, l_hi = max(log2_lo, math.log2(x_lo) - margin), min(log2_hi, math.log2(x_hi) + margin)
+            lo, hi = 2.0 ** l_lo, 2.0 ** l_hi  # in binary orders first: 2^margin alone may overflow
+            spread = (l_hi - l_lo) * math.log(2.0)
         dv = band_halfwidth(reg, spread, n_max)
         du = band_halfwidth(reg, spread + lay.spread_a + log_wsum, n_max)
         if max(dv, du) > lay.gap:  # potentials spread beyond the gaps: the torch log solver continues
@@ -510,7 +518,7 @@ def _solve(blocks: _Blocks, reg: float, stop_threshold: float, max_iter: int
             blocks.restore()
             if periods > 1:  # first as a short block, with the same band
                 periods = 1
-            elif not log_mode and lo <= RANGE_LO and hi >= RANGE_HI:  # v would leave the plain range
+            elif not log_mode and l_lo <= log2_lo and l_hi >= log2_hi:  # v would leave the plain range
                 blocks.to_log()
                 log_mode, margin = True, float(MARGIN)
                 x_lo, x_hi = math.log(x_lo), math.log(x_hi)
