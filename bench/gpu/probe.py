@@ -1,7 +1,7 @@
 """GPU probe of the Triton entropic solver (issue 13): K = 10 MNIST-MLP histograms at 1,000 iterations (median,
 and the GPU time inside blocks vs the rest), K = 2..64, one tensor of 10^6 points and 10,000 iterations with the
-log-domain continuation (each with the windowed log-domain LSE and with the exact two-pass one), ``fuse()`` end
-to end; agreement with the CPU reference from ``bench.gpu.make_ref``.
+log-domain continuation (each as the solver is, and with the CPU's plain range [1e-100, 1e100] and windowed or
+exact two-pass log-domain LSE), ``fuse()`` end to end; agreement with the CPU reference from ``bench.gpu.make_ref``.
 Prints one JSON object per line (the figures of docs/benchmarks.md, CUDA section).
 
     python -m bench.gpu.probe
@@ -98,19 +98,30 @@ big = torch.rand(10, 10**6, generator=g, dtype=torch.float64, device="cuda")
 big /= big.sum(1, keepdim=True)
 
 
-def windowed_and_exact(name, hs, lm, iters, reps, ref=None, cont=False):
-    """The same case with the windowed log-domain LSE (default) and with the exact two-pass one."""
-    band = new.WINDOW_BAND
-    for label, wb in (("windowed", band), ("exact", -1)):
-        new.WINDOW_BAND = wb
+VARIANTS = (  # (label, module settings): today's solver, then the CPU's plain range with windowed / exact log kernels
+    ("default", {}),
+    ("range1e100_windowed", {"PLAIN_LO": 1e-100, "PLAIN_HI": 1e100}),
+    ("range1e100_exact", {"PLAIN_LO": 1e-100, "PLAIN_HI": 1e100, "WINDOW_BAND": -1}),
+)
+
+
+def variants(name, hs, lm, iters, reps, ref=None, cont=False):
+    """The same case with the solver as it is and with the settings of ``VARIANTS`` (restored after)."""
+    for label, settings in VARIANTS:
+        saved = {k: getattr(new, k) for k in settings}
+        for k, v in settings.items():
+            setattr(new, k, v)
         new._cache.clear()
-        timed(f"{name}_{label}", new, hs, lm, iters, reps=reps, ref=ref, cont=cont)
-    new.WINDOW_BAND = band
-    new._cache.clear()
+        try:
+            timed(f"{name}_{label}", new, hs, lm, iters, reps=reps, ref=ref, cont=cont)
+        finally:
+            for k, v in saved.items():
+                setattr(new, k, v)
+            new._cache.clear()
 
 
-windowed_and_exact("K10_n1e6_1000", [big], lam, 1000, reps=2)
-windowed_and_exact("K10_10000_with_log_continuation", hists, lam, 10000, reps=2, ref=d["ref10000"], cont=True)
+variants("K10_n1e6_1000", [big], lam, 1000, reps=2)
+variants("K10_10000_with_log_continuation", hists, lam, 10000, reps=2, ref=d["ref10000"], cont=True)
 gm = torch.Generator().manual_seed(1)
 shapes = {"fc1.weight": (200, 784), "fc1.bias": (200,), "fc2.weight": (200, 200), "fc2.bias": (200,),
           "fc3.weight": (10, 200), "fc3.bias": (10,)}
