@@ -70,6 +70,7 @@ from schemas.chunks import (
 )
 from schemas.codec import MQTT_MAX_PACKET
 from schemas.connection import run_loop
+from schemas.heap import keep_heap
 from schemas.receive import fast_publish
 from schemas.send import fast_send
 from schemas.signing import load_private_key, sign
@@ -977,7 +978,7 @@ class Aggregator:
 
 def run_service(settings: AggregatorSettings) -> int:
     """Run until SIGINT/SIGTERM or ``max_rounds``; returns the exit code."""
-
+    keep_heap()
     try:
         agg = Aggregator(settings)
         agg.prepare()

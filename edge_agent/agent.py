@@ -51,6 +51,7 @@ from schemas.chunks import (
 )
 from schemas.codec import MQTT_MAX_PACKET
 from schemas.connection import run_loop
+from schemas.heap import keep_heap
 from schemas.receive import fast_publish
 from schemas.send import fast_send
 
@@ -502,6 +503,7 @@ def rss_mb() -> float:
 
 
 def run_agent(settings: AgentSettings) -> int:
+    keep_heap()
     torch.set_num_threads(settings.threads or max(1, min(2, torch.get_num_threads())))
 
     async def main() -> int:
