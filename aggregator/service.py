@@ -63,14 +63,13 @@ from schemas.chunks import (
     envelope_message,
     model_bytes,
     peek_kind,
-    return_big_buffers,
     travels_chunked,
     unpack_chunk,
     unpack_manifest,
 )
 from schemas.codec import MQTT_MAX_PACKET
 from schemas.connection import run_loop
-from schemas.heap import keep_heap
+from schemas.heap import keep_heap, return_big_buffers
 from schemas.receive import fast_publish
 from schemas.send import fast_send
 from schemas.signing import load_private_key, sign

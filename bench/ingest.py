@@ -7,7 +7,9 @@ they can through mosquitto on loopback to a plain aiomqtt subscriber (receive on
 again to a plain subscriber with the aggregator's one-copy PUBLISH decoder
 (``schemas.receive``), so the report separates that decoder's gain from the rest.
 Phase 2: the same stream to the real aggregator (decode, validate, buffer; durable inbox
-on and off), which never reaches quorum; its accepted count comes from its status.
+on and off), which never reaches quorum; its accepted count comes from its status. It runs
+with ``schemas.heap.keep_heap()`` set, as ``fedwb aggregator`` does (the plain phases run
+before, with glibc's defaults; ``FEDWB_KEEP_HEAP=0`` leaves them for both).
 Phase 2b (``--workers N``): the same stream to 1, then N aggregator *processes* that share the
 update topic through an MQTT shared subscription (``$share/GROUP/fedwb/J/update/+``; mosquitto
 hands each message to one member, round robin), so N decoders run in parallel: whether more
@@ -36,6 +38,7 @@ from aggregator.settings import AggregatorSettings
 from bench.common import emit, machine, progress
 from broker import start_broker
 from schemas import GlobalModel, ModelUpdate, PolicySpec, Topics
+from schemas.heap import keep_heap
 from schemas.receive import fast_publish
 
 
@@ -241,6 +244,7 @@ async def run(args: argparse.Namespace) -> dict:
                                                       fast=True)
         progress(f"  with the aggregator's one-copy decoder: {plain_fast:.0f} msg/s, {plain_fast_cpu:.0f} CPU µs")
         progress("phase 2: aggregator (no state dir, then durable inbox)")
+        kept = keep_heap()  # as `fedwb aggregator` runs (run_service), after the plain phases kept glibc's defaults
         agg_mem, agg_cpu = await aggregator_rate(b.url, b.host, b.port, args.publishers, args.messages,
                                                  args.params, False)
         progress(f"  {agg_mem:.0f} updates/s, {agg_cpu:.0f} CPU µs per update")
@@ -263,7 +267,7 @@ async def run(args: argparse.Namespace) -> dict:
                                                           weights={"t0": torch.zeros(args.params)}))),
             "plain_subscriber_msgs_per_s": plain, "aggregator_updates_per_s": agg_mem,
             "aggregator_durable_updates_per_s": agg_disk, "ratio": agg_mem / plain,
-            "ratio_durable": agg_disk / plain, "latency": lat,
+            "ratio_durable": agg_disk / plain, "latency": lat, "aggregator_keep_heap": kept,
             # the same plain subscriber with the aggregator's PUBLISH decoder (schemas.receive): how much of the
             # ratio is that decoder rather than the aggregator's own work
             "plain_fast_decode_msgs_per_s": plain_fast, "plain_fast_decode_cpu_us_per_msg": plain_fast_cpu,

@@ -43,7 +43,6 @@ from schemas.chunks import (
     envelope_message,
     model_bytes,
     peek_kind,
-    return_big_buffers,
     tensor_meta,
     travels_chunked,
     unpack_chunk,
@@ -51,7 +50,7 @@ from schemas.chunks import (
 )
 from schemas.codec import MQTT_MAX_PACKET
 from schemas.connection import run_loop
-from schemas.heap import keep_heap
+from schemas.heap import keep_heap, return_big_buffers
 from schemas.receive import fast_publish
 from schemas.send import fast_send
 

@@ -56,26 +56,6 @@ CHUNK = "ModelChunk"
 MAX_CHUNKS = 1 << 20
 
 
-def return_big_buffers(threshold: int = 1 << 20) -> bool:
-    """Make glibc serve every allocation of ``threshold`` bytes or more with its own mapping.
-
-    Receiving a big model moves gigabytes through short-lived multi-MB buffers (packets,
-    chunk payloads) in several threads; with glibc's adaptive threshold those land in the
-    heap arenas and are kept after they are freed (measured: +0.9 GB resident after three
-    512 MB updates). A fixed threshold returns each one to the OS on free — at a price: every
-    such allocation is a fresh mapping (measured: rounds of a 4 MB model 2.5x slower), so
-    callers set it only for models that will travel in chunks. False where there is no glibc.
-    """
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(-3, int(threshold)))  # M_MMAP_THRESHOLD (malloc.h)
-    except (OSError, AttributeError):
-        return False
-
-
 def model_bytes(weights: Mapping[str, torch.Tensor]) -> int:
     """The tensors' size in bytes (what the wire carries, less a small envelope); ``meta``
     tensors count too, so a model's size is known without building it."""

@@ -11,9 +11,11 @@ import pytest
 from schemas.heap import keep_heap
 
 PROBE = """
-import resource
-from schemas.heap import keep_heap
+import os, resource
+from schemas.heap import keep_heap, return_big_buffers
 keep_heap()
+if os.environ.get("CHUNKED") == "1":
+    return_big_buffers()
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 bufs = [bytearray(4 * 2**20) for _ in range(10)]  # ten 4 MiB payloads live at once, then freed
@@ -26,8 +28,8 @@ print(faults() - f0)
 """
 
 
-def _round_faults(keep: str) -> int:
-    env = {**os.environ, "FEDWB_KEEP_HEAP": keep}
+def _round_faults(keep: str, chunked: str = "0") -> int:
+    env = {**os.environ, "FEDWB_KEEP_HEAP": keep, "CHUNKED": chunked}
     out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, check=True)
     return int(out.stdout.split()[-1])
 
@@ -44,3 +46,11 @@ def test_freed_model_sized_buffers_are_reused_without_page_faults() -> None:
 def test_keep_heap_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FEDWB_KEEP_HEAP", "0")
     assert keep_heap() is False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_chunked_models_return_big_buffers_on_free() -> None:
+    """For models that travel in chunks the aggregator and the agent call return_big_buffers() after keep_heap():
+    blocks of 1 MiB or more are then unmapped when freed (so gigabytes of chunk buffers never pile up) and
+    every round maps them afresh."""
+    assert _round_faults("1", chunked="1") > 5 * 10 * 1024 // 2
