@@ -19,6 +19,7 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+import triton
 
 from aggregator.fusion import sinkhorn_triton as tri
 from bench.gpu.make_ref import REF
@@ -85,7 +86,7 @@ def bad_windows(x: torch.Tensor, w: torch.Tensor, gap: int, band: int, window: i
     """Share of windows (and of points) whose band sum against the window's maximum is under e^LOG_TINY."""
     k_rows, n = x.shape
     span = window - 2 * band
-    tiles = -(-n // span)
+    tiles = triton.cdiv(n, span)
     pad = torch.full((k_rows, tiles * span + 2 * band + window), -math.inf, dtype=x.dtype, device=x.device)
     pad[:, band:band + n] = x
     win = pad.unfold(1, window, span)[:, :tiles]  # (K, tiles, window): columns t span - band + p
@@ -104,7 +105,7 @@ def bad_windows(x: torch.Tensor, w: torch.Tensor, gap: int, band: int, window: i
 def windowed_ms(state: tri._Blocks, band: int, window: int, warps: int) -> tuple[float, float]:
     """Median time of the f kernel (from G) and of the l kernel (from f) with this window and warp count."""
     span = window - 2 * band
-    tiles = triton_cdiv(state.length, span)
+    tiles = triton.cdiv(state.length, span)
     scratch = torch.empty(state.k_rows * tiles * window, dtype=torch.float64, device="cuda")
     counts = torch.empty(state.k_rows * tiles * window, dtype=torch.int32, device="cuda")
 
@@ -124,17 +125,13 @@ def kernels(state: tri._Blocks, band: int) -> None:
             ms_f, ms_l = windowed_ms(state, band, window, warps)
             out(case="windowed_kernels", window=window, warps=warps, band=band, f_ms=ms_f, l_ms=ms_l)
     err, g, logb = state.err_all[0], state.g.clone(), state.logb.clone()
-    ms_u = med_ms(lambda: tri._log_update[(triton_cdiv(state.length, state.bn),)](
+    ms_u = med_ms(lambda: tri._log_update[(triton.cdiv(state.length, state.bn),)](
         state.ell, g, state.lam, state.livef, logb, err, state.run_min, state.run_max,
         state.length, state.k_rows, KP=state.kp, BN=state.bn, CHECK=False))
-    ms_x = med_ms(lambda: tri._lse_f[(triton_cdiv(state.length, state.bn),)](
+    ms_x = med_ms(lambda: tri._lse_f[(triton.cdiv(state.length, state.bn),)](
         state.g, state.loga, state.work, state.cost, state.gap, state.length, state.k_rows,
         D=band, KP=state.kp, BN=state.bn))
     out(case="other_kernels", update_ms=ms_u, exact_lse_f_ms=ms_x)
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def main() -> None:
@@ -155,7 +152,7 @@ def main() -> None:
 
 def fallback(state: tri._Blocks, band: int) -> None:
     fb_g = bad_windows(state.g, state.w, state.gap, band, tri.WINDOW)
-    tri._lse_f[(triton_cdiv(state.length, state.bn),)](state.g, state.loga, state.work, state.cost, state.gap,
+    tri._lse_f[(triton.cdiv(state.length, state.bn),)](state.g, state.loga, state.work, state.cost, state.gap,
                                                      state.length, state.k_rows, D=band, KP=state.kp, BN=state.bn)
     fb_f = bad_windows(state.work, state.w, state.gap, band, tri.WINDOW)
     out(case="fallback_share", g_windows=fb_g[0], g_points=fb_g[1], f_windows=fb_f[0], f_points=fb_f[1])
