@@ -285,19 +285,10 @@ def _lse_window(x_ptr, row0, scr_ptr, cnt_ptr, c0, length, w_ptr, cost_ptr, gap,
     log_s = tl.log(tl.where(s > 0.0, s, 1.0))
     lse = tl.where(n_fin > 0, r + log_s, 0.0)
     bad = (n_fin > 0) & ((s == 0.0) | (log_s < LOG_TINY)) & (p >= D) & (p < BW - D) & (c < length)
-    if tl.max(bad.to(tl.int32), axis=0) > 0:
-        m = tl.full((BW,), float("-inf"), tl.float64)
-        for d in range(-D, D + 1):
-            j = c + d
-            xd = tl.load(x_ptr + row0 + j, mask=bad & (j >= 0) & (j < length), other=float("-inf"))
-            m = tl.maximum(m, xd - tl.load(cost_ptr + (d + gap)))
-        m = tl.where(m > float("-inf"), m, 0.0)
-        acc = tl.zeros((BW,), tl.float64)
-        for d in range(-D, D + 1):
-            j = c + d
-            xd = tl.load(x_ptr + row0 + j, mask=bad & (j >= 0) & (j < length), other=float("-inf"))
-            acc += tl.exp(xd - tl.load(cost_ptr + (d + gap)) - m)
-        lse = tl.where(bad, m + tl.log(tl.where(acc > 0.0, acc, 1.0)), lse)
+    if tl.max(bad.to(tl.int32), axis=0) > 0:  # the window as a one-row tile of the exact kernels' LSE
+        exact = _lse_band(x_ptr, tl.full((1, 1), row0, tl.int32), c, tl.full((1,), 1, tl.int1), cost_ptr, gap,
+                          length, D, 1, BW)
+        lse = tl.where(bad, tl.reshape(exact, (BW,)), lse)
     return lse
 
 
