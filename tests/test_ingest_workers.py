@@ -3,6 +3,8 @@ admitted exactly once across the worker processes, and mosquitto spreads them ov
 
 from __future__ import annotations
 
+import socket
+
 import psutil
 import pytest
 
@@ -22,3 +24,17 @@ async def test_shared_subscription_workers_admit_every_update_once(mosquitto: Br
     assert out["updates_per_s"] > 0
     left = [p for p in psutil.Process().children(recursive=True) if p.pid != mosquitto.proc.pid]
     assert not left, [p.cmdline() for p in left]  # workers, publishers, no resource tracker
+
+
+async def test_a_publisher_that_cannot_connect_is_a_clear_error() -> None:
+    """bench.publisher's processes are started with subprocess (not forked from the measured process); one
+    that exits before it connects fails start() with its exit code instead of hanging the bench."""
+    from bench.publisher import Publishers
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    pubs = Publishers("127.0.0.1", port, "bench-noconn", 1, 2, 10)
+    with pytest.raises(RuntimeError, match="exited before connecting"):
+        await pubs.start(timeout=60)
+    assert all(p.poll() is not None for p in pubs.procs)
