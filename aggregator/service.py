@@ -79,6 +79,7 @@ log = logging.getLogger("fedwb.aggregator")
 HISTORY_LIMIT = 10_000
 PARTIAL_RESEND = 10.0  # seconds before a site resends a partial the center has not confirmed
 WARN_PER_MINUTE = 20  # rejection warnings logged per minute at most (the counters see everything)
+FUSION_RETRY_S, FUSION_RETRY_MAX_S = 1.0, 60.0  # back-off after a failed fusion: first wait, longest wait
 INLINE_DECODE_BYTES = 4 * 1024 * 1024  # smaller payloads decode on the loop (~0.6 ms at 4 MB; a thread hop costs more)
 
 
@@ -200,6 +201,8 @@ class Aggregator:
         self.published_version = -1
         self._stopping = asyncio.Event()
         self._fusing: asyncio.Task | None = None
+        self._retry_at, self._retry_in = 0.0, 0.0  # a failed fusion's back-off (monotonic time, seconds)
+        self.fusion_failures = 0
         self._client: aiomqtt.Client | None = None
         self._backlog: Any = None  # the incoming queue of the current connection (schemas.backlog)
         self._backlog_past = {"pauses": 0, "stalls": 0}  # of the connections before it
@@ -458,12 +461,25 @@ class Aggregator:
         """Check, persist (``await persist()``), buffer, count and confirm one decoded update."""
         adm = self.buffer.check(update, agent, self.version, self.weights)
         if adm is None:
-            await persist()
+            try:
+                await persist()
+            except OSError as exc:  # the inbox cannot take it (disk full, read-only, quota)
+                return await self._unstored(agent, update.update_id, exc)
             adm = self.buffer.add(update, time.monotonic())  # checked once: a second check counts the rate twice
             if adm.replaced_id:
                 self._forget([adm.replaced_id])
         self._verdict(agent, update.update_id, update.agent_id, adm)
         return adm
+
+    async def _unstored(self, agent: str, update_id: str, exc: OSError) -> Admission:
+        """An update the durable inbox could not store: counted (``storage``), logged, its partial entry
+        removed, and *not* confirmed, so its agent resends it (after ``confirm_timeout`` or a reconnect)
+        once there is room; taking it into memory only would confirm what a crash can lose."""
+        with contextlib.suppress(OSError):
+            await self._in_thread(self.checkpoint.inbox_drop, [update_id])
+        self._reject(agent, "storage", f"update {update_id} not stored in {self.s.state_dir} ({exc}); not "
+                                       "confirmed, its agent will resend it")
+        return Admission(Outcome.REJECTED, "storage", str(exc))
 
     def _verdict(self, agent: str, update_id: str, claimed: str, adm: Admission) -> None:
         """Count an admission, confirm it to its publisher, warn about rejections."""
@@ -609,7 +625,8 @@ class Aggregator:
     # ------------------------------------------------------------------ fusion
     def _ready(self) -> bool:
         n = len(self.buffer)
-        if n == 0 or self._fusing is not None or self._stopping.is_set() or self._awaiting_central:
+        if (n == 0 or self._fusing is not None or self._stopping.is_set() or self._awaiting_central
+                or time.monotonic() < self._retry_at):
             return False
         if n >= self.s.quorum:
             return True
@@ -623,8 +640,16 @@ class Aggregator:
     async def _fuse(self) -> None:
         try:
             await self._fuse_round()
-        except Exception:  # noqa: BLE001 - a failed fusion must not kill the service
-            self.log.exception("fusion failed; the round's updates are kept for the next try")
+            self._retry_in = 0.0
+        except Exception as exc:  # noqa: BLE001 - a failed fusion must not kill the service
+            # retried after a back-off (1 s, doubling to 60 s): a cause that lasts (a full disk) must not turn
+            # into a loop of fusions and log lines
+            self._retry_in = min(FUSION_RETRY_MAX_S, max(FUSION_RETRY_S, 2 * self._retry_in))
+            self._retry_at = time.monotonic() + self._retry_in
+            self.fusion_failures += 1
+            self.log.error("fusion of v%d failed (%s: %s); the round's updates are kept, next try in %.0f s",
+                           self.version + 1, type(exc).__name__, exc, self._retry_in)
+            self.log.debug("fusion failure", exc_info=True)
         finally:
             self._fusing = None
         await self._publish_status()

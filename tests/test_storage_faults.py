@@ -1,0 +1,83 @@
+"""A state dir that cannot be written (disk full) on a real mosquitto: the aggregator stays up, confirms
+nothing it could not store (so the agent's resend is taken once there is room), and a fusion whose
+checkpoint fails is retried after a back-off instead of in a loop."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+from pathlib import Path
+
+import pytest
+
+import schemas
+from aggregator.checkpoint import Checkpoint
+from broker import BrokerProcess
+from schemas import Topics, UpdateAck
+from tests.mqtt_helpers import Watcher, client, publish, update
+from tests.test_aggregator import running, settings, weights_like
+
+pytestmark = [pytest.mark.mosquitto, pytest.mark.timeout(120)]
+
+
+def _full(*_args: object, **_kw: object) -> None:
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+async def test_an_update_the_inbox_cannot_store_is_not_confirmed_and_its_resend_is_taken(
+        mosquitto: BrokerProcess, job: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = settings(mosquitto, job, quorum=5, state_dir=str(tmp_path / "st"))
+    acks: list[UpdateAck] = []
+    async with client(mosquitto, "acks") as c, Watcher(mosquitto, job) as w, running(s) as agg:
+        await c.subscribe(Topics(job).ack("a0"), qos=1)
+
+        async def collect() -> None:
+            async for m in c.messages:
+                acks.append(schemas.unpack(bytes(m.payload), UpdateAck))
+
+        reader = asyncio.create_task(collect())
+        g = await w.version(0)
+        u = update(job, "a0", 0, weights_like(g, 0.1))
+        payload = schemas.pack(u)
+        with monkeypatch.context() as m:
+            m.setattr(Checkpoint, "inbox_put", _full)
+            await publish(mosquitto, Topics(job).update("a0"), payload)
+            await w.until(lambda: agg.counters.rejected.get("storage") == 1, 15, "the unstored update counted")
+        assert len(agg.buffer) == 0 and agg.counters.accepted == 0
+        inbox = tmp_path / "st" / "inbox"
+        assert (list(inbox.iterdir()) if inbox.exists() else []) == []  # no partial entry left behind
+        assert not acks  # nothing confirmed: the agent keeps it and resends
+        await publish(mosquitto, Topics(job).update("a0"), payload)  # the resend, with room again
+        await w.until(lambda: agg.counters.accepted == 1, 15, "the resend accepted")
+        async with asyncio.timeout(15):
+            while not acks:
+                await asyncio.sleep(0.05)
+        reader.cancel()
+        assert [(a.update_id, a.outcome) for a in acks] == [(u.update_id, "accepted")]
+        assert (tmp_path / "st" / "inbox" / f"{u.update_id}.msgpack").exists()
+
+
+async def test_a_fusion_whose_checkpoint_fails_backs_off_and_keeps_its_updates(
+        mosquitto: BrokerProcess, job: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = settings(mosquitto, job, quorum=2, state_dir=str(tmp_path / "st"))
+    async with Watcher(mosquitto, job) as w, running(s) as agg:
+        g = await w.version(0)
+        saves = []
+        real_save = Checkpoint.save
+
+        def failing_save(self: Checkpoint, version: int, *args: object) -> None:
+            saves.append(version)
+            if len(saves) <= 2:
+                _full()
+            real_save(self, version, *args)
+
+        monkeypatch.setattr(Checkpoint, "save", failing_save)
+        for i in range(2):
+            await publish(mosquitto, Topics(job).update(f"a{i}"),
+                          schemas.pack(update(job, f"a{i}", 0, weights_like(g, 0.1 * (i + 1)))))
+        await w.until(lambda: agg.fusion_failures == 1, 15, "the first failed fusion")
+        await asyncio.sleep(0.5)  # not synchronization: a window in which a retry loop would have run many times
+        assert len(saves) == 1 and len(agg.buffer) == 2 and agg.version == 0
+        g1 = await w.version(1, 20)  # retried after 1 s, then 2 s: the third try saves
+        assert len(saves) == 3 and agg.fusion_failures == 2
+        assert sorted(g1.contributors) == ["a0", "a1"]
