@@ -69,14 +69,15 @@ class PolicySpec(BaseModel):
 
     name: PolicyName = "fedavg"
     switch_after: int | None = Field(default=None, ge=0)
-    dispersion_below: float | None = Field(default=None, gt=0)
+    dispersion_below: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     wb_method: FedWBMethod = "fedwb-sinkhorn"
-    reg: float = Field(default=0.1, gt=0, le=1e4)
-    stop_threshold: float = Field(default=1e-4, gt=0, lt=1)
+    reg: float = Field(default=0.1, gt=0, le=1e4, allow_inf_nan=False)
+    stop_threshold: float = Field(default=1e-4, gt=0, lt=1, allow_inf_nan=False)
     max_iter: int = Field(default=1000, ge=1, le=1_000_000)
     solver: EntropicSolver = "auto"
     biases: Literal["fedwb", "fedavg"] = "fedwb"
-    trim_ratio: float = Field(default=0.2, ge=0, lt=0.5)  # trimmed-mean: fraction dropped at each end
+    # trimmed-mean: the fraction dropped at each end
+    trim_ratio: float = Field(default=0.2, ge=0, lt=0.5, allow_inf_nan=False)
     byzantine: int | None = Field(default=None, ge=0)  # krum: assumed attackers f (default (K-3)//2)
 
     @model_validator(mode="after")

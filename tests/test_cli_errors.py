@@ -65,6 +65,10 @@ def test_bad_invocations_are_one_line_and_exit_2(tmp_path: Path) -> None:
         "agent tls ca not a cert": (["agent", "--broker", closed, "--task", "noop", "--tls-ca",
                                      str(tmp_path / "bad.toml")], "TLS files"),
         "bad task option": ([*agg, "--task-option", "novalue"], "novalue"),
+        "negative noop shape": ([*agg, "--task-option", "shapes=[[-1]]"], "[-1]"),
+        "no noop shapes": ([*agg, "--task-option", "shapes=[]"], "[]"),
+        "nan stop threshold": ([*agg, "--policy", "fedwb-sinkhorn", "--stop-threshold", "nan"], "finite"),
+        "infinite dispersion": ([*agg, "--policy", "hybrid", "--dispersion-below", "inf"], "finite"),
         "signing key not a key": ([*agg, "--signing-key", str(tmp_path / "bad.toml")], "bad.toml"),
         "sim http broker": (["sim", "--task", "noop", "--broker", "http://x"], "http://x"),
     }

@@ -19,7 +19,13 @@ def parse_shapes(spec: str | list[list[int]] | None) -> list[list[int]]:
     """``"1000x1000,10"`` -> ``[[1000, 1000], [10]]``."""
     if spec is None:
         return [[1000, 1000]]
-    if isinstance(spec, list):
+    if isinstance(spec, list):  # from JSON (--task-option shapes=[[784, 200], [200]]): the same rules
+        if not spec:
+            raise ValueError("bad noop shapes []: give at least one shape, e.g. [[1000, 1000]]")
+        for dims in spec:
+            if (not isinstance(dims, list) or not dims
+                    or any(isinstance(d, bool) or not isinstance(d, int) or d <= 0 for d in dims)):
+                raise ValueError(f"bad noop shape {dims!r}: a shape is a list of positive integers, e.g. [1000, 1000]")
         return spec
     shapes = []
     for part in spec.split(","):
