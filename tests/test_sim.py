@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 from pathlib import Path
@@ -95,6 +96,15 @@ def test_bad_config_is_a_clear_error() -> None:
         SimConfig(stragglers="lag=3")
 
 
+def _runs(p: psutil.Process, words: tuple[str, ...]) -> bool:
+    """Whether ``p``'s command line has one of ``words``; False for a process that is already gone (a
+    short-lived child can exit between the listing and the read)."""
+    try:
+        return any(a in p.cmdline() for a in words)
+    except psutil.Error:
+        return False
+
+
 def test_sigterm_stops_every_process_the_sim_started(tmp_path: Path) -> None:
     """A scheduler stops jobs with SIGTERM: the aggregator and the agents must go with the sim."""
     import signal
@@ -110,8 +120,7 @@ def test_sigterm_stops_every_process_the_sim_started(tmp_path: Path) -> None:
         deadline = time.monotonic() + 120
         kids: list[psutil.Process] = []
         while time.monotonic() < deadline and sim.poll() is None:  # until the aggregator and 2 agents run
-            kids = [p for p in psutil.Process(sim.pid).children(recursive=True)
-                    if any(a in p.cmdline() for a in ("aggregator", "agent"))]
+            kids = [p for p in psutil.Process(sim.pid).children(recursive=True) if _runs(p, ("aggregator", "agent"))]
             if len(kids) >= 3 and (tmp_path / "rounds.jsonl").exists() and (tmp_path / "rounds.jsonl").read_text():
                 break
             psutil.wait_procs([psutil.Process(sim.pid)], timeout=0.2)
@@ -123,4 +132,8 @@ def test_sigterm_stops_every_process_the_sim_started(tmp_path: Path) -> None:
         assert "interrupted; every process was stopped" in sim.stderr.read().decode()
     finally:
         if sim.poll() is None:
+            for p in kids:  # a failed check must not leave the sim's processes to the next tests
+                with contextlib.suppress(psutil.Error):
+                    p.kill()
             sim.kill()
+            sim.wait(30)  # reaped: no zombie for later tests' "nothing left behind" checks
