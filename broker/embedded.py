@@ -12,6 +12,8 @@ import signal
 import sys
 import warnings
 
+from fedwb.lifeline import watch_parent
+
 
 def broker_config(host: str, port: int) -> dict:
     """amqtt configuration: one TCP listener, anonymous access, no $SYS topics."""
@@ -44,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=1883)
     args = parser.parse_args(argv)
+    watch_parent()  # started by start_broker: end with that process, even after its SIGKILL
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("amqtt").setLevel(logging.CRITICAL)
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from fedwb.lifeline import env_for_child
+
 MOSQUITTO_PATHS = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto", "/opt/homebrew/sbin/mosquitto")
 
 
@@ -266,7 +268,9 @@ def _start_broker(port: int | None, kind: str, host: str, data_dir: Path | None,
         cmd = [sys.executable, "-m", "broker.embedded", "--host", host, "--port", str(port)]
     else:
         raise ValueError(f"unknown broker kind {kind!r}: use auto, mosquitto or embedded")
-    proc = subprocess.Popen(cmd, stdout=out, stderr=out, start_new_session=True)
+    # the embedded broker ends with this process even after a SIGKILL (fedwb.lifeline); mosquitto cannot watch
+    env = {**os.environ, **env_for_child()} if kind == "embedded" else None
+    proc = subprocess.Popen(cmd, stdout=out, stderr=out, start_new_session=True, env=env)
     try:
         wait_for_port(host, port, timeout, proc)
     except BaseException:

@@ -222,6 +222,9 @@ def main() -> None:
     """The entry point. An unexpected error is one line on stderr (exit 1); FEDWB_DEBUG=1 shows the traceback."""
     import os
 
+    from fedwb.lifeline import watch_parent
+
+    watch_parent()  # a child of `fedwb sim` (or of anything that asks): end with it, even after its SIGKILL
     _register_subcommands()
     try:
         app()

@@ -30,6 +30,7 @@ import psutil
 
 from edge_agent.stragglers import parse_stragglers
 from fedwb import executable
+from fedwb.lifeline import env_for_child
 from schemas import BrokerAddress, Topics
 from schemas.connection import run_loop
 from sim.evaluator import Evaluator, headline
@@ -253,7 +254,7 @@ class Processes:
     def start(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
         """Start ``cmd`` in its own session, output to ``log_dir/name.log``; ``env`` adds variables."""
         log = (self.log_dir / f"{name}.log").open("ab")
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **env_for_child(), **(env or {})}
         p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         self.procs[name] = p
         return p

@@ -105,8 +105,11 @@ def _runs(p: psutil.Process, words: tuple[str, ...]) -> bool:
         return False
 
 
-def test_sigterm_stops_every_process_the_sim_started(tmp_path: Path) -> None:
-    """A scheduler stops jobs with SIGTERM: the aggregator and the agents must go with the sim."""
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGKILL"])
+def test_a_stopped_sim_leaves_no_process_behind(tmp_path: Path, signame: str) -> None:
+    """A scheduler stops jobs with SIGTERM: the aggregator, the agents and the broker go with the sim, which
+    says so. Killed with SIGKILL (an OOM kill, a CI timeout) it cannot stop them: they notice that it is gone
+    (fedwb.lifeline) and stop by themselves instead of running out their 100,000 rounds."""
     import signal
     import subprocess
     import time
@@ -116,24 +119,26 @@ def test_sigterm_stops_every_process_the_sim_started(tmp_path: Path) -> None:
     sim = subprocess.Popen([executable(), "sim", "--task", "noop", "--agents", "2", "--rounds", "100000",
                             "--broker", "embedded", "--quick", "--out", str(tmp_path)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    kids: list[psutil.Process] = []
     try:
         deadline = time.monotonic() + 120
-        kids: list[psutil.Process] = []
-        while time.monotonic() < deadline and sim.poll() is None:  # until the aggregator and 2 agents run
-            kids = [p for p in psutil.Process(sim.pid).children(recursive=True) if _runs(p, ("aggregator", "agent"))]
-            if len(kids) >= 3 and (tmp_path / "rounds.jsonl").exists() and (tmp_path / "rounds.jsonl").read_text():
+        while time.monotonic() < deadline and sim.poll() is None:  # until the broker, aggregator and 2 agents run
+            kids = [p for p in psutil.Process(sim.pid).children(recursive=True)
+                    if _runs(p, ("aggregator", "agent", "broker.embedded"))]
+            if len(kids) >= 4 and (tmp_path / "rounds.jsonl").exists() and (tmp_path / "rounds.jsonl").read_text():
                 break
             psutil.wait_procs([psutil.Process(sim.pid)], timeout=0.2)
-        assert len(kids) >= 3, "the sim did not start its processes"
-        sim.send_signal(signal.SIGTERM)
-        assert sim.wait(60) == 130
-        gone, alive = psutil.wait_procs(kids, timeout=30)
-        assert not alive, f"left running after SIGTERM: {[p.pid for p in alive]}"
-        assert "interrupted; every process was stopped" in sim.stderr.read().decode()
+        assert len(kids) >= 4, "the sim did not start its processes"
+        sim.send_signal(getattr(signal, signame))
+        assert sim.wait(60) == (130 if signame == "SIGTERM" else -signal.SIGKILL)
+        gone, alive = psutil.wait_procs(kids, timeout=40)
+        assert not alive, f"left running after {signame}: {[p.cmdline() for p in alive]}"
+        if signame == "SIGTERM":
+            assert "interrupted; every process was stopped" in sim.stderr.read().decode()
     finally:
+        for p in kids:  # a failed check must not leave the sim's processes to the next tests
+            with contextlib.suppress(psutil.Error):
+                p.kill()
         if sim.poll() is None:
-            for p in kids:  # a failed check must not leave the sim's processes to the next tests
-                with contextlib.suppress(psutil.Error):
-                    p.kill()
             sim.kill()
-            sim.wait(30)  # reaped: no zombie for later tests' "nothing left behind" checks
+        sim.wait(30)  # reaped: no zombie for later tests' "nothing left behind" checks
