@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 STATE = "state.json"
@@ -92,9 +93,18 @@ class Checkpoint:
         path = self.dir / STATE
         if not path.exists():
             return None
-        state = json.loads(path.read_text())
-        weights = load_file(str(self.dir / state["model"]))
-        return int(state["version"]), weights, state
+        try:
+            state = json.loads(path.read_text())
+            model, version = self.dir / str(state["model"]), int(state["version"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path} is not a readable fedwb state ({type(exc).__name__}: {exc}); restore it "
+                             "or start over in an empty --state-dir") from None
+        try:
+            weights = load_file(str(model))
+        except (OSError, SafetensorError) as exc:
+            raise ValueError(f"{model}, the model of version {version} that {path.name} names, cannot be read "
+                             f"({exc}); restore it or start over in an empty --state-dir") from None
+        return version, weights, state
 
     def put_partial(self, payload: bytes) -> None:
         """A site aggregator's partial aggregate, kept until the center's next global model arrives."""

@@ -29,6 +29,15 @@ def _other_jobs_state(path: Path) -> Path:
     return path
 
 
+def _broken_state(path: Path, state: str, model: bytes | None = None) -> Path:
+    """A state dir whose state.json is ``state`` (and whose model-0 file is ``model``)."""
+    path.mkdir()
+    (path / "state.json").write_text(state)
+    if model is not None:
+        (path / "model-0.safetensors").write_bytes(model)
+    return path
+
+
 def _run(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run([FEDWB, *args], capture_output=True, text=True, timeout=120)
 
@@ -52,6 +61,14 @@ def test_bad_invocations_are_one_line_and_exit_2(tmp_path: Path) -> None:
         "bad config": ([*agg, "--config", str(tmp_path / "bad.toml")], "bad.toml"),
         "other job's state": ([*agg, "--state-dir", str(_other_jobs_state(tmp_path / "other"))], "someone-else"),
         "unwritable state": ([*agg, "--state-dir", "/proc/fedwb-state"], "/proc/fedwb-state"),
+        "corrupt state": ([*agg, "--state-dir", str(_broken_state(tmp_path / "corrupt", "{garbage"))],
+                          "corrupt/state.json is not a readable fedwb state"),
+        "state without its model": ([*agg, "--state-dir", str(_broken_state(
+            tmp_path / "nomodel", '{"job": "fedwb", "version": 3, "model": "model-3.safetensors"}'))],
+            "model-3.safetensors, the model of version 3"),
+        "state with a broken model": ([*agg, "--state-dir", str(_broken_state(
+            tmp_path / "badmodel", '{"job": "fedwb", "version": 0, "model": "model-0.safetensors"}', b"junk"))],
+            "cannot be read"),
         "busy metrics port": ([*agg, "--metrics-port", str(port)], str(port)),
         "http url": (["aggregator", "--broker", "http://127.0.0.1:1883", "--task", "noop"], "'http'"),
         "huge reg": ([*agg, "--policy", "fedwb-sinkhorn", "--reg", "1e6"], "reg"),
