@@ -19,6 +19,10 @@ def parse_shapes(spec: str | list[list[int]] | None) -> list[list[int]]:
     """``"1000x1000,10"`` -> ``[[1000, 1000], [10]]``."""
     if spec is None:
         return [[1000, 1000]]
+    if isinstance(spec, int) and not isinstance(spec, bool):
+        spec = str(spec)  # --task-option shapes=10 arrives as JSON's 10: one tensor of 10, as the string "10"
+    if not isinstance(spec, str | list):
+        raise ValueError(f"bad noop shapes {spec!r}: use e.g. 1000x1000,10 or [[1000, 1000], [10]]")
     if isinstance(spec, list):  # from JSON (--task-option shapes=[[784, 200], [200]]): the same rules
         if not spec:
             raise ValueError("bad noop shapes []: give at least one shape, e.g. [[1000, 1000]]")
