@@ -143,3 +143,19 @@ def test_a_late_socket_callback_prints_no_traceback(caplog: pytest.LogCaptureFix
     assert any("ZeroDivisionError" in (r.exc_text or "") or r.exc_info and r.exc_info[0] is ZeroDivisionError
                for r in caplog.records)
     assert not any("Bad file descriptor" in str(r.exc_info[1]) for r in caplog.records if r.exc_info)
+
+
+@pytest.mark.parametrize(("spec", "shapes"), [(None, [[1000, 1000]]), (10, [[10]]), ("3x4,5", [[3, 4], [5]]),
+                                              ([[2, 3]], [[2, 3]])])
+def test_noop_shapes_in_every_form_an_option_can_take(spec: object, shapes: list[list[int]]) -> None:
+    from edge_agent.tasks.noop import parse_shapes
+
+    assert parse_shapes(spec) == shapes
+
+
+@pytest.mark.parametrize("spec", [True, 2.5, {"a": 1}, [], [[0]], [[2, -1]], [5], [[True]], "0", "", "3x", "axb"])
+def test_bad_noop_shapes_are_a_value_error_naming_them(spec: object) -> None:
+    from edge_agent.tasks.noop import parse_shapes
+
+    with pytest.raises(ValueError, match="bad noop shape"):
+        parse_shapes(spec)
