@@ -251,8 +251,9 @@ def _start_broker(port: int | None, kind: str, host: str, data_dir: Path | None,
             raise FileNotFoundError("mosquitto is not installed (apt-get install mosquitto)")
         conf = data_dir / "mosquitto.conf"
         if secure_dir is not None:
-            from broker.security import render_secure_config
+            from broker.security import check_secure_dir, render_secure_config
 
+            check_secure_dir(Path(secure_dir).resolve())
             while tls_port is None or tls_port == port:
                 tls_port = free_port(host)
             conf.write_text(render_secure_config(Path(secure_dir).resolve(), data_dir, port,

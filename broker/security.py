@@ -190,6 +190,21 @@ def gen_tls(out: Path, hosts: list[str] | None = None, clients: list[str] | None
     return paths
 
 
+SECURE_FILES = {"passwd": "gen-credentials", "acl": "gen-credentials", "tls/ca.crt": "gen-tls",
+                "tls/server.crt": "gen-tls", "tls/server.key": "gen-tls"}
+
+
+def check_secure_dir(conf_dir: Path) -> None:
+    """Raise ``ValueError`` naming every file of a ``--secure`` directory that is missing, and what makes it
+    (mosquitto itself only says "Error: Unable to open..." in its own log and exits)."""
+    missing = [name for name in SECURE_FILES if not (conf_dir / name).is_file()]
+    if missing:
+        makers = sorted({SECURE_FILES[m] for m in missing})
+        raise ValueError(f"--secure {conf_dir} lacks {', '.join(missing)} (make them with fedwb broker "
+                         + " and ".join(f"{m} --out {conf_dir if m == 'gen-credentials' else conf_dir / 'tls'}"
+                                        for m in makers) + ")")
+
+
 def render_secure_config(conf_dir: Path, data_dir: Path, port: int, tls_port: int, bind: str = "127.0.0.1",
                          tls_bind: str = "0.0.0.0", user: str | None = None) -> str:
     import getpass

@@ -190,7 +190,9 @@ def broker(
         b = start_broker(port, kind="mosquitto" if (secure or bridge) else kind, host=host, quiet=True,
                          data_dir=Path(data_dir) if data_dir else None, bridge=bridge,
                          secure_dir=Path(secure) if secure else None, tls_port=tls_port if secure else None)
-    except (RuntimeError, TimeoutError, OSError, ValueError) as exc:
+    except ValueError as exc:  # a bad setting, named by the message
+        fail(f"the broker did not start on {host}:{port}: {exc}")
+    except (RuntimeError, TimeoutError, OSError) as exc:
         fail(f"the broker did not start on {host}:{port}: {exc} (port in use? --secure files missing?)")
     typer.echo(f"fedwb broker ({b.kind}) listening on {b.url}  (Ctrl-C to stop)")
     if not secure:

@@ -38,6 +38,13 @@ def _broken_state(path: Path, state: str, model: bytes | None = None) -> Path:
     return path
 
 
+def _credentials_only(path: Path) -> Path:
+    """A --secure directory with gen-credentials' files and no TLS material."""
+    subprocess.run([FEDWB, "broker", "gen-credentials", "--agents", "1", "--job", "j", "--out", str(path)],
+                   check=True, capture_output=True, timeout=120)
+    return path
+
+
 def _run(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run([FEDWB, *args], capture_output=True, text=True, timeout=120)
 
@@ -88,6 +95,8 @@ def test_bad_invocations_are_one_line_and_exit_2(tmp_path: Path) -> None:
         "infinite dispersion": ([*agg, "--policy", "hybrid", "--dispersion-below", "inf"], "finite"),
         "signing key not a key": ([*agg, "--signing-key", str(tmp_path / "bad.toml")], "bad.toml"),
         "sim http broker": (["sim", "--task", "noop", "--broker", "http://x"], "http://x"),
+        "secure dir without tls": (["broker", "--port", str(free_port()), "--secure", str(_credentials_only(
+            tmp_path / "creds"))], "lacks tls/ca.crt, tls/server.crt, tls/server.key"),
     }
     if not torch.cuda.is_available():
         cases["cuda without a GPU"] = ([*agg, "--device", "cuda"], "cuda")
