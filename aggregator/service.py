@@ -68,7 +68,7 @@ from schemas.chunks import (
     unpack_manifest,
 )
 from schemas.codec import MQTT_MAX_PACKET
-from schemas.connection import run_loop
+from schemas.connection import refusal, refused_message, run_loop
 from schemas.heap import keep_heap, return_big_buffers
 from schemas.receive import fast_publish
 from schemas.send import fast_send
@@ -214,6 +214,8 @@ class Aggregator:
         self._clip_reference: float | None = None  # the last round's median delta norm
         self._prepared = False
         self._connected = False  # a session came up since the last connection error
+        self._ever_connected = False
+        self.fatal: str | None = None  # why the service gave up (its first connection was refused)
         self.reconnects = 0  # sessions lost (a kick by another client with our id would count here)
         self._signing_key = load_private_key(settings.signing_key) if settings.signing_key else None
         self._publish_lock = asyncio.Lock()
@@ -898,7 +900,7 @@ class Aggregator:
         self._backlog = bound_backlog(client)  # behind: leave the backlog in the broker, not in our memory
         async with client:
             self._client = client
-            self._connected = True
+            self._connected = self._ever_connected = True
             try:
                 await client.subscribe(self._subscriptions())
                 self.published_version = -1  # the broker may have lost the retained global: publish it again
@@ -976,6 +978,10 @@ class Aggregator:
             except aiomqtt.MqttError as exc:
                 if self._stopping.is_set():
                     break
+                if refusal(exc) and not self._ever_connected:  # wrong credentials, not an outage: say so, stop
+                    self.fatal = refused_message(self.address, exc)
+                    self._stopping.set()
+                    break
                 self.reconnects += 1
                 if self._connected:  # the session was up: a fresh outage starts the backoff again
                     backoff, self._connected = 0.5, False
@@ -1023,6 +1029,9 @@ def run_service(settings: AggregatorSettings) -> int:
         await agg.run()
 
     run_loop(main())
+    if agg.fatal is not None:
+        sys.stderr.write(f"error: {agg.fatal}\n")
+        return 2
     return 0
 
 

@@ -21,6 +21,7 @@ import contextlib
 import logging
 import random
 import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,7 +50,7 @@ from schemas.chunks import (
     unpack_manifest,
 )
 from schemas.codec import MQTT_MAX_PACKET
-from schemas.connection import run_loop
+from schemas.connection import refusal, refused_message, run_loop
 from schemas.heap import keep_heap, return_big_buffers
 from schemas.receive import fast_publish
 from schemas.send import fast_send
@@ -125,6 +126,8 @@ class Agent:
         self.over_memory = False
         self.last_error: str | None = None
         self._connected = False  # a session came up since the last connection error
+        self._ever_connected = False
+        self.fatal: str | None = None  # why the agent gave up (its first connection was refused)
         self.verdicts: dict[str, int] = {}  # the aggregator's acks by outcome
         self._stopping = asyncio.Event()
         self._wake = asyncio.Event()  # the session has something to do
@@ -376,7 +379,7 @@ class Agent:
         fast_publish(client, views=True)  # a global model is read into one buffer and never copied after
         fast_send(client)  # an update leaves through views of its packet, not a copy per partial write
         async with client:
-            self._connected = True
+            self._connected = self._ever_connected = True
             await client.subscribe([(self.topics.global_model, 1), (self.topics.ack(self.s.agent_id), 1)])
             if self.unconfirmed is not None and self.pending is None:
                 self.pending, self.unconfirmed = self.unconfirmed, None  # a new session: resend what is unconfirmed
@@ -445,6 +448,12 @@ class Agent:
                 await asyncio.sleep(self.s.rejoin_after)  # simulated downtime, not synchronization
                 self._crash.clear()
             except aiomqtt.MqttError as exc:
+                if refusal(exc) and not self._ever_connected:  # wrong credentials, not an outage: say so, stop
+                    self.fatal = refused_message(self.address, exc)
+                    self.pending = self.unconfirmed = None
+                    self.stop()
+                    self._sent.set()
+                    return
                 self.reconnects += 1
                 self.last_error = f"connection lost: {exc}"
                 if self._connected:  # the session was up: a fresh outage starts the backoff again
@@ -510,6 +519,10 @@ def run_agent(settings: AgentSettings) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, agent.stop)
-        return await agent.run()
+        code = await agent.run()
+        if agent.fatal is not None:
+            sys.stderr.write(f"error: {agent.fatal}\n")
+            return 2
+        return code
 
     return run_loop(main())

@@ -14,6 +14,25 @@ from pydantic import BaseModel, ConfigDict, Field
 T = TypeVar("T")
 
 
+REFUSED = (4, 5, 134, 135)  # CONNACK: bad user name or password, not authorized (MQTT 3.1.1; MQTT 5)
+
+
+def refusal(exc: BaseException) -> bool:
+    """Whether ``exc`` is the broker refusing our credentials at CONNECT, rather than a lost connection."""
+    rc = getattr(exc, "rc", None)
+    try:
+        return int(getattr(rc, "value", rc)) in REFUSED
+    except (TypeError, ValueError):
+        return False
+
+
+def refused_message(address: BrokerAddress, exc: BaseException) -> str:
+    """One line for an operator whose first connection was refused."""
+    who = f"user {address.username!r}" if address.username else "an anonymous client"
+    return (f"the broker at {address.host}:{address.port} refused {who} ({exc}): check the user and password "
+            "(--broker mqtt://USER:PASS@..., FEDWB_USERNAME / FEDWB_PASSWORD) and the broker's passwd and acl")
+
+
 class BrokerAddress(BaseModel):
     """Broker address and credentials shared by the aggregator, agents and tools."""
 

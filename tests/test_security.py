@@ -169,3 +169,23 @@ async def test_chunked_models_pass_the_generated_acl_and_agents_cannot_forge_chu
         await asyncio.wait_for(dev.run(), 60)
         assert dev.trained_from == 0 and dev.verdicts == {"accepted": 1}
         await wait_for(lambda: agg.version == 1, 15, "the chunked update fused")
+
+
+async def test_refused_credentials_end_the_agent_and_the_aggregator_with_one_line(secure, job: str) -> None:
+    """A wrong password at the first connection is the operator's error, not an outage: exit code 2 and one
+    line naming the user, instead of retrying "connection lost (Not authorized)" forever."""
+    import subprocess
+
+    from fedwb import executable
+
+    b, users, _ = secure
+    env = {**os.environ, "FEDWB_USERNAME": "agent-0", "FEDWB_PASSWORD": users["agent-0"] + "x"}
+    cmds = {"agent": [executable(), "agent", "--broker", b.url, "--job", job, "--task", "noop", "--agent-id",
+                      "agent-0"],
+            "aggregator": [executable(), "aggregator", "--broker", b.url, "--job", job, "--task", "noop"]}
+    runs = await asyncio.gather(*(asyncio.to_thread(subprocess.run, cmd, env=env, capture_output=True, text=True,
+                                                    timeout=90) for cmd in cmds.values()))
+    for name, r in zip(cmds, runs, strict=True):
+        last = r.stderr.strip().splitlines()[-1]
+        assert r.returncode == 2, f"{name}: exit {r.returncode}\n{r.stderr}"
+        assert "Traceback" not in r.stderr and last.startswith("error: the broker at") and "'agent-0'" in last, last
