@@ -118,6 +118,9 @@ def sim(
     except KeyboardInterrupt:
         typer.echo("interrupted; every process was stopped", err=True)
         raise typer.Exit(130) from None
+    except ValueError as exc:  # the operator's (e.g. more agents than this machine holds): nothing was started
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     except (RuntimeError, TimeoutError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None

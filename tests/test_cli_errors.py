@@ -95,6 +95,8 @@ def test_bad_invocations_are_one_line_and_exit_2(tmp_path: Path) -> None:
         "infinite dispersion": ([*agg, "--policy", "hybrid", "--dispersion-below", "inf"], "finite"),
         "signing key not a key": ([*agg, "--signing-key", str(tmp_path / "bad.toml")], "bad.toml"),
         "sim http broker": (["sim", "--task", "noop", "--broker", "http://x"], "http://x"),
+        "sim fleet beyond memory": (["sim", "--task", "noop", "--agents", "100000", "--out", str(tmp_path / "s")],
+                                    "--agents 100000 needs at least"),
         "secure dir without tls": (["broker", "--port", str(free_port()), "--secure", str(_credentials_only(
             tmp_path / "creds"))], "lacks tls/ca.crt, tls/server.crt, tls/server.key"),
     }
@@ -168,3 +170,11 @@ def test_bad_noop_shapes_are_a_value_error_naming_them(spec: object) -> None:
 
     with pytest.raises(ValueError, match="bad noop shape"):
         parse_shapes(spec)
+
+
+def test_the_sim_refuses_a_fleet_beyond_memory_before_starting_anything() -> None:
+    from sim.runner import AGENT_MB, check_room
+
+    check_room(10, available_mb=10 * AGENT_MB)  # fits exactly
+    with pytest.raises(ValueError, match=r"--agents 11 needs at least 1\.9 GiB .* 1\.8 GiB are available"):
+        check_room(11, available_mb=10 * AGENT_MB)
