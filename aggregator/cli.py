@@ -26,6 +26,10 @@ StopThreshold = Annotated[float | None, typer.Option(help="Entropic FedWB stoppi
 Solver = Annotated[str | None, typer.Option(help="Entropic solver: auto | plain | plain-torch | triton | log | "
                                                  "wide (CPU, no range limit) | pot-plain (the authors' POT call, "
                                                  "dense; studies only).")]
+TrimRatio = Annotated[float | None, typer.Option(help="trimmed-mean: fraction dropped at each end, per "
+                                                       "coordinate (default 0.2).")]
+Byzantine = Annotated[int | None, typer.Option(help="krum: attackers assumed, f (default (K-3)//2).")]
+PolicyName = "fedavg | fedwb | fedwb-sinkhorn | fedwb-neurons | hybrid | median | trimmed-mean | krum"
 User = Annotated[str | None, typer.Option("--username", envvar="FEDWB_USERNAME", help="Broker username.")]
 Password = Annotated[str | None, typer.Option("--password", envvar="FEDWB_PASSWORD", help="Broker password.")]
 TlsCa = Annotated[str | None, typer.Option("--tls-ca", envvar="FEDWB_TLS_CA", help="CA certificate (turns TLS on).")]
@@ -71,11 +75,12 @@ def parse_max_iter(value: str | None) -> int | None:
 def policy_spec(name: str, switch_after: int | None, dispersion_below: float | None,
                 wb_method: str | None, reg: float | None, biases: str | None = None, *,
                 max_iter: str | None = None, stop_threshold: float | None = None,
-                solver: str | None = None) -> PolicySpec:
+                solver: str | None = None, trim_ratio: float | None = None,
+                byzantine: int | None = None) -> PolicySpec:
     fields: dict[str, Any] = {"name": name, "switch_after": switch_after, "dispersion_below": dispersion_below,
                               "wb_method": wb_method, "reg": reg, "biases": biases,
                               "max_iter": parse_max_iter(max_iter), "stop_threshold": stop_threshold,
-                              "solver": solver}
+                              "solver": solver, "trim_ratio": trim_ratio, "byzantine": byzantine}
     from pydantic import ValidationError
 
     try:
@@ -98,13 +103,14 @@ def aggregator(
     deadline: Annotated[float | None, typer.Option(help="Round deadline in seconds.")] = None,
     max_staleness: Annotated[int | None, typer.Option(help="Drop updates staler than this.")] = None,
     staleness_alpha: Annotated[float | None, typer.Option(help="Weight n_k (1+tau)^-alpha.")] = None,
-    policy: Annotated[str | None, typer.Option(help="fedavg | fedwb | fedwb-sinkhorn | fedwb-neurons | hybrid")] = None,
+    policy: Annotated[str | None, typer.Option(help=PolicyName)] = None,
     switch_after: Annotated[int | None, typer.Option(help="hybrid: FedWB fusions before FedAvg.")] = None,
     dispersion_below: Annotated[float | None, typer.Option(help="hybrid: switch early below this.")] = None,
     wb_method: Annotated[str | None, typer.Option(help="hybrid's FedWB phase: fedwb-sinkhorn | fedwb | "
                                                        "fedwb-neurons.")] = None,
     reg: Annotated[float | None, typer.Option(help="Entropic regularization (cost (i-j)^2).")] = None,
     max_iter: MaxIter = None, stop_threshold: StopThreshold = None, solver: Solver = None,
+    trim_ratio: TrimRatio = None, byzantine: Byzantine = None,
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda")] = None,
     state_dir: Annotated[str | None, typer.Option(help="Checkpoint directory (resume from it).")] = None,
     max_rounds: Annotated[int | None, typer.Option(help="Stop after this global version.")] = None,
@@ -169,7 +175,8 @@ def aggregator(
     for key in ("init", "agents_file", "signing_key"):
         if base.get(key) is not None and not Path(base[key]).is_file():
             fail(f"--{key.replace('_', '-')} {base[key]}: no such file")
-    wb_opts = {"max_iter": max_iter, "stop_threshold": stop_threshold, "solver": solver}
+    wb_opts = {"max_iter": max_iter, "stop_threshold": stop_threshold, "solver": solver, "trim_ratio": trim_ratio,
+               "byzantine": byzantine}
     if policy is not None or any(v is not None for v in (switch_after, dispersion_below, wb_method, reg,
                                                          *wb_opts.values())):
         base["policy"] = policy_spec(policy or "fedavg", switch_after, dispersion_below, wb_method, reg, **wb_opts)
@@ -233,7 +240,7 @@ def broker_call(url: str, coro: Any) -> Any:
 
 @policy_app.command("set")
 def policy_set(
-    name: Annotated[str, typer.Argument(help="fedavg | fedwb | fedwb-sinkhorn | hybrid")],
+    name: Annotated[str, typer.Argument(help=PolicyName)],
     broker: Broker = "mqtt://127.0.0.1:1883",
     job: Job = "default",
     switch_after: Annotated[int | None, typer.Option(help="hybrid: FedWB fusions before FedAvg.")] = None,
@@ -241,6 +248,7 @@ def policy_set(
     wb_method: Annotated[str | None, typer.Option(help="hybrid's FedWB phase.")] = None,
     reg: Annotated[float | None, typer.Option(help="Entropic regularization.")] = None,
     max_iter: MaxIter = None, stop_threshold: StopThreshold = None, solver: Solver = None,
+    trim_ratio: TrimRatio = None, byzantine: Byzantine = None,
     wait: Annotated[float, typer.Option(help="Seconds to wait for the aggregator's acknowledgment.")] = 15.0,
     username: User = None, password: Password = None, tls_ca: TlsCa = None, tls_cert: TlsCert = None,
     tls_key: TlsKey = None,
@@ -252,7 +260,7 @@ def policy_set(
     from aggregator.control import NoAggregator, send_policy
 
     spec = policy_spec(name, switch_after, dispersion_below, wb_method, reg, max_iter=max_iter,
-                       stop_threshold=stop_threshold, solver=solver)
+                       stop_threshold=stop_threshold, solver=solver, trim_ratio=trim_ratio, byzantine=byzantine)
     check_broker_url(broker)
     try:
         ack = broker_call(broker, send_policy(broker, job, spec, wait, username=username, password=password,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 import os
 import signal
@@ -218,6 +219,15 @@ async def test_cli_policy_set_and_show(mosquitto: BrokerProcess, job: str) -> No
         show = await asyncio.to_thread(subprocess.run, [fedwb, "policy", "show", "--broker", mosquitto.url,
                                                         "--job", job], capture_output=True, text=True, timeout=60)
         assert show.returncode == 0 and "pending: hybrid" in show.stdout, show.stdout + show.stderr
+        robust = await asyncio.to_thread(subprocess.run, [fedwb, "policy", "set", "--broker", mosquitto.url,
+                                                          "--job", job, "trimmed-mean", "--trim-ratio", "0.3"],
+                                         capture_output=True, text=True, timeout=60)
+        assert robust.returncode == 0, robust.stdout + robust.stderr
+        show = await asyncio.to_thread(subprocess.run, [fedwb, "policy", "show", "--broker", mosquitto.url,
+                                                        "--job", job, "--json"], capture_output=True, text=True,
+                                       timeout=60)
+        pending = json.loads(show.stdout)["pending_policy"]
+        assert (pending["name"], pending["trim_ratio"]) == ("trimmed-mean", 0.3)
 
 
 
