@@ -210,15 +210,24 @@ def evaluate(
                 f.write(line + "\n")
 
     from aggregator.cli import check_broker_url, check_task
+    from fedwb.errors import fail
 
     check_task(task)
     check_broker_url(broker)
+    if out:
+        try:  # an --out that cannot be written is an error now, not a silent stop at the first record
+            open(out, "a").close()
+        except OSError as exc:
+            fail(f"--out {out}: {exc.strerror or exc}")
 
-    async def main() -> None:
+    async def main() -> str | None:
         ev = Evaluator(broker, job, task, parse_task_options(task_option), record)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, ev.stop)
         await ev.run()
+        return ev.fatal
 
-    run_loop(main())
+    fatal = run_loop(main())
+    if fatal is not None:
+        fail(fatal)

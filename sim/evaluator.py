@@ -18,8 +18,10 @@ import aiomqtt
 import schemas
 from edge_agent.tasks import get_task
 from schemas import AggregatorStatus, BrokerAddress, GlobalModel, Topics, WireError
+from schemas.connection import refusal, refused_message
 
 log = logging.getLogger("fedwb.evaluate")
+WARN_EVERY_S = 30.0  # an unreachable broker is logged at most this often
 
 
 def headline(metrics: dict[str, float]) -> tuple[str, float | None]:
@@ -61,15 +63,18 @@ class Evaluator:
         self.evaluated: dict[int, dict[str, Any]] = {}
         self._queue: asyncio.Queue[tuple[GlobalModel, float]] = asyncio.Queue()
         self._stop = asyncio.Event()
+        self.fatal: str | None = None  # why it gave up (the broker refused its first connection)
         self.changed = asyncio.Event()
 
     def stop(self) -> None:
         self._stop.set()
 
     async def _listen(self) -> None:
+        ever_connected, warned_at = False, 0.0
         while not self._stop.is_set():
             try:
                 async with aiomqtt.Client(**self.address.client_kwargs()) as c:
+                    ever_connected = True
                     await c.subscribe([(self.topics.global_model, 1), (self.topics.aggregator_status, 1)])
                     async for m in c.messages:
                         with contextlib.suppress(WireError):
@@ -80,7 +85,15 @@ class Evaluator:
                             else:
                                 self.status = schemas.unpack(bytes(m.payload), AggregatorStatus)
                                 self.changed.set()
-            except aiomqtt.MqttError:
+            except aiomqtt.MqttError as exc:
+                if refusal(exc) and not ever_connected:  # wrong credentials, not an outage
+                    self.fatal = refused_message(self.address, exc)
+                    self._stop.set()
+                    return
+                if time.monotonic() - warned_at > WARN_EVERY_S:  # said, not in silence; not every 0.5 s either
+                    warned_at = time.monotonic()
+                    log.warning("evaluator: cannot reach the broker at %s:%d (%s); retrying", self.address.host,
+                                self.address.port, exc)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), 0.5)
 

@@ -85,6 +85,8 @@ def test_bad_invocations_are_one_line_and_exit_2(tmp_path: Path) -> None:
         "public no-auth broker": (["broker", "--host", "0.0.0.0", "--port", str(free_port())], "--secure"),
         "bad credentials job": (["broker", "gen-credentials", "--job", "a/b", "--out", str(tmp_path / "s")], "a/b"),
         "evaluate unknown task": (["evaluate", "--broker", closed, "--task", "bogus"], "'bogus'"),
+        "evaluate unwritable out": (["evaluate", "--broker", closed, "--task", "noop", "--out",
+                                     "/proc/fedwb-nope/x.jsonl"], "/proc/fedwb-nope/x.jsonl"),
         "missing tls ca": ([*agg, "--tls-ca", str(tmp_path / "ca.pem")], "ca.pem"),
         "agent tls ca not a cert": (["agent", "--broker", closed, "--task", "noop", "--tls-ca",
                                      str(tmp_path / "bad.toml")], "TLS files"),

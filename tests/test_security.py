@@ -173,7 +173,8 @@ async def test_chunked_models_pass_the_generated_acl_and_agents_cannot_forge_chu
 
 async def test_refused_credentials_end_the_agent_and_the_aggregator_with_one_line(secure, job: str) -> None:
     """A wrong password at the first connection is the operator's error, not an outage: exit code 2 and one
-    line naming the user, instead of retrying "connection lost (Not authorized)" forever."""
+    line naming the user, instead of retrying "connection lost (Not authorized)" forever (the evaluator
+    retried in silence)."""
     import subprocess
 
     from fedwb import executable
@@ -182,7 +183,9 @@ async def test_refused_credentials_end_the_agent_and_the_aggregator_with_one_lin
     env = {**os.environ, "FEDWB_USERNAME": "agent-0", "FEDWB_PASSWORD": users["agent-0"] + "x"}
     cmds = {"agent": [executable(), "agent", "--broker", b.url, "--job", job, "--task", "noop", "--agent-id",
                       "agent-0"],
-            "aggregator": [executable(), "aggregator", "--broker", b.url, "--job", job, "--task", "noop"]}
+            "aggregator": [executable(), "aggregator", "--broker", b.url, "--job", job, "--task", "noop"],
+            "evaluate": [executable(), "evaluate", "--broker", b.url.replace("mqtt://", "mqtt://agent-0:wrong@"),
+                         "--job", job, "--task", "noop"]}
     runs = await asyncio.gather(*(asyncio.to_thread(subprocess.run, cmd, env=env, capture_output=True, text=True,
                                                     timeout=90) for cmd in cmds.values()))
     for name, r in zip(cmds, runs, strict=True):
