@@ -206,8 +206,12 @@ def evaluate(
         line = json.dumps(rec)
         typer.echo(line)
         if out:
-            with open(out, "a") as f:
-                f.write(line + "\n")
+            try:
+                with open(out, "a") as f:
+                    f.write(line + "\n")
+            except OSError as exc:  # a full disk: the record is on stdout still; the evaluator keeps going
+                typer.echo(f"warning: --out {out}: v{rec.get('version')} not written ({exc.strerror or exc})",
+                           err=True)
 
     from aggregator.cli import check_broker_url, check_task
     from fedwb.errors import fail
