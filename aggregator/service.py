@@ -67,7 +67,7 @@ from schemas.chunks import (
     unpack_chunk,
     unpack_manifest,
 )
-from schemas.codec import MQTT_MAX_PACKET
+from schemas.codec import MQTT_MAX_PACKET, all_finite
 from schemas.connection import refusal, refused_message, run_loop
 from schemas.heap import keep_heap, return_big_buffers
 from schemas.receive import fast_publish
@@ -293,13 +293,28 @@ class Aggregator:
         return build_message(ModelUpdate, manifest, FileWeights(payload[1], manifest))
 
     def _initial_weights(self) -> dict[str, torch.Tensor]:
+        """Version 0, from ``--init`` or the task; an unreadable file, no tensors or a non-finite value is the
+        operator's error (a NaN in version 0 would reach every agent and every fusion)."""
         if self.s.init:
+            from safetensors import SafetensorError
             from safetensors.torch import load_file
 
-            return load_file(self.s.init)
-        task = self._task()
-        self._chain = task.layer_chain() or []  # kept: building a task again (MNIST loads its data) is slow
-        return task.initial_weights()
+            source = f"--init {self.s.init}"
+            try:
+                weights = load_file(self.s.init)
+            except (OSError, SafetensorError) as exc:
+                raise ValueError(f"{source}: not a readable safetensors file ({exc})") from None
+        else:
+            task = self._task()
+            self._chain = task.layer_chain() or []  # kept: building a task again (MNIST loads its data) is slow
+            source, weights = f"task {self.s.task!r}", task.initial_weights()
+        if not weights:
+            raise ValueError(f"{source}: the model has no tensors")
+        bad = [name for name, t in weights.items() if t.is_floating_point() and not all_finite(t.cpu())]
+        if bad:
+            raise ValueError(f"{source}: NaN or infinite values in {', '.join(bad[:5])}"
+                             + (f" and {len(bad) - 5} more tensors" if len(bad) > 5 else ""))
+        return weights
 
     def _task(self):  # noqa: ANN202 - a Task, imported lazily
         from edge_agent.tasks import get_task

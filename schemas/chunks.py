@@ -41,9 +41,9 @@ from schemas.codec import (
     DEFAULT_MAX_TENSORS,
     DTYPES,
     WireError,
-    _all_finite,
     _as_tensor,
     _plain,
+    all_finite,
     check_tensor_count,
 )
 from schemas.messages import SCHEMA_VERSION
@@ -391,7 +391,7 @@ class Reassembly:
         if check_finite:
             for name in w:
                 t = w[name]
-                if t.is_floating_point() and t.numel() and not _all_finite(t):
+                if t.is_floating_point() and t.numel() and not all_finite(t):
                     raise WireError(f"weights[{name!r}] contains NaN or Inf")
         return w
 

@@ -101,12 +101,12 @@ def decode_tensor(obj: Any, name: str = "?") -> torch.Tensor:
     t = torch.frombuffer(data, dtype=dtype)
     if len(shape) != 1:
         t = t.reshape(shape)
-    if t.is_floating_point() and not _all_finite(t):
+    if t.is_floating_point() and not all_finite(t):
         raise WireError(f"weights[{name!r}] contains NaN or Inf")
     return t
 
 
-def _all_finite(t: torch.Tensor) -> bool:
+def all_finite(t: torch.Tensor) -> bool:
     """NaN/Inf check; numpy's is several times faster than torch's on small CPU tensors.
 
     A finite dot product x.x proves every element finite (a NaN or an Inf would reach it); only when

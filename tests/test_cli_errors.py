@@ -38,6 +38,16 @@ def _broken_state(path: Path, state: str, model: bytes | None = None) -> Path:
     return path
 
 
+def _file(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _saved(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    save_file(tensors, str(path))
+    return path
+
+
 def _credentials_only(path: Path) -> Path:
     """A --secure directory with gen-credentials' files and no TLS material."""
     subprocess.run([FEDWB, "broker", "gen-credentials", "--agents", "1", "--job", "j", "--out", str(path)],
@@ -64,6 +74,13 @@ def test_bad_invocations_are_one_line_and_exit_2(tmp_path: Path) -> None:
         "no task": (["aggregator", "--broker", closed], "--task"),
         "missing init": (["aggregator", "--broker", closed, "--init", str(tmp_path / "nope.safetensors")],
                          "nope.safetensors"),
+        "corrupt init": (["aggregator", "--broker", closed, "--init", str(_file(tmp_path / "junk.safetensors",
+                                                                                b"junk"))],
+                         "junk.safetensors: not a readable safetensors file"),
+        "init with a nan": (["aggregator", "--broker", closed, "--init", str(_saved(tmp_path / "nan.safetensors", {
+            "w": torch.tensor([1.0, float("nan")])}))], "NaN or infinite values in w"),
+        "init without tensors": (["aggregator", "--broker", closed, "--init",
+                                  str(_saved(tmp_path / "empty.safetensors", {}))], "no tensors"),
         "missing config": ([*agg, "--config", str(tmp_path / "nope.toml")], "nope.toml"),
         "bad config": ([*agg, "--config", str(tmp_path / "bad.toml")], "bad.toml"),
         "other job's state": ([*agg, "--state-dir", str(_other_jobs_state(tmp_path / "other"))], "someone-else"),
