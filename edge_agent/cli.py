@@ -103,6 +103,15 @@ def start_agent(o: dict[str, Any]) -> int:
         fail(f"--init must be global, own or a .safetensors file, got {init!r}")
     if init.endswith(".safetensors") and not Path(init).is_file():
         fail(f"--init file {init} does not exist")
+    if init.endswith(".safetensors"):
+        from safetensors import SafetensorError, safe_open
+
+        try:  # the header only: a corrupt file is an error now, not a failed first round
+            with safe_open(init, "pt") as f:
+                if not list(f.keys()):
+                    fail(f"--init {init}: the file holds no tensors")
+        except (OSError, SafetensorError) as exc:
+            fail(f"--init {init}: not a readable safetensors file ({exc})")
     if o["verify_key"] is not None and not Path(o["verify_key"]).is_file():
         fail(f"--verify-key {o['verify_key']}: no such file")
     if o["pretrain"] < 0:

@@ -81,6 +81,8 @@ def test_bad_invocations_are_one_line_and_exit_2(tmp_path: Path) -> None:
             "w": torch.tensor([1.0, float("nan")])}))], "NaN or infinite values in w"),
         "init without tensors": (["aggregator", "--broker", closed, "--init",
                                   str(_saved(tmp_path / "empty.safetensors", {}))], "no tensors"),
+        "agent corrupt init": (["agent", "--broker", closed, "--task", "noop", "--init",
+                                str(tmp_path / "junk.safetensors")], "not a readable safetensors file"),
         "missing config": ([*agg, "--config", str(tmp_path / "nope.toml")], "nope.toml"),
         "bad config": ([*agg, "--config", str(tmp_path / "bad.toml")], "bad.toml"),
         "other job's state": ([*agg, "--state-dir", str(_other_jobs_state(tmp_path / "other"))], "someone-else"),
