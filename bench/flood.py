@@ -63,8 +63,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             await flood
             flood_seconds = time.perf_counter() - t0
             total = share * args.flooders
-            try:
-                await w.until(lambda: sum(w.status.rejected.values()) >= total, 60, "every garbage message counted")
+            try:  # the status is periodic: wait for one that has seen every garbage message and honest update
+                await w.until(lambda: sum(w.status.rejected.values()) >= total
+                              and w.status.accepted >= 3 * args.rounds, 60, "every message counted")
             except AssertionError:
                 pass  # the broker dropped some: reported below
             st = w.status
