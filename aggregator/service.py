@@ -68,7 +68,7 @@ from schemas.chunks import (
     unpack_manifest,
 )
 from schemas.codec import MQTT_MAX_PACKET, all_finite
-from schemas.connection import refusal, refused_message, run_loop
+from schemas.connection import credentials_refused, run_loop
 from schemas.heap import keep_heap, return_big_buffers
 from schemas.receive import fast_publish
 from schemas.send import fast_send
@@ -993,8 +993,8 @@ class Aggregator:
             except aiomqtt.MqttError as exc:
                 if self._stopping.is_set():
                     break
-                if refusal(exc) and not self._ever_connected:  # wrong credentials, not an outage: say so, stop
-                    self.fatal = refused_message(self.address, exc)
+                self.fatal = credentials_refused(exc, self._ever_connected, self.address)
+                if self.fatal is not None:  # wrong credentials, not an outage: say so, stop
                     self._stopping.set()
                     break
                 self.reconnects += 1

@@ -17,17 +17,17 @@ T = TypeVar("T")
 REFUSED = (4, 5, 134, 135)  # CONNACK: bad user name or password, not authorized (MQTT 3.1.1; MQTT 5)
 
 
-def refusal(exc: BaseException) -> bool:
-    """Whether ``exc`` is the broker refusing our credentials at CONNECT, rather than a lost connection."""
+def credentials_refused(exc: BaseException, ever_connected: bool, address: BrokerAddress) -> str | None:
+    """One line for an operator when ``exc`` is the broker refusing our credentials at CONNECT (CONNACK 4, 5,
+    134, 135) before any session of this process was up, else None: a refusal after a session was up (the
+    broker's passwd changed under a running fleet) and every other failure are outages, retried."""
     rc = getattr(exc, "rc", None)
     try:
-        return int(getattr(rc, "value", rc)) in REFUSED
+        refused = int(getattr(rc, "value", rc)) in REFUSED
     except (TypeError, ValueError):
-        return False
-
-
-def refused_message(address: BrokerAddress, exc: BaseException) -> str:
-    """One line for an operator whose first connection was refused."""
+        refused = False
+    if not refused or ever_connected:
+        return None
     who = f"user {address.username!r}" if address.username else "an anonymous client"
     return (f"the broker at {address.host}:{address.port} refused {who} ({exc}): check the user and password "
             "(--broker mqtt://USER:PASS@..., FEDWB_USERNAME / FEDWB_PASSWORD) and the broker's passwd and acl")

@@ -18,7 +18,7 @@ import aiomqtt
 import schemas
 from edge_agent.tasks import get_task
 from schemas import AggregatorStatus, BrokerAddress, GlobalModel, Topics, WireError
-from schemas.connection import refusal, refused_message
+from schemas.connection import credentials_refused
 
 log = logging.getLogger("fedwb.evaluate")
 WARN_EVERY_S = 30.0  # an unreachable broker is logged at most this often
@@ -86,8 +86,8 @@ class Evaluator:
                                 self.status = schemas.unpack(bytes(m.payload), AggregatorStatus)
                                 self.changed.set()
             except aiomqtt.MqttError as exc:
-                if refusal(exc) and not ever_connected:  # wrong credentials, not an outage
-                    self.fatal = refused_message(self.address, exc)
+                self.fatal = credentials_refused(exc, ever_connected, self.address)
+                if self.fatal is not None:  # wrong credentials, not an outage
                     self._stop.set()
                     return
                 if time.monotonic() - warned_at > WARN_EVERY_S:  # said, not in silence; not every 0.5 s either
