@@ -192,6 +192,7 @@ def gen_tls(out: Path, hosts: list[str] | None = None, clients: list[str] | None
 
 SECURE_FILES = {"passwd": "gen-credentials", "acl": "gen-credentials", "tls/ca.crt": "gen-tls",
                 "tls/server.crt": "gen-tls", "tls/server.key": "gen-tls"}
+MAKER_OUT = {"gen-credentials": ".", "gen-tls": "tls"}  # where in the --secure directory each command writes
 
 
 def check_secure_dir(conf_dir: Path) -> None:
@@ -200,9 +201,8 @@ def check_secure_dir(conf_dir: Path) -> None:
     missing = [name for name in SECURE_FILES if not (conf_dir / name).is_file()]
     if missing:
         makers = sorted({SECURE_FILES[m] for m in missing})
-        raise ValueError(f"--secure {conf_dir} lacks {', '.join(missing)} (make them with fedwb broker "
-                         + " and ".join(f"{m} --out {conf_dir if m == 'gen-credentials' else conf_dir / 'tls'}"
-                                        for m in makers) + ")")
+        made = " and ".join(f"{m} --out {conf_dir / MAKER_OUT[m]}" for m in makers)
+        raise ValueError(f"--secure {conf_dir} lacks {', '.join(missing)} (make them with fedwb broker {made})")
 
 
 def render_secure_config(conf_dir: Path, data_dir: Path, port: int, tls_port: int, bind: str = "127.0.0.1",
