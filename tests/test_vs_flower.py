@@ -73,6 +73,37 @@ def test_tree_cpu_counts_a_busy_child() -> None:
         p.wait()
 
 
+_BURNER = """
+import time
+t = time.process_time()
+while time.process_time() - t < 0.3:
+    pass
+print("burnt", flush=True)
+input()
+"""
+
+
+def test_sampler_counts_a_descendant_it_found_in_its_scan(tmp_path: Path) -> None:
+    """The sampler scans the tree once (rescan is an hour here) and counts the child found there."""
+    burner = tmp_path / "burner.py"
+    burner.write_text(_BURNER)
+    parent = (f"import subprocess, sys\nc = subprocess.Popen([sys.executable, {str(burner)!r}], stdin=sys.stdin)\n"
+              "c.wait()")
+    p = subprocess.Popen([sys.executable, "-c", parent], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        s = Sampler(rescan=3600.0)
+        s.watch(p.pid, "root")
+        assert p.stdout.readline().strip() == "burnt"  # the grandchild has used its 0.3 s of CPU
+        s.sample()  # the first sample after watch() scans: root and child
+        assert len(s._trees[p.pid]) == 2
+        assert s.cpu_by_role["root"][-1] >= 0.3
+    finally:
+        for q in psutil.Process(p.pid).children(recursive=True):
+            q.kill()
+        p.kill()
+        p.wait()
+
+
 def test_processes_stop_reaches_descendants_in_their_own_session(tmp_path: Path) -> None:
     code = ("import subprocess, sys\n"
             "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'], start_new_session=True)\n"

@@ -70,9 +70,14 @@ class NoopTask(Task):
         return {k: v.detach() for k, v in self.build_model().state_dict().items()}
 
     def train(self, weights: StateDict, budget: int) -> TrainResult:
-        out = {k: v + self.noise * torch.randn(v.shape, generator=self._gen, dtype=v.dtype)
-               if v.is_floating_point() else v.clone() for k, v in weights.items()}
+        out = {k: self._noisy(v) if v.is_floating_point() else v.clone() for k, v in weights.items()}
         return TrainResult(out, num_samples=max(1, budget), metrics={"loss": 0.0})
+
+    def _noisy(self, v: torch.Tensor) -> torch.Tensor:
+        """``v + noise * N(0, 1)`` in one new tensor (the noise drawn into it, scaled and added in
+        place): the same values as the expression, without its two model-sized temporaries."""
+        out = torch.randn(v.shape, generator=self._gen, dtype=v.dtype)
+        return out.mul_(self.noise).add_(v)
 
     def evaluate(self, weights: StateDict) -> dict[str, float]:
         vals = [v.float().abs().mean().item() for v in weights.values() if v.is_floating_point()]
