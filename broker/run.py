@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from fedwb.lifeline import env_for_child
+from fedwb.lifeline import ends_with_us, env_for_child
 
 MOSQUITTO_PATHS = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto", "/opt/homebrew/sbin/mosquitto")
 
@@ -269,8 +269,10 @@ def _start_broker(port: int | None, kind: str, host: str, data_dir: Path | None,
         cmd = [sys.executable, "-m", "broker.embedded", "--host", host, "--port", str(port)]
     else:
         raise ValueError(f"unknown broker kind {kind!r}: use auto, mosquitto or embedded")
-    # the embedded broker ends with this process even after a SIGKILL (fedwb.lifeline); mosquitto cannot watch
+    # the broker ends with this process even after a SIGKILL (fedwb.lifeline): the embedded one watches
+    # its parent, mosquitto gets the kernel's parent-death signal
     env = {**os.environ, **env_for_child()} if kind == "embedded" else None
+    cmd = ends_with_us(cmd) if kind == "mosquitto" else cmd
     proc = subprocess.Popen(cmd, stdout=out, stderr=out, start_new_session=True, env=env)
     try:
         wait_for_port(host, port, timeout, proc)

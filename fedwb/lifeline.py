@@ -11,11 +11,18 @@ second and, once they differ (the parent is gone and the child was reparented), 
 SIGTERM, so it stops as it does for an operator, and SIGKILL after ``GRACE_S`` if it has not.
 The variable is removed from the child's environment, so the child's own children never take
 the child for their parent's parent.
+
+A child that is not ours (mosquitto) cannot watch: ``ends_with_us(cmd)`` prefixes its command with
+util-linux's ``setpriv --pdeathsig TERM``, so the kernel sends it SIGTERM when the thread that
+started it ends. That is the process's end only for the main thread, so a command started from
+any other thread (or where ``setpriv`` is missing: not Linux, or a minimal image) is left as it is,
+and such a child outlives a SIGKILLed parent as before.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import threading
 import time
@@ -28,6 +35,14 @@ GRACE_S = 20.0
 def env_for_child() -> dict[str, str]:
     """The variable a child started by this process needs for ``watch_parent``."""
     return {ENV: str(os.getpid())}
+
+
+def ends_with_us(cmd: list[str]) -> list[str]:
+    """``cmd`` made to receive SIGTERM when this process ends (``setpriv --pdeathsig``), where it can be."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None or threading.current_thread() is not threading.main_thread():
+        return cmd
+    return [setpriv, "--pdeathsig", "TERM", "--", *cmd]
 
 
 def watch_parent() -> bool:

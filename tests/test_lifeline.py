@@ -42,3 +42,41 @@ def test_a_parent_already_gone_stops_the_child_with_sigterm() -> None:
     gone.wait()  # reaped: no process has this pid now
     r = _child(str(gone.pid), 30)  # would sleep 30 s; ends within the first poll
     assert r.returncode == -signal.SIGTERM, r
+
+
+STARTER = ("import sys, threading\n"
+           "from broker import start_broker\n"
+           "def start():\n"
+           "    b = start_broker(kind='mosquitto')\n"
+           "    print(b.proc.pid, flush=True)\n"
+           "if sys.argv[1] == 'main':\n"
+           "    start()\n"
+           "else:\n"
+           "    t = threading.Thread(target=start)\n"
+           "    t.start()\n"
+           "    t.join()\n"
+           "sys.stdin.read()\n")
+
+
+@pytest.mark.parametrize("thread", ["main", "other"])
+def test_mosquitto_ends_with_a_sigkilled_starter_when_started_from_its_main_thread(
+        mosquitto_bin: None, thread: str) -> None:
+    """A broker started from the main thread dies with its starter (the kernel's parent-death signal);
+    one started from another thread must not die with that thread, so it outlives a SIGKILL as before."""
+    import psutil
+
+    starter = subprocess.Popen([sys.executable, "-c", STARTER, thread], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True)
+    broker = psutil.Process(int(starter.stdout.readline()))
+    try:
+        assert broker.is_running() and "mosquitto" in broker.name()  # alive after its starting thread ended
+        starter.kill()
+        starter.wait()
+        if thread == "main":
+            broker.wait(timeout=15)  # raises psutil.TimeoutExpired if it outlives its starter
+        else:
+            with pytest.raises(psutil.TimeoutExpired):
+                broker.wait(timeout=1)
+    finally:
+        if broker.is_running():
+            broker.kill()
