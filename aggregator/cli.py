@@ -304,6 +304,9 @@ def policy_show(
     typer.echo(f"last choice: {st.last_choice} ({st.last_choice_reason})")
     typer.echo(f"buffer: {st.buffer_fill}/{st.quorum}; accepted {st.accepted}, stale {st.stale}, "
                f"duplicate {st.duplicate}, rejected {st.rejected}")
+    if st.fusion_failures:
+        now = f"failing now: {st.last_fusion_error}" if st.last_fusion_error else "the latest fusion succeeded"
+        typer.echo(f"fusion failures: {st.fusion_failures}; {now}")
     if st.last_command:
         typer.echo(f"last command: {st.last_command.command_id} accepted={st.last_command.accepted} "
                    f"{st.last_command.reason}")

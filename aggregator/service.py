@@ -203,6 +203,7 @@ class Aggregator:
         self._fusing: asyncio.Task | None = None
         self._retry_at, self._retry_in = 0.0, 0.0  # a failed fusion's back-off (monotonic time, seconds)
         self.fusion_failures = 0
+        self.last_fusion_error: str | None = None
         self._client: aiomqtt.Client | None = None
         self._backlog: Any = None  # the incoming queue of the current connection (schemas.backlog)
         self._backlog_past = {"pauses": 0, "stalls": 0}  # of the connections before it
@@ -340,7 +341,8 @@ class Aggregator:
             duplicate=self.counters.duplicate, replaced=self.counters.replaced, bounded=dict(self.counters.bounded),
             last_fusion_seconds=self.last_fusion_seconds,
             last_quorum_wait_seconds=self.last_quorum_wait, last_quorum_at=self.last_quorum_at,
-            last_command=self.last_command)
+            last_command=self.last_command, fusion_failures=self.fusion_failures,
+            last_fusion_error=self.last_fusion_error)
 
     async def _publish_status(self, state: str = "running") -> None:
         if self._client is None:
@@ -658,12 +660,14 @@ class Aggregator:
         try:
             await self._fuse_round()
             self._retry_in = 0.0
+            self.last_fusion_error = None
         except Exception as exc:  # noqa: BLE001 - a failed fusion must not kill the service
             # retried after a back-off (1 s, doubling to 60 s): a cause that lasts (a full disk) must not turn
             # into a loop of fusions and log lines
             self._retry_in = min(FUSION_RETRY_MAX_S, max(FUSION_RETRY_S, 2 * self._retry_in))
             self._retry_at = time.monotonic() + self._retry_in
             self.fusion_failures += 1
+            self.last_fusion_error = f"{type(exc).__name__}: {exc}"[:300]
             self.log.error("fusion of v%d failed (%s: %s); the round's updates are kept, next try in %.0f s",
                            self.version + 1, type(exc).__name__, exc, self._retry_in)
             self.log.debug("fusion failure", exc_info=True)

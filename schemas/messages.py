@@ -182,6 +182,8 @@ class AggregatorStatus(_Message):
     last_quorum_wait_seconds: float | None = None
     last_quorum_at: float | None = None  # wall clock (Unix s) when the round fused into ``version`` was complete
     last_command: CommandAck | None = None
+    fusion_failures: int = 0  # fusions that raised since start (each retried after a back-off)
+    last_fusion_error: str | None = None  # "Type: message" of the latest failure; None once a fusion succeeds
     updated_at: float = Field(default_factory=_now)
 
 

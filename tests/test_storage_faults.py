@@ -75,9 +75,15 @@ async def test_a_fusion_whose_checkpoint_fails_backs_off_and_keeps_its_updates(
         for i in range(2):
             await publish(mosquitto, Topics(job).update(f"a{i}"),
                           schemas.pack(update(job, f"a{i}", 0, weights_like(g, 0.1 * (i + 1)))))
-        await w.until(lambda: agg.fusion_failures == 1, 15, "the first failed fusion")
+        await w.until(lambda: any(st.fusion_failures == 1 for st in w.statuses), 15,
+                      "a status that reports the first failed fusion")
+        failing = next(st for st in w.statuses if st.fusion_failures == 1)
+        assert failing.last_fusion_error == "OSError: [Errno 28] No space left on device" and failing.version == 0
         await asyncio.sleep(0.5)  # not synchronization: a window in which a retry loop would have run many times
         assert len(saves) == 1 and len(agg.buffer) == 2 and agg.version == 0
         g1 = await w.version(1, 20)  # retried after 1 s, then 2 s: the third try saves
         assert len(saves) == 3 and agg.fusion_failures == 2
+        await w.until(lambda: any(st.version == 1 for st in w.statuses), 15, "the status of v1")
+        fused = next(st for st in w.statuses if st.version == 1)
+        assert fused.fusion_failures == 2 and fused.last_fusion_error is None  # recovered: nothing failing now
         assert sorted(g1.contributors) == ["a0", "a1"]
