@@ -86,7 +86,8 @@ INLINE_DECODE_BYTES = 4 * 1024 * 1024  # smaller payloads decode on the loop (~0
 def wire_reason(exc: WireError) -> str:
     """A counter key for a codec error."""
     text = str(exc)
-    for key, reason in (("invalid ModelUpdate", "invalid_field"), ("tensors, ", "tensor_count"), ("NaN", "non_finite"),
+    for key, reason in (("outside its tensor data", "metadata_size"), ("invalid ModelUpdate", "invalid_field"),
+                        ("tensors, ", "tensor_count"), ("NaN", "non_finite"),
                         ("exceeds the limit", "oversize"), ("schema version", "schema_version"),
                         ("needs", "shape_bytes"), ("(too_many)", "too_many_transfers"),
                         ("msgpack", "not_msgpack"), ("dtype", "dtype"), ("anifest", "invalid_manifest"),

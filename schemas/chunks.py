@@ -39,14 +39,16 @@ from pydantic import BaseModel, Field, ValidationError
 from schemas.codec import (
     _NAMES,
     DEFAULT_MAX_TENSORS,
+    DEFAULT_META_BYTES,
     DTYPES,
+    META_BYTES_PER_TENSOR,
     WireError,
     _as_tensor,
     _plain,
     all_finite,
     check_tensor_count,
 )
-from schemas.messages import SCHEMA_VERSION
+from schemas.messages import SCHEMA_VERSION, GlobalModel, ModelUpdate
 
 CHUNK_BYTES = 8 * 1024 * 1024  # the aggregator holds ~20 in flight (the broker's inflight limit): 160 MiB
 CHUNK_ABOVE = 128 * 1024 * 1024  # models whose tensors pass this travel in chunks (MQTT carries < 256 MiB)
@@ -189,21 +191,25 @@ def peek_kind(payload: bytes | bytearray | memoryview) -> str | None:
     return kind if kind in (MANIFEST, CHUNK) else None
 
 
-def _tensor_entries(payload: bytes | bytearray | memoryview) -> int | None:
-    """The length of a manifest's ``tensors`` array, read from the msgpack stream without building
-    its entries (None when there is no such array: the full decoder names the problem)."""
+def _top_field(payload: bytes | bytearray | memoryview, key: str, array: bool) -> Any:
+    """A manifest's top-level ``key``, read from the msgpack stream without building any other
+    field: the length of that array (``array``) or the value itself (a string of at most 256
+    bytes). None when there is no such field, or it is not that (the full decoder names it)."""
     import io
 
     try:
         unpacker = msgpack.Unpacker(io.BytesIO(payload), raw=False, strict_map_key=True,
-                                    max_buffer_size=max(1 << 20, len(payload)))
+                                    max_buffer_size=max(1 << 20, len(payload)), max_str_len=256)
         for _ in range(unpacker.read_map_header()):
-            if unpacker.unpack() == "tensors":
-                return unpacker.read_array_header()
+            if unpacker.unpack() == key:
+                return unpacker.read_array_header() if array else unpacker.unpack()
             unpacker.skip()
-    except Exception:  # noqa: BLE001 - not a map, truncated, tensors not an array
+    except Exception:  # noqa: BLE001 - not a map, truncated, not an array, too long
         return None
     return None
+
+
+DIGEST_BYTES = 80  # one SHA-256 hex digest as msgpack writes it, with room to spare
 
 
 def unpack_manifest(payload: bytes, *, max_bytes: int, chunk_min: int = 1024, tensors: int | None = None,
@@ -212,9 +218,21 @@ def unpack_manifest(payload: bytes, *, max_bytes: int, chunk_min: int = 1024, te
 
     The tensor count is checked (at most ``max_tensors``; exactly ``tensors`` when given) before
     the entries are validated one by one, so a manifest of millions of tiny tensors costs one
-    msgpack parse, not millions of model validations.
+    msgpack parse, not millions of model validations; and before anything is decoded, the
+    manifest's size against what its tensors and chunks need (the envelope gets what its class
+    allows, ``WIRE_META_BYTES``), so millions of tiny objects in it are refused from the headers.
     """
-    check_tensor_count(_tensor_entries(payload), tensors, max_tensors)
+    entries = _top_field(payload, "tensors", array=True)
+    check_tensor_count(entries, tensors, max_tensors)
+    digests = _top_field(payload, "digests", array=True) or 0
+    if digests > MAX_CHUNKS:
+        raise WireError(f"manifest lists {digests:,} chunk digests, more than the limit of {MAX_CHUNKS:,}")
+    of = {m.__name__: m for m in (ModelUpdate, GlobalModel)}.get(_top_field(payload, "of", array=False))
+    cap = (getattr(of, "WIRE_META_BYTES", DEFAULT_META_BYTES) + META_BYTES_PER_TENSOR * (entries or 0)
+           + DIGEST_BYTES * digests)
+    if len(payload) > cap:
+        raise WireError(f"manifest of {len(payload):,} bytes, over the cap of {cap:,} for {entries or 0:,} "
+                        f"tensors and {digests:,} chunks")
     try:
         body = msgpack.unpackb(bytes(payload), raw=False, strict_map_key=True)
     except Exception as exc:  # noqa: BLE001

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import msgpack
@@ -165,20 +165,93 @@ class _Reader:
 def tensor_count(data: bytes | bytearray | memoryview) -> int | None:
     """How many tensors a payload's ``weights`` map holds, read from its header without decoding
     anything else; None when there is no such map (the full decoder then names the problem)."""
+    counted: list[int] = []
+
+    def stop(count: int) -> None:
+        counted.append(count)
+        raise WireError("counted")  # ends the walk at the header
+
     try:
-        unpacker = msgpack.Unpacker(_Reader(data), raw=False, strict_map_key=True, read_size=1 << 16,
-                                    max_buffer_size=max(1 << 20, len(data)))
+        return tensor_data_bytes(memoryview(data), stop)[0]
+    except WireError:
+        return counted[0]
+
+
+META_BYTES_PER_TENSOR = 1024  # a tensor's name, dtype and shape: what its entry may add to a message's metadata
+DEFAULT_META_BYTES = 1 << 20  # a message's bytes outside tensor data, unless its class says (``WIRE_META_BYTES``)
+_KEY_BYTES = 256  # the longest field name or tensor-entry key the envelope walk reads; a longer one ends it
+_READ_OVER = 16 * 1024  # the walk reads tensor data this small instead of jumping over it
+_WALK_FIELDS = 64  # a message or tensor entry with more fields than this is not one pack wrote
+
+
+def tensor_data_bytes(view: memoryview, on_count: Callable[[int], None] | None = None) -> tuple[int | None, int]:
+    """(tensor count, bytes of tensor data) of a payload as ``pack`` writes it, read from its headers.
+
+    Everything but the tensors' ``data`` bins is skipped at C speed without building objects, and
+    each big bin is jumped over, never read. ``on_count(count)`` runs as soon as the ``weights``
+    header is read (a ``WireError`` it raises ends the walk there: millions of tiny tensors are never
+    walked). The walk stops at the first thing that is not as ``pack`` writes it (a map of more
+    than ``_WALK_FIELDS`` fields, a key over ``_KEY_BYTES``, a ``data`` that is not a bin,
+    truncation): the bins found so far are what it returns, so the rest counts as metadata.
+    Count None: no ``weights`` map.
+    """
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B")
+    count: int | None = None
+    data = 0
+    base = 0
+    try:
+        unpacker = _walker(view, 0)
         fields = unpacker.read_map_header()
-    except Exception:  # noqa: BLE001 - not a map: the full decoder says what it is
-        return None
-    try:
-        for _ in range(fields):
-            if unpacker.unpack() == "weights":
-                return unpacker.read_map_header()
-            unpacker.skip()
-    except Exception:  # noqa: BLE001 - weights not a map, truncation: the full decoder names it
-        return None
-    return None
+        for _ in range(fields if fields <= _WALK_FIELDS else 0):
+            if unpacker.unpack() != "weights":
+                unpacker.skip()
+                continue
+            count = unpacker.read_map_header()
+            if on_count is not None:
+                on_count(count)
+            for _ in range(count):
+                unpacker.skip()  # the tensor's name
+                entries = unpacker.read_map_header()
+                if entries > _WALK_FIELDS:
+                    return count, data
+                for _ in range(entries):
+                    if unpacker.unpack() != "data":
+                        unpacker.skip()
+                        continue
+                    at = base + unpacker.tell()
+                    width = _BIN_WIDTH.get(view[at]) if at < len(view) else None
+                    if width is None:
+                        return count, data
+                    lo = at + 1 + width
+                    hi = lo + int.from_bytes(view[at + 1:lo], "big")
+                    if hi > len(view):
+                        return count, data
+                    data += hi - lo
+                    if hi - lo <= _READ_OVER:
+                        unpacker.skip()  # reading a small bin costs less than a new unpacker past it
+                    else:
+                        base, unpacker = hi, _walker(view, hi)
+    except WireError:
+        raise
+    except Exception:  # noqa: BLE001 - not as pack writes it: the rest counts as metadata
+        pass
+    return count, data
+
+
+def _walker(view: memoryview, start: int) -> msgpack.Unpacker:
+    return msgpack.Unpacker(_Reader(view[start:]), raw=False, strict_map_key=True, read_size=1 << 14,
+                            max_buffer_size=max(1 << 20, len(view) - start), max_str_len=_KEY_BYTES)
+
+
+def check_meta_bytes(cls: type, size: int, count: int | None, data: int) -> None:
+    """``WireError`` when a ``cls`` payload of ``size`` bytes has more outside its tensor data than
+    the class allows (``WIRE_META_BYTES`` + ``META_BYTES_PER_TENSOR`` per tensor): millions of tiny
+    objects in a metrics map or a list cost seconds and gigabytes to decode, whatever the payload's size."""
+    cap = getattr(cls, "WIRE_META_BYTES", DEFAULT_META_BYTES) + META_BYTES_PER_TENSOR * (count or 0)
+    if size - data > cap:
+        raise WireError(f"{cls.__name__} has {size - data:,} bytes outside its tensor data, over the cap of "
+                        f"{cap:,} ({META_BYTES_PER_TENSOR:,} per tensor included)")
 
 
 def check_tensor_count(count: int | None, tensors: int | None, max_tensors: int) -> None:
@@ -195,15 +268,19 @@ def unpack(data: bytes | bytearray | memoryview, cls: type[M], *,
            max_tensors: int = DEFAULT_MAX_TENSORS) -> M:
     """Decode ``data`` into an instance of ``cls``; every failure is a ``WireError``.
 
-    Cheap checks run before any tensor is decoded: the size, and the number of tensors in
-    the ``weights`` map (at most ``max_tensors``; exactly ``tensors`` when given, e.g. the
-    reference model's count), so a payload of millions of tiny tensors is refused in
-    milliseconds instead of being parsed.
+    Cheap checks run before anything is decoded: the size; the number of tensors in the
+    ``weights`` map (at most ``max_tensors``; exactly ``tensors`` when given, e.g. the reference
+    model's count); and the bytes outside tensor data (``check_meta_bytes``). A payload of
+    millions of tiny tensors, or of millions of metrics, is refused in milliseconds instead of
+    being parsed.
     """
     count = None
-    if isinstance(data, bytes | bytearray | memoryview) and len(data) <= max_bytes and "weights" in cls.model_fields:
-        count = tensor_count(data)
-        check_tensor_count(count, tensors, max_tensors)
+    if isinstance(data, bytes | bytearray | memoryview) and len(data) <= max_bytes:
+        view = memoryview(data).cast("B") if not isinstance(data, bytes) else memoryview(data)
+        tensor_bytes = 0
+        if "weights" in cls.model_fields:
+            count, tensor_bytes = tensor_data_bytes(view, lambda n: check_tensor_count(n, tensors, max_tensors))
+        check_meta_bytes(cls, len(view), count, tensor_bytes)
     try:
         return _unpack(data, cls, max_bytes, count)
     except WireError:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field_validator, model_validator
 
@@ -107,6 +107,8 @@ class ModelUpdate(_Message):
     ``base_version``, and rejects a ``sent_at`` beyond its clock-skew tolerance.
     """
 
+    WIRE_META_BYTES: ClassVar[int] = 64 * 1024  # outside tensor data (schemas.codec.check_meta_bytes): ids, metrics
+
     job: str = Field(pattern=ID_PATTERN)
     agent_id: str = Field(pattern=ID_PATTERN)
     base_version: WireInt
@@ -128,6 +130,8 @@ class ModelUpdate(_Message):
 class GlobalModel(_Message):
     """The fused model, published retained on ``fedwb/J/global``."""
 
+    WIRE_META_BYTES: ClassVar[int] = 16 << 20  # info holds every contributor's metrics: a quorum of thousands fits
+
     job: str = Field(min_length=1)
     version: WireInt
     policy: str  # the rule family this version was fused with: "fedavg" or "fedwb" ("init" for v0)
@@ -141,6 +145,8 @@ class GlobalModel(_Message):
 
 class PolicyCommand(_Message):
     """An operator's request to change the policy, retained on ``fedwb/J/control``."""
+
+    WIRE_META_BYTES: ClassVar[int] = 64 * 1024
 
     job: str = Field(min_length=1)
     policy: PolicySpec
@@ -195,6 +201,8 @@ class UpdateAck(_Message):
     a timeout; resends are dropped as duplicates (and acknowledged again).
     """
 
+    WIRE_META_BYTES: ClassVar[int] = 64 * 1024
+
     job: str
     agent_id: str
     update_id: str
@@ -205,6 +213,8 @@ class UpdateAck(_Message):
 
 class AgentStatus(_Message):
     """Retained on ``fedwb/J/status/agent/{agent_id}``; the last will says offline."""
+
+    WIRE_META_BYTES: ClassVar[int] = 64 * 1024
 
     job: str
     agent_id: str

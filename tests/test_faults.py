@@ -103,6 +103,86 @@ def test_millions_of_tiny_tensors_are_refused_from_the_header() -> None:
         schemas.unpack(payload, ModelUpdate, tensors=2, max_tensors=10**6)
 
 
+def _bloated(where: str) -> bytes:
+    """A ModelUpdate of one small tensor with ~3 MB of tiny objects (or one long string) outside it."""
+    body = msgpack.unpackb(schemas.pack(update("j", "a", 0, {"w": torch.zeros(2)})), raw=False)
+    tensor = body["weights"]["w"]
+    if where == "metrics":
+        body["metrics"] = {f"m{i}": 1.0 for i in range(300_000)}
+    elif where == "agent_id":
+        body["agent_id"] = "a" * 3_000_000
+    elif where == "extra field":
+        body["notes"] = [[0] * 8 for _ in range(300_000)]
+    elif where == "tensor entry":
+        tensor.update({f"x{i}": 0 for i in range(300_000)})
+    elif where == "shape":
+        tensor["shape"] = [1] * 3_000_000
+    elif where == "tensor name":
+        body["weights"] = {"w" * 3_000_000: tensor}
+    return msgpack.packb(body, use_bin_type=True)
+
+
+@pytest.mark.parametrize("where", ["metrics", "agent_id", "extra field", "tensor entry", "shape", "tensor name"])
+def test_millions_of_tiny_objects_outside_the_tensors_are_refused_from_the_headers(where: str) -> None:
+    """The sibling of millions of tiny tensors: the bytes outside tensor data are capped per message
+    class before anything is decoded, wherever they sit."""
+    payload = _bloated(where)
+    for limit in (None, 1):  # the reference model's tensor count given or not
+        with pytest.raises(WireError, match=r"ModelUpdate has [\d,]+ bytes outside its tensor data, over the cap"):
+            schemas.unpack(payload, ModelUpdate, tensors=limit)
+    with pytest.raises(WireError, match="outside its tensor data"):
+        schemas.unpack(b"\x81" + msgpack.packb("policy") + msgpack.packb(["x"] * 100_000), schemas.PolicyCommand)
+
+
+def test_what_a_real_model_carries_outside_its_tensors_is_under_the_caps() -> None:
+    """No false alarms: 64 metrics with 64-character names, 300 tensors with long names, and a
+    global model whose info holds 2,000 contributors' metrics all decode."""
+    names = {f"encoder.layer.{i}.attention.self.query.weight.{'x' * 150}": torch.zeros(3) for i in range(300)}
+    metrics = {f"{i:02d}" + "m" * 62: 0.5 for i in range(64)}
+    big = ModelUpdate(job="j", agent_id="a" * 128, base_version=0, num_samples=1, weights=names, metrics=metrics)
+    u = schemas.unpack(schemas.pack(big), ModelUpdate, tensors=300)
+    assert len(u.weights) == 300 and len(u.metrics) == 64
+    info = {"agent_metrics": {f"agent-{i}": metrics for i in range(2_000)}, "contributors": [f"agent-{i}" for i in
+                                                                                           range(2_000)]}
+    g = GlobalModel(job="j", version=3, policy="fedavg", weights={"w": torch.zeros(4)}, info=info)
+    assert len(schemas.unpack(schemas.pack(g), GlobalModel).info["agent_metrics"]) == 2_000
+
+
+def test_a_manifest_with_a_bloated_envelope_or_too_many_digests_is_refused_from_its_headers() -> None:
+    from schemas.chunks import MAX_CHUNKS, Outgoing, unpack_manifest
+
+    u = update("j", "a", 0, {"w": torch.zeros(1000)})
+    body = msgpack.unpackb(next(iter(Outgoing(u, u.update_id, 1024).payloads())), raw=False)
+    assert unpack_manifest(msgpack.packb(body), max_bytes=1 << 30).of == "ModelUpdate"
+    bloated = {**body, "envelope": {**body["envelope"], "metrics": {f"m{i}": 1.0 for i in range(300_000)}}}
+    with pytest.raises(WireError, match="over the cap of"):
+        unpack_manifest(msgpack.packb(bloated), max_bytes=1 << 30)
+    with pytest.raises(WireError, match="chunk digests, more than the limit"):
+        unpack_manifest(msgpack.packb({**body, "digests": [""] * (MAX_CHUNKS + 1)}), max_bytes=1 << 30)
+
+
+async def test_a_bloated_update_and_command_are_counted_and_the_round_still_fuses(
+        mosquitto: BrokerProcess, job: str, tmp_path: Path) -> None:
+    """On a real broker: the running aggregator refuses both from their headers, counts each once, and
+    fuses the honest update that follows."""
+    s = agg_settings(mosquitto, job, tmp_path / "state")
+    topics = Topics(job)
+    async with Watcher(mosquitto, job) as w, running(s) as agg:
+        g0 = await w.version(0)
+        body = msgpack.unpackb(schemas.pack(update(job, "a", 0, {k: v + 1 for k, v in g0.weights.items()})),
+                               raw=False)
+        async with client(mosquitto, "attacker") as c:
+            await c.publish(topics.update("a"), msgpack.packb({**body, "metrics": {f"m{i}": 1.0 for i in
+                                                                                   range(300_000)}}), qos=1)
+            await c.publish(topics.control, b"\x81" + msgpack.packb("policy") + msgpack.packb(["x"] * 300_000),
+                            qos=1)
+            await c.publish(topics.update("a"), msgpack.packb(body), qos=1)
+        g1 = await w.version(1)
+        assert g1.contributors == ["a"]
+        assert agg.counters.rejected.get("metadata_size") == 1 and agg.counters.rejected.get("bad_command") == 1
+        assert "outside its tensor data" in agg.last_command.reason
+
+
 def test_a_model_over_one_mqtt_packet_is_one_clear_error_when_chunking_is_off(tmp_path: Path) -> None:
     s = AggregatorSettings(job="j", task="noop", task_options={"shapes": [[68_000_000]]}, device="cpu",
                            chunk_bytes=0)
