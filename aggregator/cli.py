@@ -148,7 +148,6 @@ def aggregator(
     """
     from pydantic import ValidationError
 
-    from aggregator.service import run_service
     from aggregator.settings import AggregatorSettings
 
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
@@ -188,6 +187,8 @@ def aggregator(
         for err in exc.errors():
             typer.echo(f"error: {'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg']}", err=True)
         raise typer.Exit(2) from None
+    from aggregator.service import run_service  # torch and the solvers: only once the options are good
+
     raise typer.Exit(run_service(settings))
 
 

@@ -67,13 +67,14 @@ from schemas.chunks import (
     unpack_chunk,
     unpack_manifest,
 )
-from schemas.codec import MQTT_MAX_PACKET, all_finite
+from schemas.codec import all_finite
 from schemas.connection import credentials_refused, run_loop
 from schemas.heap import keep_heap, return_big_buffers
 from schemas.receive import fast_publish
 from schemas.send import fast_send
 from schemas.signing import load_private_key, sign
 from schemas.topics import UPSTREAM_PREFIX
+from schemas.wire import MQTT_MAX_PACKET
 
 log = logging.getLogger("fedwb.aggregator")
 HISTORY_LIMIT = 10_000

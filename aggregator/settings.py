@@ -8,7 +8,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas import PolicySpec
-from schemas.chunks import CHUNK_ABOVE, CHUNK_BYTES, MAX_MODEL_BYTES
+from schemas.wire import CHUNK_ABOVE, CHUNK_BYTES, MAX_MODEL_BYTES
 
 
 class AggregatorSettings(BaseSettings):

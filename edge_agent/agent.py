@@ -33,10 +33,7 @@ import torch
 import schemas
 from schemas import AgentStatus, BrokerAddress, GlobalModel, ModelUpdate, Topics, UpdateAck, WireError
 from schemas.chunks import (
-    CHUNK_ABOVE,
-    CHUNK_BYTES,
     MANIFEST,
-    MAX_MODEL_BYTES,
     MemoryStore,
     Outgoing,
     Reassembly,
@@ -49,11 +46,11 @@ from schemas.chunks import (
     unpack_chunk,
     unpack_manifest,
 )
-from schemas.codec import MQTT_MAX_PACKET
 from schemas.connection import credentials_refused, run_loop
 from schemas.heap import keep_heap, return_big_buffers
 from schemas.receive import fast_publish
 from schemas.send import fast_send
+from schemas.wire import CHUNK_ABOVE, CHUNK_BYTES, MAX_MODEL_BYTES, MQTT_MAX_PACKET
 
 log = logging.getLogger("fedwb.agent")
 

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from aggregator.cli import Password, TlsCa, TlsCert, TlsKey, User, chunk_size, parse_task_options
-from schemas.chunks import CHUNK_BYTES
+from schemas.wire import CHUNK_BYTES
 
 
 def agent(
@@ -79,15 +79,22 @@ def start_agent(o: dict[str, Any]) -> int:
     """Validate the merged options ``o`` (one line and exit 2 on anything wrong) and run the agent."""
     import os
 
-    from edge_agent.agent import AgentSettings, run_agent
+    from aggregator.cli import check_task
     from edge_agent.stragglers import parse_delay
     from fedwb.errors import fail, read_secret
+    from schemas.connection import BrokerAddress
 
     journal = bool(os.environ.get("JOURNAL_STREAM"))  # under systemd: the journal adds the time itself
     logging.basicConfig(level=str(o["log_level"]).upper(), stream=sys.stderr,
                         format=("" if journal else "%(asctime)s ") + "%(levelname)s %(name)s: %(message)s")
     if o["password_file"] is not None:
         o["password"] = read_secret(Path(o["password_file"]), "--password-file")
+    check_task(o["task"])
+    try:  # what needs no torch first: a bad option is one line at once, not after a second of imports
+        BrokerAddress.parse(o["broker"], username=o["username"], password=o["password"], tls_ca=o["tls_ca"],
+                            tls_cert=o["tls_cert"], tls_key=o["tls_key"]).client_kwargs()
+    except ValueError as exc:
+        fail(str(exc))
     if o["local_epochs"] is not None and o["local_steps"] is not None:
         fail("give --local-epochs or --local-steps, not both")
     default_budget = {"mnist": 1, "cartpole": 1000, "noop": 1}.get(o["task"], 1)
@@ -121,6 +128,8 @@ def start_agent(o: dict[str, Any]) -> int:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    from edge_agent.agent import AgentSettings, run_agent
+
     try:
         settings = AgentSettings(
             broker=o["broker"], job=o["job"], agent_id=o["agent_id"], task=o["task"], task_options=opts,

@@ -49,10 +49,8 @@ from schemas.codec import (
     check_tensor_count,
 )
 from schemas.messages import SCHEMA_VERSION, GlobalModel, ModelUpdate
+from schemas.wire import CHUNK_BYTES
 
-CHUNK_BYTES = 8 * 1024 * 1024  # the aggregator holds ~20 in flight (the broker's inflight limit): 160 MiB
-CHUNK_ABOVE = 128 * 1024 * 1024  # models whose tensors pass this travel in chunks (MQTT carries < 256 MiB)
-MAX_MODEL_BYTES = 4 * 1024**3  # the largest chunked model a receiver accepts by default
 MANIFEST = "ChunkManifest"
 CHUNK = "ModelChunk"
 MAX_CHUNKS = 1 << 20

@@ -21,10 +21,7 @@ import torch
 from pydantic import BaseModel, ValidationError
 
 from schemas.messages import SCHEMA_VERSION
-
-DEFAULT_MAX_BYTES = 256 * 1024 * 1024
-DEFAULT_MAX_TENSORS = 100_000  # a model with more named tensors than this is not one we federate
-MQTT_MAX_PACKET = 268_435_455  # the most bytes one MQTT packet can carry (its remaining-length field)
+from schemas.wire import DEFAULT_MAX_BYTES, DEFAULT_MAX_TENSORS, WireError
 
 DTYPES: dict[str, torch.dtype] = {
     "float64": torch.float64,
@@ -47,10 +44,6 @@ M = TypeVar("M", bound=BaseModel)
 
 if sys.byteorder != "little":  # pragma: no cover - every supported host is little-endian
     raise ImportError("fedwb's wire codec needs a little-endian host")
-
-
-class WireError(ValueError):
-    """A payload that cannot be decoded into the expected message, with the reason."""
 
 
 def _as_tensor(value: Any, name: str) -> torch.Tensor:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-StateDict = dict[str, torch.Tensor]
+# torch is imported where it is used: naming or checking a task (``fedwb aggregator --task bogus``) needs none
+StateDict = dict[str, "torch.Tensor"]
 
 
 @dataclass
@@ -26,6 +28,8 @@ class Task(ABC):
     name: str = "task"
 
     def __init__(self, seed: int = 0, device: str = "cpu", **options: Any) -> None:
+        import torch
+
         self.seed = seed
         self.device = torch.device(device)
         self.options = options
@@ -36,6 +40,8 @@ class Task(ABC):
 
     def initial_weights(self) -> StateDict:
         """Version 0 of the global model."""
+        import torch
+
         torch.manual_seed(self.seed)
         return {k: v.detach().cpu().clone() for k, v in self.build_model().state_dict().items()}
 
