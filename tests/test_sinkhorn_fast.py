@@ -104,9 +104,11 @@ def test_plain_solver_equals_pot_at_n_4096() -> None:
     h = x - x.min(axis=1, keepdims=True)
     h /= h.sum(axis=1, keepdims=True)
     lam = np.array([0.5, 0.3, 0.2])
-    ref = ot.bregman.barycenter(h.T, cost(4096), 0.1, weights=lam, method="sinkhorn_log", numItermax=8,
+    # 3 iterations: POT's dense log-domain step costs ~2.8 s at n = 4,096 (a 4096 x 4096 log-sum-exp per
+    # histogram); the band and the division are exercised from the first one
+    ref = ot.bregman.barycenter(h.T, cost(4096), 0.1, weights=lam, method="sinkhorn_log", numItermax=3,
                                 stopThr=0.0, warn=False)
-    (ours,) = solve("plain", [h], lam, 0.1, iters=8)
+    (ours,) = solve("plain", [h], lam, 0.1, iters=3)
     assert np.abs(ours - ref).max() <= 1e-10 * np.abs(ref).max()
 
 
