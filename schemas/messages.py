@@ -155,10 +155,19 @@ class PolicyCommand(_Message):
     issued_by: str = "operator"
 
 
-class CommandAck(BaseModel):
-    """How the aggregator answered the last ``PolicyCommand``."""
+class _Report(_Message):
+    """A message published for others to read (statuses, verdicts). Its readers ignore fields they do not
+    know, so a reader older than the writer (``fedwb policy show`` on an operator's laptop, an agent
+    not yet upgraded) keeps working when a field is added. What is sent *to* the aggregator (updates,
+    commands) and the signed global model stay strict."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="ignore", arbitrary_types_allowed=True, frozen=False)
+
+
+class CommandAck(BaseModel):
+    """How the aggregator answered the last ``PolicyCommand`` (part of its status: extra fields ignored)."""
+
+    model_config = ConfigDict(extra="ignore")
 
     command_id: str
     accepted: bool
@@ -166,7 +175,7 @@ class CommandAck(BaseModel):
     applied_at_version: int | None = None
 
 
-class AggregatorStatus(_Message):
+class AggregatorStatus(_Report):
     """Retained on ``fedwb/J/status/aggregator`` after each fusion and periodically."""
 
     job: str
@@ -193,7 +202,7 @@ class AggregatorStatus(_Message):
     updated_at: float = Field(default_factory=_now)
 
 
-class UpdateAck(_Message):
+class UpdateAck(_Report):
     """The aggregator's verdict on one update, retained on ``fedwb/J/ack/{agent_id}`` (the latest per agent).
 
     Published once the update is durable (in the inbox when there is a state dir). An agent
@@ -211,7 +220,7 @@ class UpdateAck(_Message):
     version: int = 0  # the aggregator's version when it decided
 
 
-class AgentStatus(_Message):
+class AgentStatus(_Report):
     """Retained on ``fedwb/J/status/agent/{agent_id}``; the last will says offline."""
 
     WIRE_META_BYTES: ClassVar[int] = 64 * 1024

@@ -219,3 +219,23 @@ def test_a_payload_that_is_mostly_not_tensors_is_copied_not_viewed() -> None:
     assert schemas.codec._unpack_viewing(msgpack.packb(body)) is None
     body["job"] = "j"
     assert schemas.codec._unpack_viewing(msgpack.packb(body)) is not None
+
+
+def test_what_the_aggregator_publishes_reads_with_fields_a_newer_one_added_and_what_it_takes_does_not() -> None:
+    """An older reader of a status, an update verdict or an agent status ignores a field it does not know;
+    an update or a command with an unknown field is still refused (the aggregator's inputs stay strict)."""
+    status = msgpack.unpackb(schemas.pack(schemas.AggregatorStatus(job="j", version=3)), raw=False)
+    read = schemas.unpack(msgpack.packb({**status, "added_later": {"x": 1}}), schemas.AggregatorStatus)
+    assert read.version == 3
+    ack = msgpack.unpackb(schemas.pack(schemas.UpdateAck(job="j", agent_id="a", update_id="u", outcome="accepted")),
+                          raw=False)
+    assert schemas.unpack(msgpack.packb({**ack, "added_later": 1}), schemas.UpdateAck).update_id == "u"
+    agent = msgpack.unpackb(schemas.pack(schemas.AgentStatus(job="j", agent_id="a")), raw=False)
+    assert schemas.unpack(msgpack.packb({**agent, "added_later": 1}), schemas.AgentStatus).agent_id == "a"
+    body = msgpack.unpackb(schemas.pack(ModelUpdate(job="j", agent_id="a", base_version=0, num_samples=1,
+                                                    weights={"w": torch.zeros(2)})), raw=False)
+    with pytest.raises(WireError, match="added_later"):
+        schemas.unpack(msgpack.packb({**body, "added_later": 1}), ModelUpdate)
+    cmd = msgpack.unpackb(schemas.pack(schemas.PolicyCommand(job="j", policy=schemas.PolicySpec())), raw=False)
+    with pytest.raises(WireError, match="added_later"):
+        schemas.unpack(msgpack.packb({**cmd, "added_later": 1}), schemas.PolicyCommand)
