@@ -68,7 +68,7 @@ from schemas.chunks import (
     unpack_manifest,
 )
 from schemas.codec import all_finite
-from schemas.connection import credentials_refused, run_loop
+from schemas.connection import credentials_refused, outage, run_loop
 from schemas.heap import keep_heap, return_big_buffers
 from schemas.receive import fast_publish
 from schemas.send import fast_send
@@ -1007,7 +1007,8 @@ class Aggregator:
                 if self._connected:  # the session was up: a fresh outage starts the backoff again
                     backoff, self._connected = 0.5, False
                 delay = backoff * (1 + random.random())
-                self.log.warning("MQTT connection lost (%s); reconnecting in %.1fs", exc, delay)
+                what = outage(exc, self._ever_connected, self.address)
+                self.log.warning("%s; reconnecting in %.1fs", what, delay)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), delay)
                 backoff = min(backoff * 2, 30.0)

@@ -46,7 +46,7 @@ from schemas.chunks import (
     unpack_chunk,
     unpack_manifest,
 )
-from schemas.connection import credentials_refused, run_loop
+from schemas.connection import credentials_refused, outage, run_loop
 from schemas.heap import keep_heap, return_big_buffers
 from schemas.receive import fast_publish
 from schemas.send import fast_send
@@ -452,11 +452,11 @@ class Agent:
                     self._sent.set()
                     return
                 self.reconnects += 1
-                self.last_error = f"connection lost: {exc}"
+                self.last_error = outage(exc, self._ever_connected, self.address)
                 if self._connected:  # the session was up: a fresh outage starts the backoff again
                     backoff, self._connected = 0.5, False
                 delay = backoff * (0.5 + self.rng.random())
-                log.warning("%s: connection lost (%s); reconnecting in %.1fs", self.s.agent_id, exc, delay)
+                log.warning("%s: %s; reconnecting in %.1fs", self.s.agent_id, self.last_error, delay)
                 await asyncio.sleep(delay)
                 backoff = min(backoff * 2, 30.0)
                 if self._stopping.is_set() and not self._trainer_running:

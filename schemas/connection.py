@@ -33,6 +33,14 @@ def credentials_refused(exc: BaseException, ever_connected: bool, address: Broke
             "(--broker mqtt://USER:PASS@..., FEDWB_USERNAME / FEDWB_PASSWORD) and the broker's passwd and acl")
 
 
+def outage(exc: BaseException, ever_connected: bool, address: BrokerAddress) -> str:
+    """What a failed MQTT session was, in a line: a connection that was up and is lost, or a broker this
+    process has never reached (named, so a wrong host or port reads as one, not as an outage)."""
+    if ever_connected:
+        return f"connection lost ({exc})"
+    return f"cannot reach the broker at {address.host}:{address.port} ({exc})"
+
+
 class BrokerAddress(BaseModel):
     """Broker address and credentials shared by the aggregator, agents and tools."""
 

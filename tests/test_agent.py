@@ -223,3 +223,24 @@ async def test_stop_during_a_status_publish_is_not_lost(mosquitto: BrokerProcess
 
     agent._status = status_then_stop
     assert await asyncio.wait_for(agent.run(), 10) == 0
+
+
+async def test_a_broker_never_reached_is_named_not_called_a_lost_connection() -> None:
+    """A wrong host or port reads as one: the agent's error names where it tried, until a session was up."""
+    from broker import free_port
+    from schemas.connection import BrokerAddress, outage
+
+    port = free_port()  # nothing listens there
+    agent = Agent(AgentSettings(broker=f"mqtt://127.0.0.1:{port}", job="j", agent_id="lonely", task="noop",
+                                task_options={"shapes": [[4]]}))
+    run = asyncio.create_task(agent.run())
+    try:
+        async with asyncio.timeout(15):
+            while not agent.last_error:
+                await asyncio.sleep(0.05)  # polling a plain attribute: no event to wait on
+        assert agent.last_error.startswith(f"cannot reach the broker at 127.0.0.1:{port} (")
+    finally:
+        agent.stop()
+        await asyncio.wait_for(run, 15)
+    address = BrokerAddress.parse(f"mqtt://127.0.0.1:{port}")
+    assert outage(OSError("reset"), True, address) == "connection lost (reset)"
