@@ -34,7 +34,6 @@ from fedwb.lifeline import env_for_child
 from schemas import BrokerAddress, Topics
 from schemas.connection import run_loop
 from sim.evaluator import Evaluator, headline
-from sim.plots import plot_run
 
 
 @dataclass
@@ -395,6 +394,8 @@ async def _run(cfg: SimConfig, out: Path) -> dict[str, Any]:
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     if rounds:
+        from sim.plots import plot_run  # matplotlib (0.4 s): imported once there is something to plot
+
         summary["plots"] = [str(p) for p in plot_run(rounds, out, f"{cfg.task} {cfg.policy}")]
     return summary
 
