@@ -81,6 +81,7 @@ HISTORY_LIMIT = 10_000
 PARTIAL_RESEND = 10.0  # seconds before a site resends a partial the center has not confirmed
 WARN_PER_MINUTE = 20  # rejection warnings logged per minute at most (the counters see everything)
 FUSION_RETRY_S, FUSION_RETRY_MAX_S = 1.0, 60.0  # back-off after a failed fusion: first wait, longest wait
+COMMAND_STATUS_S = 0.5  # under a stream of control commands, at most one acknowledging status per this many s
 INLINE_DECODE_BYTES = 4 * 1024 * 1024  # smaller payloads decode on the loop (~0.6 ms at 4 MB; a thread hop costs more)
 
 
@@ -204,6 +205,8 @@ class Aggregator:
         self._stopping = asyncio.Event()
         self._fusing: asyncio.Task | None = None
         self._retry_at, self._retry_in = 0.0, 0.0  # a failed fusion's back-off (monotonic time, seconds)
+        self._command_status_at = -COMMAND_STATUS_S  # when a command's status was last published (monotonic)
+        self._status_due = False  # a command's status was held back: the ticker publishes it
         self.fusion_failures = 0
         self.last_fusion_error: str | None = None
         self._client: aiomqtt.Client | None = None
@@ -641,6 +644,17 @@ class Aggregator:
                                            reason=f"{cmd.policy.describe()} applies at the next fusion")
             self.log.info("policy command %s accepted: %s at the next fusion", cmd.command_id,
                           cmd.policy.describe())
+        await self._command_status()
+
+    async def _command_status(self) -> None:
+        """The status that answers a command: at once, or, within ``COMMAND_STATUS_S`` of the last one,
+        with the ticker's next tick (0.2 s), so a stream of commands (well-formed ones too, for another
+        job or not) is not a stream of retained statuses; the latest answer is what gets published."""
+        now = time.monotonic()
+        if now - self._command_status_at < COMMAND_STATUS_S:
+            self._status_due = True
+            return
+        self._command_status_at = now
         await self._publish_status()
 
     # ------------------------------------------------------------------ fusion
@@ -901,8 +915,11 @@ class Aggregator:
                 for agent in self.transfers.expire(now):
                     self.log.warning("chunked update from %s: no chunk for %.0fs, dropped (the agent resends it)",
                                      agent, self.s.transfer_timeout)
-            if now - last_status >= self.s.status_interval:
+            if now - last_status >= self.s.status_interval or (
+                    self._status_due and now - self._command_status_at >= COMMAND_STATUS_S):
                 last_status = now
+                if self._status_due:
+                    self._status_due, self._command_status_at = False, now
                 await self._publish_status()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), 0.2)

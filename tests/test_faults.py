@@ -189,3 +189,29 @@ def test_a_model_over_one_mqtt_packet_is_one_clear_error_when_chunking_is_off(tm
     with pytest.raises(ValueError, match=r"is 272,000,000 bytes: over MQTT's limit of 268,435,455 bytes per packet, "
                                          r"and chunked transfer is off \(--chunk-mib 0\)"):
         Aggregator(s).prepare()
+
+
+async def test_a_stream_of_well_formed_commands_is_not_a_stream_of_statuses(
+        mosquitto: BrokerProcess, job: str, tmp_path: Path) -> None:
+    """Commands for this job and for another, 301 of them: the aggregator answers with at most one status per
+    COMMAND_STATUS_S (plus its periodic one), and the last command's answer is the one that stays."""
+    from aggregator.service import COMMAND_STATUS_S
+    from schemas import PolicyCommand, PolicySpec
+
+    s = agg_settings(mosquitto, job, tmp_path / "state", status_interval=5.0)
+    async with Watcher(mosquitto, job) as w, running(s):
+        await w.version(0)
+        before, t0 = len(w.statuses), time.monotonic()
+        async with client(mosquitto, "operator") as c:
+            for i in range(300):
+                cmd = PolicyCommand(job=job if i % 2 else "other-job", policy=PolicySpec(name="fedavg"),
+                                    command_id=f"c{i}")
+                await c.publish(Topics(job).control, schemas.pack(cmd), qos=1)
+            last = PolicyCommand(job=job, policy=PolicySpec(name="fedwb"), command_id="last")
+            await c.publish(Topics(job).control, schemas.pack(last), qos=1)
+        await w.until(lambda: w.status.last_command is not None and w.status.last_command.command_id == "last",
+                      15, "the last command's answer")
+        elapsed = time.monotonic() - t0
+        published = len(w.statuses) - before  # every status the broker delivered to a subscriber
+        assert published <= elapsed / COMMAND_STATUS_S + elapsed / 5.0 + 3, (published, elapsed)
+        assert w.status.last_command.accepted and w.status.pending_policy.name == "fedwb"
