@@ -39,14 +39,13 @@ from pydantic import BaseModel, Field, ValidationError
 from schemas.codec import (
     _NAMES,
     DEFAULT_MAX_TENSORS,
-    DEFAULT_META_BYTES,
     DTYPES,
-    META_BYTES_PER_TENSOR,
     WireError,
     _as_tensor,
     _plain,
     all_finite,
     check_tensor_count,
+    meta_cap,
 )
 from schemas.messages import SCHEMA_VERSION, GlobalModel, ModelUpdate
 from schemas.wire import CHUNK_BYTES
@@ -226,8 +225,7 @@ def unpack_manifest(payload: bytes, *, max_bytes: int, chunk_min: int = 1024, te
     if digests > MAX_CHUNKS:
         raise WireError(f"manifest lists {digests:,} chunk digests, more than the limit of {MAX_CHUNKS:,}")
     of = {m.__name__: m for m in (ModelUpdate, GlobalModel)}.get(_top_field(payload, "of", array=False))
-    cap = (getattr(of, "WIRE_META_BYTES", DEFAULT_META_BYTES) + META_BYTES_PER_TENSOR * (entries or 0)
-           + DIGEST_BYTES * digests)
+    cap = meta_cap(of, entries) + DIGEST_BYTES * digests
     if len(payload) > cap:
         raise WireError(f"manifest of {len(payload):,} bytes, over the cap of {cap:,} for {entries or 0:,} "
                         f"tensors and {digests:,} chunks")

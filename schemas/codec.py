@@ -158,16 +158,7 @@ class _Reader:
 def tensor_count(data: bytes | bytearray | memoryview) -> int | None:
     """How many tensors a payload's ``weights`` map holds, read from its header without decoding
     anything else; None when there is no such map (the full decoder then names the problem)."""
-    counted: list[int] = []
-
-    def stop(count: int) -> None:
-        counted.append(count)
-        raise WireError("counted")  # ends the walk at the header
-
-    try:
-        return tensor_data_bytes(memoryview(data), stop)[0]
-    except WireError:
-        return counted[0]
+    return tensor_data_bytes(memoryview(data), lambda count: True)[0]  # True: stop at the header
 
 
 META_BYTES_PER_TENSOR = 1024  # a tensor's name, dtype and shape: what its entry may add to a message's metadata
@@ -177,15 +168,17 @@ _READ_OVER = 16 * 1024  # the walk reads tensor data this small instead of jumpi
 _WALK_FIELDS = 64  # a message or tensor entry with more fields than this is not one pack wrote
 
 
-def tensor_data_bytes(view: memoryview, on_count: Callable[[int], None] | None = None) -> tuple[int | None, int]:
+def tensor_data_bytes(view: memoryview, on_count: Callable[[int], bool | None] | None = None
+                      ) -> tuple[int | None, int]:
     """(tensor count, bytes of tensor data) of a payload as ``pack`` writes it, read from its headers.
 
     Everything but the tensors' ``data`` bins is skipped at C speed without building objects, and
     each big bin is jumped over, never read. ``on_count(count)`` runs as soon as the ``weights``
-    header is read (a ``WireError`` it raises ends the walk there: millions of tiny tensors are never
-    walked). The walk stops at the first thing that is not as ``pack`` writes it (a map of more
-    than ``_WALK_FIELDS`` fields, a key over ``_KEY_BYTES``, a ``data`` that is not a bin,
-    truncation): the bins found so far are what it returns, so the rest counts as metadata.
+    header is read; a true result ends the walk there, and so does a ``WireError`` it raises
+    (millions of tiny tensors are never walked). The walk stops at the first thing that is not as
+    ``pack`` writes it (a map of more than ``_WALK_FIELDS`` fields, a key over ``_KEY_BYTES``, a
+    ``data`` that is not a bin, truncation): the bins found so far are what it returns, so the rest
+    counts as metadata.
     Count None: no ``weights`` map.
     """
     if view.format != "B" or view.ndim != 1:
@@ -201,8 +194,8 @@ def tensor_data_bytes(view: memoryview, on_count: Callable[[int], None] | None =
                 unpacker.skip()
                 continue
             count = unpacker.read_map_header()
-            if on_count is not None:
-                on_count(count)
+            if on_count is not None and on_count(count):
+                return count, data
             for _ in range(count):
                 unpacker.skip()  # the tensor's name
                 entries = unpacker.read_map_header()
@@ -237,11 +230,17 @@ def _walker(view: memoryview, start: int) -> msgpack.Unpacker:
                             max_buffer_size=max(1 << 20, len(view) - start), max_str_len=_KEY_BYTES)
 
 
+def meta_cap(cls: type | None, count: int | None) -> int:
+    """The bytes a ``cls`` message of ``count`` tensors may carry outside its tensor data:
+    ``WIRE_META_BYTES`` (``DEFAULT_META_BYTES`` for a class without one) + ``META_BYTES_PER_TENSOR`` each."""
+    return getattr(cls, "WIRE_META_BYTES", DEFAULT_META_BYTES) + META_BYTES_PER_TENSOR * (count or 0)
+
+
 def check_meta_bytes(cls: type, size: int, count: int | None, data: int) -> None:
     """``WireError`` when a ``cls`` payload of ``size`` bytes has more outside its tensor data than
-    the class allows (``WIRE_META_BYTES`` + ``META_BYTES_PER_TENSOR`` per tensor): millions of tiny
-    objects in a metrics map or a list cost seconds and gigabytes to decode, whatever the payload's size."""
-    cap = getattr(cls, "WIRE_META_BYTES", DEFAULT_META_BYTES) + META_BYTES_PER_TENSOR * (count or 0)
+    ``meta_cap`` allows: millions of tiny objects in a metrics map or a list cost seconds and
+    gigabytes to decode, whatever the payload's size."""
+    cap = meta_cap(cls, count)
     if size - data > cap:
         raise WireError(f"{cls.__name__} has {size - data:,} bytes outside its tensor data, over the cap of "
                         f"{cap:,} ({META_BYTES_PER_TENSOR:,} per tensor included)")
@@ -269,7 +268,7 @@ def unpack(data: bytes | bytearray | memoryview, cls: type[M], *,
     """
     count = None
     if isinstance(data, bytes | bytearray | memoryview) and len(data) <= max_bytes:
-        view = memoryview(data).cast("B") if not isinstance(data, bytes) else memoryview(data)
+        view = memoryview(data).cast("B")
         tensor_bytes = 0
         if "weights" in cls.model_fields:
             count, tensor_bytes = tensor_data_bytes(view, lambda n: check_tensor_count(n, tensors, max_tensors))

@@ -18,7 +18,7 @@ import aiomqtt
 import schemas
 from edge_agent.tasks import get_task
 from schemas import AggregatorStatus, BrokerAddress, GlobalModel, Topics, WireError
-from schemas.connection import credentials_refused
+from schemas.connection import credentials_refused, outage
 
 log = logging.getLogger("fedwb.evaluate")
 WARN_EVERY_S = 30.0  # an unreachable broker is logged at most this often
@@ -92,8 +92,7 @@ class Evaluator:
                     return
                 if time.monotonic() - warned_at > WARN_EVERY_S:  # said, not in silence; not every 0.5 s either
                     warned_at = time.monotonic()
-                    log.warning("evaluator: cannot reach the broker at %s:%d (%s); retrying", self.address.host,
-                                self.address.port, exc)
+                    log.warning("evaluator: %s; retrying", outage(exc, ever_connected, self.address))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), 0.5)
 
