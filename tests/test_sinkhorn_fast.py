@@ -141,6 +141,20 @@ def test_tiles_with_halos_give_the_same_iterate(tile: int) -> None:
             assert np.abs(b - ref.numpy()).max() <= 1e-12 * float(ref.abs().max()), (reg, h.shape)
 
 
+@pytest.mark.parametrize("rows", [[1, 2, 2, 2, 3, 3], [1, 1, 1, 1, 1, 2, 2], [5, 1, 1]])
+def test_rows_taken_in_pairs_give_the_same_iterate(rows: list[int]) -> None:
+    """The solver divides two rows at a time and takes the log of two rows' product within a weight group:
+    groups of odd size, groups that start on an odd row and an odd row count (a row left single) give
+    POT's iterate."""
+    lam = np.array(rows, dtype=np.float64) / sum(rows)
+    (h,) = segments((400,), rows=len(rows), seed=len(rows))
+    for reg in (0.1, 1.0):
+        ref = ot.bregman.barycenter(h.T, cost(400), reg, weights=lam, method="sinkhorn_log", numItermax=ITERS,
+                                    stopThr=1e-4, warn=False)
+        (ours,) = solve("plain", [h], lam, reg)
+        assert np.abs(ours - ref).max() <= 1e-10 * np.abs(ref).max(), (rows, reg)
+
+
 @pytest.mark.parametrize("reg", [0.01, 0.05, 0.1, 1.0])
 def test_slope_sized_bands_give_the_same_iterate(reg: float) -> None:
     """Bands sized from the steepest step of log v (promised per block, checked on every value read) give

@@ -350,6 +350,7 @@ if numba is not None:
             lb[:mc] = 0.0
             pm[:mc] = 1.0
             pe[:mc] = 0
+            pending = -1
             for k in range(n_rows):
                 # the pairs of v read here, (i - 1, i) for i in [q0, q1) inside the segment (every tile's
                 # regions cover its own points and its seams), against the slope the v band was sized for
@@ -361,10 +362,19 @@ if numba is not None:
                     break
                 ku = kubuf[k]
                 # log b = sum_groups lambda_g log prod_{k in g} (K u_k): rows of equal weight share one
-                # log of the product of their mantissas (each in [1, 2)) plus the sum of their exponents.
+                # log of the product of their mantissas (each in [1, 2)) plus the sum of their exponents,
+                # taken two rows at a time (K u in [1e-117, 1e101], so a product of two is normal).
                 _stencil(u, c0 - q0, c1 - q0, lsl - q0, lsh - q0, w, bu, ku, ku, False)
-                for i in range(mc):
-                    _mant_acc(ku[i], pm, pe, i)
+                if pending >= 0:  # a row of this group waits: one product of the two per point
+                    kp = kubuf[pending]
+                    for i in range(mc):
+                        _mant_acc(kp[i] * ku[i], pm, pe, i)
+                    pending = -1
+                elif group_end[k]:
+                    for i in range(mc):
+                        _mant_acc(ku[i], pm, pe, i)
+                else:
+                    pending = k  # the next row is of the same group
                 if group_end[k]:
                     flush_group(lb, pm, pe, lam[k], mc)
             if bad != 0.0:
@@ -391,8 +401,22 @@ if numba is not None:
                 for i in range(o1 - o0):
                     err += math.sqrt(var[i] / n_rows)
             vmin, vmax = EXP_HI + 1, 0
-            for k in range(n_rows):
-                ku, vn = kubuf[k], vloc[k, c0:c1]
+            # v = b / K u, two rows per division: r = 1 / (K u_k K u_l), b / K u_k = b (r K u_l). With K u
+            # in [1e-117, 1e101] the product, r and r K u_l are normal (a few ulp from the division); a
+            # v out of the plain range is caught below whatever its rounding.
+            for k in range(0, n_rows - 1, 2):
+                ka, kb, va, vb = kubuf[k], kubuf[k + 1], vloc[k, c0:c1], vloc[k + 1, c0:c1]
+                for i in range(mc):
+                    r = 1.0 / (ka[i] * kb[i])
+                    xa = bb[i] * (r * kb[i])
+                    xb = bb[i] * (r * ka[i])
+                    va[i] = xa
+                    vb[i] = xb
+                    ea, eb = _f2i(xa) >> 52, _f2i(xb) >> 52
+                    vmin = min(vmin, min(ea, eb))
+                    vmax = max(vmax, max(ea, eb))
+            if n_rows % 2 == 1:
+                ku, vn = kubuf[n_rows - 1], vloc[n_rows - 1, c0:c1]
                 for i in range(mc):
                     x = bb[i] / ku[i]
                     vn[i] = x
