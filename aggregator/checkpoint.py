@@ -23,6 +23,7 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -150,19 +151,25 @@ class Checkpoint:
 
     def inbox(self) -> list[tuple[str, bytes | tuple[bytes, Path]]]:
         """The accepted, unfused updates, oldest first: ``(id, payload)``, or ``(id, (manifest,
-        data file))`` for a chunked one."""
+        data file))`` for a chunked one (all payloads in memory: see ``inbox_entries`` to read one at a time)."""
+        return list(self.inbox_entries())
+
+    def inbox_entries(self) -> Iterator[tuple[str, bytes | tuple[bytes, Path]]]:
+        """``inbox``, each payload read from disk only when its entry is reached, so a restart with a
+        long backlog holds one stored payload at a time, not all of them at once."""
         files = [p for p in (self.dir / INBOX).iterdir() if p.suffix in (".msgpack", ".manifest")]
-        out: list[tuple[str, bytes | tuple[bytes, Path]]] = []
-        for p in sorted(files, key=lambda p: p.stat().st_mtime):
-            if p.suffix == ".msgpack":
-                out.append((p.stem, p.read_bytes()))
-            elif (data := p.with_suffix(".data")).exists():
-                out.append((p.stem, (p.read_bytes(), data)))
-        keep = {uid for uid, _ in out}
+        entries = sorted((p for p in files if p.suffix == ".msgpack" or p.with_suffix(".data").exists()),
+                         key=lambda p: p.stat().st_mtime)
+        keep = {p.stem for p in entries}
         for p in (self.dir / INBOX).glob("*.data"):
             if p.stem not in keep:
                 p.unlink(missing_ok=True)  # a crash between the move and the manifest: never confirmed
-        return out
+        for p in entries:
+            try:
+                raw = p.read_bytes()
+            except FileNotFoundError:  # dropped since the listing (a replaced entry)
+                continue
+            yield (p.stem, raw) if p.suffix == ".msgpack" else (p.stem, (raw, p.with_suffix(".data")))
 
     def clear_spool(self) -> None:
         """Drop transfers that were still arriving (at start: their senders resend them)."""

@@ -271,7 +271,7 @@ class Aggregator:
         counted = set(st.get("buffered_ids", []))
         restored = 0
         self.checkpoint.clear_spool()  # transfers still arriving at the crash: their senders resend them
-        for uid, payload in self.checkpoint.inbox():
+        for uid, payload in self.checkpoint.inbox_entries():  # one stored payload in memory at a time
             if uid in fused:
                 self.checkpoint.inbox_drop([uid])
                 continue

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 from pathlib import Path
 
 import pytest
@@ -87,3 +88,17 @@ async def test_a_fusion_whose_checkpoint_fails_backs_off_and_keeps_its_updates(
         fused = next(st for st in w.statuses if st.version == 1)
         assert fused.fusion_failures == 2 and fused.last_fusion_error is None  # recovered: nothing failing now
         assert sorted(g1.contributors) == ["a0", "a1"]
+
+
+def test_the_inbox_is_read_one_payload_at_a_time(tmp_path: Path) -> None:
+    """A restart with a long backlog holds one stored payload in memory at a time: an entry is read when
+    the iteration reaches it (one dropped meanwhile is skipped), and ``inbox()`` still lists them all."""
+    cp = Checkpoint(tmp_path)
+    for i, uid in enumerate(("first", "second", "third")):
+        cp.inbox_put(uid, bytes([i]) * 10)
+        os.utime(cp.dir / "inbox" / f"{uid}.msgpack", (1000 + i, 1000 + i))
+    assert [uid for uid, _ in cp.inbox()] == ["first", "second", "third"]
+    entries = cp.inbox_entries()
+    assert next(entries) == ("first", b"\x00" * 10)
+    cp.inbox_drop(["second"])  # the service drops replaced updates while it restores
+    assert list(entries) == [("third", b"\x02" * 10)]
