@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import math
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -162,6 +164,34 @@ async def test_agents_refuse_a_forged_retained_global(mosquitto: BrokerProcess, 
         g2 = await w.version(2)
     assert agent.refused == {"unsigned": 1}
     assert g2.info["base_versions"] == [1]  # the agent trained from the signed v1, not from v10**9
+
+
+async def test_agents_decode_a_global_off_their_event_loop(mosquitto: BrokerProcess, job: str,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A global model of many tensors takes ~0.2 s per 20,000 to decode: the agent decodes it in a worker
+    thread, so its event loop (keepalives, acks, status) never waits on a global's size."""
+    on_loop: list[str] = []  # the agent's decodes on the event loop's thread
+    in_workers = 0
+    real_unpack = schemas.unpack
+
+    def spy(payload, cls, **kw):
+        nonlocal in_workers
+        if cls is GlobalModel:
+            caller = sys._getframe(1).f_globals.get("__name__", "")
+            if threading.current_thread() is not threading.main_thread():
+                in_workers += 1
+            elif caller == "edge_agent.agent":
+                on_loop.append(caller)
+        return real_unpack(payload, cls, **kw)
+
+    monkeypatch.setattr(schemas, "unpack", spy)
+    async with Watcher(mosquitto, job) as w, running(settings(mosquitto, job, quorum=1)):
+        await w.version(0)
+        agent = Agent(AgentSettings(broker=mosquitto.url, job=job, agent_id="dev", task="noop",
+                                    task_options={"shapes": SHAPES}, max_rounds=1))
+        assert await asyncio.wait_for(agent.run(), 60) == 0
+        await w.version(1)
+    assert in_workers >= 1 and on_loop == []  # v0 (and v1 if it came first) decoded in a worker
 
 
 def test_agent_refuses_a_global_of_the_wrong_shape_or_job() -> None:
