@@ -15,10 +15,10 @@ spread :math:`\log(\max x / \min x)` of the stencil's input, as in the log-domai
 so it widens by itself when mass must travel far, or, where smaller, from the steepest step
 of :math:`\log x` between neighbours, promised for a block and checked on every value read;
 see ``_iterate``). Per grid point and iteration this is
-two short stencils, two divisions and, per group of rows with equal weight, one
-logarithm of the product of their mantissas (a vectorizable log, below), instead of the
-log domain's 2(2D+1) exponentials; the exponential of :math:`\log b` is shared by the K
-rows. Every tensor of a model is one *segment* of a (K, N) array, cut into tiles.
+two short stencils, a division and a half (``b / K u`` takes one division for two rows) and, per
+group of rows with equal weight, one logarithm of the product of their mantissas (a
+vectorizable log, below; rows multiplied in pairs first), instead of the log domain's
+2(2D+1) exponentials; the exponential of :math:`\log b` is shared by the K rows. Every tensor of a model is one *segment* of a (K, N) array, cut into tiles.
 
 Blocks (overlapped tiling): a tile copies its v and a with a halo of ``nsteps (Dv + Du)``
 points and runs up to 10 iterations privately, each shrinking its exact region by the two
