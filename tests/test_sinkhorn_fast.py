@@ -176,6 +176,41 @@ def test_slope_sized_bands_give_the_same_iterate(reg: float) -> None:
     assert sum(s.slope_redone for s in segs_off) == 0
 
 
+def test_a_tile_sizes_its_band_for_the_promises_within_its_reach() -> None:
+    """A tile's v band rests on the slopes of every v its stencils read or leave out, which lie in the
+    tiles within its reach: the steepest promise among those (same segment only) is what it is sized for."""
+    tile_seg = np.array([0, 0, 0, 0, 0, 1, 1], np.int64)
+    tile_lo = np.array([0, 100, 200, 300, 400, 500, 600], np.int64)
+    tile_hi = tile_lo + 100
+    steep = np.array([1, 2, 30, 1, 1, 50, 3], np.int64)
+    q = [fast.reach_steep(t, tile_seg, tile_lo, tile_hi, steep, 10) for t in range(7)]
+    assert q == [2, 30, 30, 30, 1, 50, 50]  # tile 4 is out of tile 2's reach; tile 4 never sees segment 1
+    q = [fast.reach_steep(t, tile_seg, tile_lo, tile_hi, steep, 150) for t in range(7)]
+    assert q == [30, 30, 30, 30, 30, 50, 50]
+
+
+@pytest.mark.parametrize("tile", [37, 500])
+def test_a_steep_spot_beside_smooth_tiles_gives_the_same_iterate(tile: int) -> None:
+    """Per-tile promises: dips of 3 to 16 binary orders (and a zero) at a tile seam, smooth tiles around
+    them with narrower bands; the log domain's iterate, for small and large tiles."""
+    g = np.arange(3000.0)
+    rng = np.random.default_rng(1)
+    for depth in (1e-3, 1e-8):
+        h = (np.exp(-((g - 1400) ** 2) / 4e5) + 0.3) * (1 + 0.05 * rng.standard_normal((3, 3000)))
+        h[0, 1499] *= depth
+        h[1, 1500] *= depth
+        h[2, 1502] = 0.0
+        h /= h.sum(axis=1, keepdims=True)
+        lam = np.array([0.5, 0.3, 0.2])
+        for reg in (0.05, 0.1, 1.0):
+            kw = {"reg": reg, "stop_threshold": 0.0, "max_iter": 150, "tile": tile}
+            (b,), (seg,), _ = fast.plain_barycenters([h], lam, **kw)
+            ref, _ = sinkhorn_barycenter_1d(torch.tensor(h), lam, reg=reg, max_iter=150, stop_threshold=0.0,
+                                            warn=False)
+            assert seg.iterations == 150 and seg.escaped_at == -1, (reg, tile, seg)
+            assert np.abs(b - ref.numpy()).max() <= 1e-12 * float(ref.abs().max()), (reg, tile, seg)
+
+
 def test_fuse_solvers_agree_on_mlp_shapes_and_report() -> None:
     g = torch.Generator().manual_seed(0)
     shapes = {"fc1.weight": (200, 78), "fc1.bias": (200,), "fc2.weight": (10, 200), "fc2.bias": (10,),

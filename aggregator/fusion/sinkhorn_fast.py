@@ -18,7 +18,8 @@ see ``_iterate``). Per grid point and iteration this is
 two short stencils, a division and a half (``b / K u`` takes one division for two rows) and, per
 group of rows with equal weight, one logarithm of the product of their mantissas (a
 vectorizable log, below; rows multiplied in pairs first), instead of the log domain's
-2(2D+1) exponentials; the exponential of :math:`\log b` is shared by the K rows. Every tensor of a model is one *segment* of a (K, N) array, cut into tiles.
+2(2D+1) exponentials; the exponential of :math:`\log b` is shared by the K rows. Every
+tensor of a model is one *segment* of a (K, N) array, cut into tiles.
 
 Blocks (overlapped tiling): a tile copies its v and a with a halo of ``nsteps (Dv + Du)``
 points and runs up to 10 iterations privately, each shrinking its exact region by the two
@@ -318,7 +319,8 @@ if numba is not None:
         exact and no tile waits for another. Flags (t_stat[t, 2] = 1) any new v outside ``[alo, ahi]``
         (biased exponents: the interval the band was sized for, inside the plain range), and
         (t_stat[t, 2] = 2) a v it reads whose neighbours' binary exponents differ by more than
-        ``slope_bits`` (the slope the v band was sized for: (slope_bits + 1) ln 2 nats per point).
+        ``slope_bits`` (the tile's promise: (slope_bits + 1) ln 2 nats per point; its bands are sized
+        for the largest promise within its reach, see ``_iterate``).
         With v in the plain range and a + 1e-16 in [1e-16, 1], u and K u stay within
         [1e-116 / sum(w), 1e100], far from under- and overflow, so they need no check.
         t_stat[t] = [min exponent of v, max exponent of v, bad, error partial, u band, the steepest
@@ -439,6 +441,21 @@ if numba is not None:
         t_stat[t, 5] = steep
 
     @_jit
+    def reach_steep(t, tile_seg, tile_lo, tile_hi, tile_steep, reach):  # pragma: no cover - compiled
+        """The largest ``tile_steep`` among tile t and the tiles of its segment with a point within ``reach``
+        of it (tiles are sorted and contiguous within a segment)."""
+        s, q = tile_seg[t], tile_steep[t]
+        o = t - 1
+        while o >= 0 and tile_seg[o] == s and tile_hi[o] > tile_lo[t] - reach:
+            q = max(q, tile_steep[o])
+            o -= 1
+        o = t + 1
+        while o < tile_seg.shape[0] and tile_seg[o] == s and tile_lo[o] < tile_hi[t] + reach:
+            q = max(q, tile_steep[o])
+            o += 1
+        return q
+
+    @_jit
     def _band(reg, spread, n, cap):  # pragma: no cover - compiled
         """``band_halfwidth`` capped at ``cap``."""
         d = math.ceil(math.sqrt(reg * (max(spread, 0.0) + math.log(2.0 * n) + 40.0))) - 1
@@ -457,16 +474,20 @@ if numba is not None:
         whole plain range, one iteration at a time (band from the actual range); a segment whose
         values leave the plain range then is handed back (``out_escaped``) with its last good v.
 
-        Bands from slopes (``slopes``): the band of K v is the smaller of the spread one and the
-        slope one (``_slope_band``) for a promise on the steepest step of log v between neighbours
-        in the segment: the steepest binary-exponent step the last block read plus ``slope_margin``
-        (P, so log v steps by < (P + 1) ln 2). Every tile checks the promise on every v it reads
-        (the pairs of its u region, which across tiles cover every pair of the segment), and a
-        block that breaks it is redone with the spread bands. The band of K u is per tile:
-        log u = log(a + 1e-16) - log K v steps by at most log a's steepest step within the tile's
-        reach (``tile_slope_a``, nats) + (P + 1) ln 2 + ln 2 (log K v is at most log 2 steeper than
-        log v: K is a positive combination of shifted copies, clipped at the segment's edges). Terms
-        beyond the reach are farther than the spread band, where the spread bound holds.
+        Bands from slopes (``slopes``), per tile: tile t promises P_t, the steepest binary-exponent
+        step of v between neighbours that it read in the last block plus ``slope_margin``, and
+        checks it on every v it reads this block (the pairs of its u region, which include its own
+        points at every iteration). So every pair of the segment is within the promise of the tile
+        that owns it, and the v's a stencil of tile t reads or leaves out (within the spread band)
+        lie among the points of the tiles within reach of t: log v steps there by < (Q_t + 1) ln 2,
+        Q_t the largest promise within reach. The band of K v is the smaller of the spread one and
+        the slope one (``_slope_band``) for Q_t; a block in which any tile breaks its promise is
+        redone with the spread bands. The band of K u: log u = log(a + 1e-16) - log K v steps by at
+        most log a's steepest step within the tile's reach (``tile_slope_a``, nats) + (Q_t + 1) ln 2
+        + ln 2 (log K v is at most log 2 steeper than log v: K is a positive combination of shifted
+        copies, clipped at the segment's edges). Terms beyond the reach are farther than the spread
+        band, where the spread bound holds. (One promise per segment, its steepest step anywhere,
+        gave v bands of 3 where most tiles need 2.)
         """
         log_wsum = math.log(w.sum() * 2.0 - 1.0)  # log of the kernel's total weight, sum_d w_|d|
         ln2 = math.log(2.0)
@@ -490,9 +511,12 @@ if numba is not None:
         a_lo = np.zeros(n_seg, np.int64)
         a_hi = np.zeros(n_seg, np.int64)
         check_last = np.zeros(n_seg, np.bool_)
-        slope_bits = np.full(n_seg, NO_PROMISE)  # promised steepest exponent step of v in the block
+        seg_slope = np.zeros(n_seg, np.bool_)  # this block's v bands come from slope promises
         no_slope = np.ones(n_seg, np.bool_)  # no measured slope yet, or the last block broke its promise
-        seg_steep = np.zeros(n_seg, np.int64)
+        tile_steep = np.zeros(n_tiles, np.int64)  # steepest exponent step of v each tile read in the last block
+        tile_promise = np.full(n_tiles, NO_PROMISE)  # what each tile checks the v it reads against
+        tile_bv = np.zeros(n_tiles, np.int64)
+        tile_q = np.zeros(n_tiles, np.int64)  # the largest promise within reach of each tile
         for s in range(n_seg):
             out_iter[s] = 0
             out_err[s] = np.inf
@@ -527,21 +551,30 @@ if numba is not None:
                 # spread of log u <= that + spread of log(a + 1e-16)
                 band_v[s] = _band(reg, spread_v, n, band_cap)
                 band_u[s] = _band(reg, spread_v + spread_a[s] + log_wsum, n, band_cap)
-                slope_bits[s] = NO_PROMISE
-                if slopes and not stepwise[s] and not no_slope[s]:
-                    promise = seg_steep[s] + slope_margin  # what the last block read + margin
-                    d = max(1, _slope_band(reg, (promise + 1) * ln2 + 1e-9, n))  # >= 1: the check needs neighbours
-                    if d <= band_v[s]:
-                        band_v[s] = d
-                        slope_bits[s] = promise
+                seg_slope[s] = slopes and not stepwise[s] and not no_slope[s] and band_v[s] > 0
                 if not stepwise[s]:  # keep the halo's extra work below about a tile's quarter
                     steps = max(1, min(steps, max_tile // (4 * (band_v[s] + band_u[s]) + 1)))
                 nsteps[s] = steps
                 check_last[s] = (ii[s] + steps - 1) % 10 == 1
-                out_band[s] = max(out_band[s], band_v[s])
                 halo = max(halo, steps * (band_v[s] + band_u[s]))
             if not any_active:
                 break
+            for t in range(n_tiles):  # per tile: promise its own steepest step, size its v band for its neighbours'
+                s = tile_seg[t]
+                if not active[s]:
+                    continue
+                tile_promise[t] = NO_PROMISE
+                tile_bv[t] = band_v[s]
+                if seg_slope[s]:
+                    tile_promise[t] = tile_steep[t] + slope_margin
+                    # every v this tile's stencils use, and every term they leave out within the spread bands,
+                    # lies among the points of the tiles within reach: each checks its promise on them
+                    reach = (nsteps[s] + 1) * (band_v[s] + band_u[s])  # the halo + the spread bands, and more
+                    q = reach_steep(t, tile_seg, tile_lo, tile_hi, tile_steep, reach)
+                    tile_q[t] = q + slope_margin
+                    d = max(1, _slope_band(reg, (q + slope_margin + 1) * ln2 + 1e-9, seg_hi[s] - seg_lo[s]))
+                    tile_bv[t] = min(d, band_v[s])  # >= 1: the check needs neighbours
+                out_band[s] = max(out_band[s], tile_bv[t])
             width = max_tile + 2 * halo
             vloc = np.empty((nthreads, n_rows, width))
             aloc = np.empty((nthreads, n_rows, width))
@@ -557,21 +590,18 @@ if numba is not None:
                     s = tile_seg[t]
                     if active[s]:
                         bu = band_u[s]
-                        if slope_bits[s] != NO_PROMISE:  # log u steps by <= log a's + the promised log v's + log 2
-                            step_u = tile_slope_a[t] + (slope_bits[s] + 2) * ln2 + 1e-9
+                        if seg_slope[s]:  # log u steps by <= log a's + the promised log v's + log 2
+                            step_u = tile_slope_a[t] + (tile_q[t] + 2) * ln2 + 1e-9
                             bu = min(bu, _slope_band(reg, step_u, seg_hi[s] - seg_lo[s]))
-                        _tile_block(t, tid, s, nsteps[s], check_last[s], band_v[s], bu, a_lo[s], a_hi[s],
-                                    slope_bits[s], a1, lam, group_end, seg_lo, seg_hi, tile_lo, tile_hi, w, v_cur,
+                        _tile_block(t, tid, s, nsteps[s], check_last[s], tile_bv[t], bu, a_lo[s], a_hi[s],
+                                    tile_promise[t], a1, lam, group_end, seg_lo, seg_hi, tile_lo, tile_hi, w, v_cur,
                                     v_next, b, vloc[tid], aloc[tid], ubuf, kubuf[tid], lbuf, bbuf, mbuf, pmbuf, pebuf,
                                     t_stat)
             seg_bad = np.zeros(n_seg, np.bool_)
             seg_steep_bad = np.zeros(n_seg, np.bool_)
-            for s in range(n_seg):
-                if active[s]:
-                    seg_steep[s] = 0
-            for t in range(n_tiles):  # the next block's slope promise starts from what this one read
+            for t in range(n_tiles):  # the next block's slope promises start from what this one read
                 if active[tile_seg[t]]:
-                    seg_steep[tile_seg[t]] = max(seg_steep[tile_seg[t]], np.int64(t_stat[t, 5]))
+                    tile_steep[t] = np.int64(t_stat[t, 5])
             seg_err = np.zeros(n_seg)
             new_lo = np.full(n_seg, EXP_HI + 1)
             new_hi = np.zeros(n_seg, np.int64)
