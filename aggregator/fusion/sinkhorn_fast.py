@@ -308,9 +308,9 @@ if numba is not None:
         return max(0, math.ceil(reg * (slope + math.sqrt(slope * slope + 4.0 * c / reg)) / 2.0) - 1)
 
     @_jit_tile
-    def _tile_block(t, tid, s, nsteps, check_last, bv, bu, alo, ahi, slope_bits, a1, lam, group_end, seg_lo, seg_hi,
-                    tile_lo, tile_hi, w, v_cur, v_next, b, vloc, aloc, ubuf, kubuf, lbuf, bbuf, mbuf, pmbuf, pebuf,
-                    t_stat):  # pragma: no cover - compiled
+    def _tile_block(t, tid, s, nsteps, check_last, bv, bu, alo, ahi, slope_bits, slope_bits_u, a1, lam, group_end,
+                    seg_lo, seg_hi, tile_lo, tile_hi, w, v_cur, v_next, b, vloc, aloc, ubuf, kubuf, lbuf, bbuf, mbuf,
+                    pmbuf, pebuf, t_stat):  # pragma: no cover - compiled
         """``nsteps`` iterations on tile t of segment s, from a private copy of v with a halo.
 
         Overlapped tiling: the tile copies v and a on [lo - H, hi + H) (clipped to the
@@ -320,11 +320,13 @@ if numba is not None:
         (biased exponents: the interval the band was sized for, inside the plain range), and
         (t_stat[t, 2] = 2) a v it reads whose neighbours' binary exponents differ by more than
         ``slope_bits`` (the tile's promise: (slope_bits + 1) ln 2 nats per point; its bands are sized
-        for the largest promise within its reach, see ``_iterate``).
+        for the largest promise within its reach, see ``_iterate``), or a u it reads whose neighbours'
+        exponents differ by more than ``slope_bits_u`` (the same for u).
         With v in the plain range and a + 1e-16 in [1e-16, 1], u and K u stay within
         [1e-116 / sum(w), 1e100], far from under- and overflow, so they need no check.
         t_stat[t] = [min exponent of v, max exponent of v, bad, error partial, u band, the steepest
-        exponent step of the v's read (pairs inside [q0, q1), which every tile's regions cover)].
+        exponent step of the v's read (pairs inside [q0, q1), which every tile's regions cover), the
+        same for the u's read (pairs inside [c0, c1))].
         """
         n_rows = a1.shape[0]
         lo, hi = tile_lo[t], tile_hi[t]
@@ -340,6 +342,7 @@ if numba is not None:
         lb, bb, pm, pe, u = lbuf[tid], bbuf[tid], pmbuf[tid], pebuf[tid], ubuf[tid]
         bad = 0.0
         steep = 0
+        steep_u = 0
         vmin, vmax = EXP_HI + 1, 0
         err = 0.0
         c0, c1 = 0, width
@@ -366,7 +369,12 @@ if numba is not None:
                 # log b = sum_groups lambda_g log prod_{k in g} (K u_k): rows of equal weight share one
                 # log of the product of their mantissas (each in [1, 2)) plus the sum of their exponents,
                 # taken two rows at a time (K u in [1e-117, 1e101], so a product of two is normal).
-                _stencil(u, c0 - q0, c1 - q0, lsl - q0, lsh - q0, w, bu, ku, ku, False)
+                top = _stencil_checked(u, c0 - q0, c1 - q0, lsl - q0, lsh - q0, w, bu, ku, ku, False) \
+                    if bu > 0 else _stencil(u, c0 - q0, c1 - q0, lsl - q0, lsh - q0, w, bu, ku, ku, False)
+                steep_u = max(steep_u, top)
+                if top > slope_bits_u:
+                    bad = 2.0  # u is steeper than the u band was sized for
+                    break
                 if pending >= 0:  # a row of this group waits: one product of the two per point
                     kp = kubuf[pending]
                     for i in range(mc):
@@ -439,6 +447,7 @@ if numba is not None:
         t_stat[t, 2] = bad
         t_stat[t, 4] = bu
         t_stat[t, 5] = steep
+        t_stat[t, 6] = steep_u
 
     @_jit
     def reach_steep(t, tile_seg, tile_lo, tile_hi, tile_steep, reach):  # pragma: no cover - compiled
@@ -482,12 +491,14 @@ if numba is not None:
         lie among the points of the tiles within reach of t: log v steps there by < (Q_t + 1) ln 2,
         Q_t the largest promise within reach. The band of K v is the smaller of the spread one and
         the slope one (``_slope_band``) for Q_t; a block in which any tile breaks its promise is
-        redone with the spread bands. The band of K u: log u = log(a + 1e-16) - log K v steps by at
-        most log a's steepest step within the tile's reach (``tile_slope_a``, nats) + (Q_t + 1) ln 2
-        + ln 2 (log K v is at most log 2 steeper than log v: K is a positive combination of shifted
-        copies, clipped at the segment's edges). Terms beyond the reach are farther than the spread
-        band, where the spread bound holds. (One promise per segment, its steepest step anywhere,
-        gave v bands of 3 where most tiles need 2.)
+        redone with the spread bands. The band of K u is the smallest of the spread one and two slope
+        ones: u's own promises, made and checked the same way on the u's each tile reads (Q^u_t), and
+        the bound from v's: log u = log(a + 1e-16) - log K v steps by at most log a's steepest step
+        within the tile's reach (``tile_slope_a``, nats) + (Q_t + 1) ln 2 + ln 2 (log K v is at most
+        log 2 steeper than log v: K is a positive combination of shifted copies, clipped at the
+        segment's edges). Terms beyond the reach are farther than the spread band, where the spread
+        bound holds. (One promise per segment, its steepest step anywhere, gave v bands of 3 where
+        most tiles need 2; the u bound from v's promise gave u bands of 3 where u's own gives 2.)
         """
         log_wsum = math.log(w.sum() * 2.0 - 1.0)  # log of the kernel's total weight, sum_d w_|d|
         ln2 = math.log(2.0)
@@ -497,7 +508,7 @@ if numba is not None:
         max_tile = 0
         for t in range(n_tiles):
             max_tile = max(max_tile, tile_hi[t] - tile_lo[t])
-        t_stat = np.zeros((n_tiles, 6))
+        t_stat = np.zeros((n_tiles, 7))
         active = np.ones(n_seg, np.bool_)
         stepwise = np.zeros(n_seg, np.bool_)
         stepwise_until = np.zeros(n_seg, np.int64)
@@ -515,6 +526,9 @@ if numba is not None:
         no_slope = np.ones(n_seg, np.bool_)  # no measured slope yet, or the last block broke its promise
         tile_steep = np.zeros(n_tiles, np.int64)  # steepest exponent step of v each tile read in the last block
         tile_promise = np.full(n_tiles, NO_PROMISE)  # what each tile checks the v it reads against
+        tile_steep_u = np.zeros(n_tiles, np.int64)
+        tile_promise_u = np.full(n_tiles, NO_PROMISE)
+        tile_qu = np.zeros(n_tiles, np.int64)
         tile_bv = np.zeros(n_tiles, np.int64)
         tile_q = np.zeros(n_tiles, np.int64)  # the largest promise within reach of each tile
         for s in range(n_seg):
@@ -564,14 +578,17 @@ if numba is not None:
                 if not active[s]:
                     continue
                 tile_promise[t] = NO_PROMISE
+                tile_promise_u[t] = NO_PROMISE
                 tile_bv[t] = band_v[s]
                 if seg_slope[s]:
                     tile_promise[t] = tile_steep[t] + slope_margin
+                    tile_promise_u[t] = tile_steep_u[t] + slope_margin
                     # every v this tile's stencils use, and every term they leave out within the spread bands,
                     # lies among the points of the tiles within reach: each checks its promise on them
                     reach = (nsteps[s] + 1) * (band_v[s] + band_u[s])  # the halo + the spread bands, and more
                     q = reach_steep(t, tile_seg, tile_lo, tile_hi, tile_steep, reach)
                     tile_q[t] = q + slope_margin
+                    tile_qu[t] = reach_steep(t, tile_seg, tile_lo, tile_hi, tile_steep_u, reach) + slope_margin
                     d = max(1, _slope_band(reg, (q + slope_margin + 1) * ln2 + 1e-9, seg_hi[s] - seg_lo[s]))
                     tile_bv[t] = min(d, band_v[s])  # >= 1: the check needs neighbours
                 out_band[s] = max(out_band[s], tile_bv[t])
@@ -592,16 +609,18 @@ if numba is not None:
                         bu = band_u[s]
                         if seg_slope[s]:  # log u steps by <= log a's + the promised log v's + log 2
                             step_u = tile_slope_a[t] + (tile_q[t] + 2) * ln2 + 1e-9
-                            bu = min(bu, _slope_band(reg, step_u, seg_hi[s] - seg_lo[s]))
+                            bu = min(bu, _slope_band(reg, step_u, seg_hi[s] - seg_lo[s]),
+                                     max(1, _slope_band(reg, (tile_qu[t] + 1) * ln2 + 1e-9, seg_hi[s] - seg_lo[s])))
                         _tile_block(t, tid, s, nsteps[s], check_last[s], tile_bv[t], bu, a_lo[s], a_hi[s],
-                                    tile_promise[t], a1, lam, group_end, seg_lo, seg_hi, tile_lo, tile_hi, w, v_cur,
-                                    v_next, b, vloc[tid], aloc[tid], ubuf, kubuf[tid], lbuf, bbuf, mbuf, pmbuf, pebuf,
-                                    t_stat)
+                                    tile_promise[t], tile_promise_u[t], a1, lam, group_end, seg_lo, seg_hi,
+                                    tile_lo, tile_hi, w, v_cur, v_next, b, vloc[tid], aloc[tid], ubuf, kubuf[tid],
+                                    lbuf, bbuf, mbuf, pmbuf, pebuf, t_stat)
             seg_bad = np.zeros(n_seg, np.bool_)
             seg_steep_bad = np.zeros(n_seg, np.bool_)
             for t in range(n_tiles):  # the next block's slope promises start from what this one read
                 if active[tile_seg[t]]:
                     tile_steep[t] = np.int64(t_stat[t, 5])
+                    tile_steep_u[t] = np.int64(t_stat[t, 6])
             seg_err = np.zeros(n_seg)
             new_lo = np.full(n_seg, EXP_HI + 1)
             new_hi = np.zeros(n_seg, np.int64)
