@@ -308,6 +308,12 @@ if numba is not None:
         c = _slope_c(n)
         return max(0, math.ceil(reg * (slope + math.sqrt(slope * slope + 4.0 * c / reg)) / 2.0) - 1)
 
+    @_jit
+    def _promise_band(reg, bits, n):  # pragma: no cover - compiled
+        """``_slope_band`` for a promise of ``bits`` (log x steps by < (bits + 1) ln 2), at least 1: a band
+        of 0 reads no neighbours, and the promise is checked on the neighbours a stencil reads."""
+        return max(1, _slope_band(reg, (bits + 1) * math.log(2.0) + 1e-9, n))
+
     @_jit_tile
     def _tile_block(t, tid, s, nsteps, check_last, bv, bu, alo, ahi, slope_bits, slope_bits_u, a1, lam, group_end,
                     seg_lo, seg_hi, tile_lo, tile_hi, w, v_cur, v_next, b, vloc, aloc, ubuf, kubuf, lbuf, bbuf, mbuf,
@@ -451,6 +457,12 @@ if numba is not None:
         t_stat[t, 6] = steep_u
 
     @_jit
+    def reach_of(nsteps, band_v, band_u):  # pragma: no cover - compiled
+        """How far from a tile the v's and u's its stencils read or leave out (within the spread bands
+        ``band_v``, ``band_u``) can lie over a block of ``nsteps``: its halo and the bands, with room."""
+        return (nsteps + 1) * (band_v + band_u)
+
+    @_jit
     def reach_steep(t, tile_seg, tile_lo, tile_hi, tile_steep, reach):  # pragma: no cover - compiled
         """The largest ``tile_steep`` among tile t and the tiles of its segment with a point within ``reach``
         of it (tiles are sorted and contiguous within a segment)."""
@@ -497,7 +509,8 @@ if numba is not None:
         steepen by more than the margin per block: 23 blocks redone on a round of trained MNIST MLPs
         instead of 5, and 12 with this), and a block that breaks that too is redone with the spread
         bands. The band of K u is the smallest of the spread one and two slope
-        ones: u's own promises, made and checked the same way on the u's each tile reads (Q^u_t), and
+        ones: u's own promises, made and checked the same way on the u's each tile reads (Q^u_t; a tile
+        whose u band is 0 reads no neighbour, checks nothing and so promises nothing), and
         the bound from v's: log u = log(a + 1e-16) - log K v steps by at most log a's steepest step
         within the tile's reach (``tile_slope_a``, nats) + (Q_t + 1) ln 2 + ln 2 (log K v is at most
         log 2 steeper than log v: K is a positive combination of shifted copies, clipped at the
@@ -534,9 +547,8 @@ if numba is not None:
         tile_promise = np.full(n_tiles, NO_PROMISE)  # what each tile checks the v it reads against
         tile_steep_u = np.zeros(n_tiles, np.int64)
         tile_promise_u = np.full(n_tiles, NO_PROMISE)
-        tile_qu = np.zeros(n_tiles, np.int64)
-        tile_bv = np.zeros(n_tiles, np.int64)
-        tile_q = np.zeros(n_tiles, np.int64)  # the largest promise within reach of each tile
+        tile_bv = np.zeros(n_tiles, np.int64)  # each tile's bands for the block
+        tile_bu = np.zeros(n_tiles, np.int64)
         for s in range(n_seg):
             out_iter[s] = 0
             out_err[s] = np.inf
@@ -597,16 +609,25 @@ if numba is not None:
                 s = tile_seg[t]
                 if not active[s]:
                     continue
-                tile_bv[t] = band_v[s]
+                tile_bv[t], tile_bu[t] = band_v[s], band_u[s]
                 if seg_slope[s]:
                     # every v this tile's stencils use, and every term they leave out within the spread bands,
                     # lies among the points of the tiles within reach: each checks its promise on them
-                    reach = (nsteps[s] + 1) * (band_v[s] + band_u[s])  # the halo + the spread bands, and more
-                    tile_q[t] = reach_steep(t, tile_seg, tile_lo, tile_hi, tile_promise, reach)
-                    tile_qu[t] = reach_steep(t, tile_seg, tile_lo, tile_hi, tile_promise_u, reach)
-                    d = max(1, _slope_band(reg, (tile_q[t] + 1) * ln2 + 1e-9, seg_hi[s] - seg_lo[s]))
-                    tile_bv[t] = min(d, band_v[s])  # >= 1: the check needs neighbours
+                    n = seg_hi[s] - seg_lo[s]
+                    q = reach_steep(t, tile_seg, tile_lo, tile_hi, tile_promise, reach_of(nsteps[s], band_v[s],
+                                                                                             band_u[s]))
+                    tile_bv[t] = min(_promise_band(reg, q, n), band_v[s])
+                    # log u steps by <= log a's + the promised log v's + log 2
+                    tile_bu[t] = min(band_u[s], _slope_band(reg, tile_slope_a[t] + (q + 2) * ln2 + 1e-9, n))
+                    if tile_bu[t] == 0:  # a band of 0 checks no u: its promise must not size a neighbour's band
+                        tile_promise_u[t] = NO_PROMISE
                 out_band[s] = max(out_band[s], tile_bv[t])
+            for t in range(n_tiles):  # the band of K u also from u's own promises within reach
+                s = tile_seg[t]
+                if active[s] and seg_slope[s] and tile_bu[t] > 0:
+                    qu = reach_steep(t, tile_seg, tile_lo, tile_hi, tile_promise_u,
+                                     reach_of(nsteps[s], band_v[s], band_u[s]))
+                    tile_bu[t] = min(tile_bu[t], _promise_band(reg, qu, seg_hi[s] - seg_lo[s]))
             width = max_tile + 2 * halo
             vloc = np.empty((nthreads, n_rows, width))
             aloc = np.empty((nthreads, n_rows, width))
@@ -621,12 +642,7 @@ if numba is not None:
                 for t in range(tid, n_tiles, nthreads):
                     s = tile_seg[t]
                     if active[s]:
-                        bu = band_u[s]
-                        if seg_slope[s]:  # log u steps by <= log a's + the promised log v's + log 2
-                            step_u = tile_slope_a[t] + (tile_q[t] + 2) * ln2 + 1e-9
-                            bu = min(bu, _slope_band(reg, step_u, seg_hi[s] - seg_lo[s]),
-                                     max(1, _slope_band(reg, (tile_qu[t] + 1) * ln2 + 1e-9, seg_hi[s] - seg_lo[s])))
-                        _tile_block(t, tid, s, nsteps[s], check_last[s], tile_bv[t], bu, a_lo[s], a_hi[s],
+                        _tile_block(t, tid, s, nsteps[s], check_last[s], tile_bv[t], tile_bu[t], a_lo[s], a_hi[s],
                                     tile_promise[t], tile_promise_u[t], a1, lam, group_end, seg_lo, seg_hi,
                                     tile_lo, tile_hi, w, v_cur, v_next, b, vloc[tid], aloc[tid], ubuf, kubuf[tid],
                                     lbuf, bbuf, mbuf, pmbuf, pebuf, t_stat)
