@@ -191,7 +191,7 @@ def test_a_tile_sizes_its_band_for_the_promises_within_its_reach() -> None:
 
 @pytest.mark.parametrize("tile", [37, 500])
 def test_a_steep_spot_beside_smooth_tiles_gives_the_same_iterate(tile: int) -> None:
-    """Per-tile promises: dips of 3 to 16 binary orders (and a zero) at a tile seam, smooth tiles around
+    """Per-tile promises: dips of 10 and 27 binary orders (and a zero) at a tile seam, smooth tiles around
     them with narrower bands; the log domain's iterate, for small and large tiles."""
     g = np.arange(3000.0)
     rng = np.random.default_rng(1)
